@@ -1,0 +1,212 @@
+"""Configuration: one dataclass per stage, one YAML section each; default < YAML < command-line flag.
+
+Unknown keys and wrong types fail with one line naming the key and the closest valid one, the way
+ultralytics checks its arguments, because a misspelt key silently ignored costs a user a whole run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import UserError
+
+
+@dataclass
+class DatasetConfig:
+    """One registered dataset (an entry under ``datasets:``)."""
+
+    layout: str = "folder"  # matek | acevedo | int20 | folder | csv
+    root: Optional[str] = None  # folder of the dataset; env AECFE_<NAME>_ROOT overrides when set
+    csv: Optional[str] = None  # csv layout: the CSV file, relative to root
+    path_column: str = "path"  # csv layout: column holding the image path
+    label_column: str = "label"  # csv layout: column holding the class
+    path_template: str = "{}"  # csv layout: Python format applied to the path value, e.g. "{:0>3}.bmp"
+    label_map: dict = field(default_factory=dict)  # original class name (or code) -> vocabulary name
+    class_map: dict = field(default_factory=dict)  # int20 layout: folder name -> fine class
+
+    def __post_init__(self):
+        # YAML reads `1: neutrophil` with an integer key; file names and CSV cells are strings.
+        self.label_map = {str(k): str(v) for k, v in self.label_map.items()}
+        self.class_map = {str(k): str(v) for k, v in self.class_map.items()}
+
+
+@dataclass
+class DetectConfig:
+    backbone: str = "resnet18_fpn"  # resnet18_fpn (CPU default) | resnet34_fpn | resnet50_fpn | resnet101_fpn
+    min_size: int = 256  # detector input size; the paper works at 900-1024 px
+    max_size: int = 256
+    score_threshold: float = 0.7  # the paper keeps detections at score >= 0.7
+    crop_size: int = 128  # side of the stored cell crop (the paper: 128)
+    batch_size: int = 8  # images per inference batch
+    all_cells: bool = False  # keep every cell of a smear field instead of the central one
+    chunk_images: int = 256  # images per resumable shard written to disk
+    train_images: int = 300  # images used to train a detector from pseudo-masks
+    train_epochs: int = 12
+    train_batch_size: int = 4
+    train_lr: float = 0.01
+    weights: Optional[str] = None  # a Mask R-CNN state dict to use instead of training one
+    annotations: Optional[str] = None  # VOC folder or COCO JSON to train the detector on
+    annotation_masks: Optional[str] = None  # VOC only: folder of whole-cell mask PNGs (else masks from boxes)
+
+
+@dataclass
+class TrainConfig:
+    latent_dim: int = 50
+    image_size: int = 64  # the image decoder's output side; the paper uses 128
+    width: float = 0.5  # multiplier of every hidden channel count; the paper uses 1.0
+    align_weight: float = 5.0  # lambda of the domain-alignment term
+    epochs: int = 30  # the paper trains 150
+    batch_size: int = 128  # the paper uses 500
+    lr: float = 0.001
+    sample_every: int = 5  # write a reconstruction grid every K epochs
+
+
+@dataclass
+class ExtractConfig:
+    batch_size: int = 512
+
+
+@dataclass
+class EvaluateConfig:
+    classifier: str = "random_forest"  # random_forest | logistic_regression | knn | linear_svm
+    labels: str = "auto"  # fine | coarse | auto
+    baselines: bool = True  # score raw-pixel and colour-histogram baselines on the same splits
+    split_seed: int = 42
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    threads: int = 0  # torch CPU threads; 0 = every core
+    strict: bool = False  # an unreadable image is an error instead of being skipped and listed
+
+
+SECTIONS: dict[str, type] = {
+    "detect": DetectConfig,
+    "train": TrainConfig,
+    "extract": ExtractConfig,
+    "evaluate": EvaluateConfig,
+    "runtime": RuntimeConfig,
+}
+
+
+@dataclass
+class Config:
+    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _closest(name: str, valid) -> str:
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check a YAML or flag value against a dataclass field's type; ints are accepted as floats."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return _coerce(value, inner, where)
+    expected = origin or annotation
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if expected is int and isinstance(value, bool):
+        raise UserError(f"{where}: expected an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise UserError(f"{where}: expected {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise UserError(f"{where}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"{where}: unknown key '{key}'{_closest(str(key), hints)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, source: str) -> Config:
+    """Build a Config from parsed YAML; ``source`` (the file name) starts every error message."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: the config must be a mapping of sections (datasets, detect, train, ...)")
+    valid = {"datasets", *SECTIONS}
+    config = Config()
+    for key, value in data.items():
+        if key not in valid:
+            raise UserError(f"{source}: unknown section '{key}'{_closest(str(key), valid)}")
+        if key == "datasets":
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: datasets: expected a mapping of name -> settings")
+            config.datasets = {
+                str(name): _build(DatasetConfig, entry or {}, f"{source}: datasets.{name}")
+                for name, entry in value.items()
+            }
+        else:
+            setattr(config, key, _build(SECTIONS[key], value or {}, f"{source}: {key}"))
+    return config
+
+
+def load_config(path: Optional[Path]) -> Config:
+    """Read a YAML config with ``yaml.safe_load`` (Python tags are refused), or the defaults."""
+    import yaml
+
+    if path is None:
+        return Config()
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found; pass an existing file to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not valid YAML ({first}); fix the file or see example_config.yaml") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a text file; pass a YAML config to --config") from exc
+    config = config_from_dict(data, str(path))
+    # Relative dataset roots are relative to the config file, so a config travels with its data.
+    for entry in config.datasets.values():
+        if entry.root and not Path(entry.root).is_absolute():
+            entry.root = str((path.parent / entry.root).resolve())
+    return config
+
+
+def apply_overrides(config: Config, section: str, **values: Any) -> None:
+    """Set flag values (None = flag not given) on a section, with the same type checks as YAML."""
+    target = getattr(config, section)
+    hints = typing.get_type_hints(type(target))
+    for key, value in values.items():
+        if value is not None:
+            setattr(target, key, _coerce(value, hints[key], f"--{key.replace('_', '-')}"))
+
+
+def default_config_path() -> Optional[Path]:
+    candidate = Path("aecfe.yaml")
+    return candidate if candidate.is_file() else None
+
+
+def env_root(name: str) -> Optional[str]:
+    return os.environ.get(f"AECFE_{name.upper().replace('-', '_')}_ROOT")

@@ -1,0 +1,274 @@
+"""Stage 1: obtain a white-cell detector, then detect cells and store their features and crops.
+
+Detection is written in resumable chunks (``parts/``): an interrupted run, or several processes each
+given ``--shard i/n``, leave finished chunks that a later run keeps; when every chunk is present they
+are merged, streaming, into the interface's files. Peak memory is one chunk, whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import detector as net
+from .config import DetectConfig
+from .datasets import Dataset
+from .errors import UserError
+from .images import UnreadableImage, load_rgb
+from .io import atomic_path, read_json, read_npy, sha256_file, write_csv, write_json, write_npy
+from .reporting import Reporter
+from .workdir import fingerprint, invalidate, output_digest, read_manifest, state, write_manifest
+
+INSTANCE_COLUMNS = ("instance_id", "image", "dataset", "label", "x0", "y0", "x1", "y1", "score", "mask_area")
+FEATURE_SHAPE = (256, 14, 14)
+# Keys that decide how the detector is built and trained; the rest only affect detection.
+DETECTOR_KEYS = ("backbone", "min_size", "max_size", "train_images", "train_epochs", "train_batch_size", "train_lr")
+DETECTION_KEYS = ("score_threshold", "crop_size", "all_cells", "chunk_images")
+
+
+def _section(cfg: DetectConfig, keys: Sequence[str]) -> dict:
+    values = dataclasses.asdict(cfg)
+    return {key: values[key] for key in keys}
+
+
+def detector_fingerprint(cfg: DetectConfig, seed: int) -> str:
+    """The datasets a pseudo-mask detector learnt from are recorded but not fingerprinted: detecting a
+    second dataset reuses the detector instead of retraining it and making the first one stale."""
+    inputs = {}
+    if cfg.weights:
+        inputs["weights"] = sha256_file(Path(cfg.weights))
+    if cfg.annotations:
+        inputs["annotations"] = str(Path(cfg.annotations).resolve())
+        inputs["annotation_masks"] = str(cfg.annotation_masks)
+    return fingerprint("detector", _section(cfg, DETECTOR_KEYS), seed, inputs)
+
+
+def detections_fingerprint(dataset: Dataset, detector_manifest: dict, cfg: DetectConfig) -> str:
+    inputs = {"images": dataset.fingerprint(), "detector": output_digest(detector_manifest)}
+    return fingerprint("detect", _section(cfg, DETECTION_KEYS), None, inputs)
+
+
+def obtain_detector(
+    folder: Path,
+    cfg: DetectConfig,
+    datasets: Sequence[Dataset],
+    device: torch.device,
+    seed: int,
+    reporter: Reporter,
+    force: bool = False,
+) -> tuple[torch.nn.Module, dict]:
+    """Reuse the detector in ``folder`` when current; else load ``--weights``, train on
+    ``--annotations``, or train on label-free pseudo-masks of the datasets' own images."""
+    expected = detector_fingerprint(cfg, seed)
+    if not force and state(folder, expected) == "done":
+        return net.load_detector(folder / "model.pt", device), read_manifest(folder)
+    invalidate(folder)
+    started = time.perf_counter()
+    if cfg.weights:
+        reporter.info(f"detector: loading weights from {cfg.weights}")
+        model = net.load_detector(Path(cfg.weights), device, backbone_hint=cfg.backbone)
+        how = {"how": "weights", "weights": str(cfg.weights)}
+        losses: list[float] = []
+    else:
+        if cfg.annotations:
+            samples = _annotated_samples(Path(cfg.annotations), cfg.annotation_masks)
+            how = {"how": "annotations", "annotations": str(cfg.annotations)}
+        else:
+            paths = _pseudo_training_images(datasets, cfg.train_images, seed)
+            reporter.info(f"detector: making pseudo-masks from {len(paths)} images (stain segmentation, no labels)")
+            samples = net.pseudo_samples(paths)
+            how = {"how": "pseudo_masks", "trained_on": [d.name for d in datasets], "images": len(paths)}
+        if not samples:
+            raise UserError("no training images for the detector: no cell was found; pass --annotations or --weights")
+        model = net.build_detector(cfg.backbone, min_size=cfg.min_size, max_size=cfg.max_size)
+        model.to(device)
+        steps = cfg.train_epochs * -(-len(samples) // cfg.train_batch_size)
+        with reporter.progress(f"training detector on {len(samples)} images", steps, unit="step") as bar:
+            losses = net.train_detector(
+                model,
+                samples,
+                epochs=cfg.train_epochs,
+                batch_size=cfg.train_batch_size,
+                lr=cfg.train_lr,
+                device=device,
+                seed=seed,
+                on_step=lambda step, total, terms: bar.advance(1, loss=float(sum(terms.values()))),
+            )
+        how["samples"] = len(samples)
+    net.save_detector(folder / "model.pt", model)
+    model_args = net.detector_args(model)
+    write_json(folder / "config.json", model_args)
+    manifest = write_manifest(
+        folder,
+        "detector",
+        fingerprint_value=expected,
+        config=dataclasses.asdict(cfg),
+        seed=seed,
+        device=str(device),
+        inputs={},
+        outputs=["model.pt", "config.json"],
+        counts={"training_steps": len(losses)},
+        timings={"seconds": round(time.perf_counter() - started, 2)},
+        extra={"obtained": how, "final_loss": losses[-1] if losses else None},
+    )
+    model.eval()
+    return model, manifest
+
+
+def _annotated_samples(path: Path, mask_dir: Optional[str]) -> list:
+    if path.is_file() and path.suffix.lower() == ".json":
+        return net.read_coco(path)
+    if (path / "Annotations").is_dir():
+        return net.read_voc(path, mask_dir=Path(mask_dir) if mask_dir else None)
+    if (path / "annotations.json").is_file():
+        return net.read_coco(path / "annotations.json")
+    raise UserError(f"{path}: not a VOC folder (Annotations/) or a COCO JSON file; fix --annotations")
+
+
+def _pseudo_training_images(datasets: Sequence[Dataset], limit: int, seed: int) -> list[Path]:
+    """An even, seeded sample across datasets, so every lab's stain is seen by the detector."""
+    rng = random.Random(seed)
+    per_dataset = max(1, limit // max(1, len(datasets)))
+    paths: list[Path] = []
+    for dataset in datasets:
+        records = list(dataset.records)
+        rng.shuffle(records)
+        paths.extend(r.path for r in records[:per_dataset])
+    return paths
+
+
+def parse_shard(text: Optional[str]) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text}: expected i/n, for example 0/4") from None
+    if not 0 <= index < count:
+        raise UserError(f"--shard {text}: i must be in 0..n-1")
+    return index, count
+
+
+def run_detection(
+    dataset: Dataset,
+    model: torch.nn.Module,
+    detector_manifest: dict,
+    cfg: DetectConfig,
+    folder: Path,
+    device: torch.device,
+    reporter: Reporter,
+    shard: tuple[int, int] = (0, 1),
+    strict: bool = False,
+) -> Optional[dict]:
+    """Detect every image of this shard's chunks; merge when all chunks exist. Returns the manifest,
+    or None when other shards still have chunks to do."""
+    expected = detections_fingerprint(dataset, detector_manifest, cfg)
+    invalidate(folder)
+    parts = folder / "parts"
+    _reset_parts_if_changed(parts, expected)
+    chunk = cfg.chunk_images
+    chunks = [k for k in range(-(-len(dataset.records) // chunk)) if k % shard[1] == shard[0]]
+    todo = [k for k in chunks if not (parts / f"part_{k:05d}.json").is_file()]
+    if len(todo) < len(chunks):
+        reporter.info(f"{dataset.name}: resuming, {len(chunks) - len(todo)} of {len(chunks)} chunks already done")
+    started = time.perf_counter()
+    total = sum(len(dataset.records[k * chunk:(k + 1) * chunk]) for k in todo)
+    with reporter.progress(f"detecting {dataset.name}", total, unit="img") as bar:
+        for k in todo:
+            _detect_chunk(dataset, k, model, cfg, parts, device, bar, strict)
+    seconds = time.perf_counter() - started
+    every = range(-(-len(dataset.records) // chunk))
+    if not all((parts / f"part_{k:05d}.json").is_file() for k in every):
+        reporter.info(f"{dataset.name}: shard {shard[0]}/{shard[1]} done; run without --shard to merge once all are")
+        return None
+    return _merge(dataset, parts, folder, expected, cfg, device, seconds, total)
+
+
+def _reset_parts_if_changed(parts: Path, expected: str) -> None:
+    marker = parts / "fingerprint.txt"
+    if marker.is_file() and marker.read_text() == expected:
+        return
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir(parents=True)
+    marker.write_text(expected)
+
+
+def _detect_chunk(dataset, k, model, cfg, parts, device, bar, strict) -> None:
+    records = dataset.records[k * cfg.chunk_images:(k + 1) * cfg.chunk_images]
+    rows, features, crops, unreadable, missed = [], [], [], [], []
+    for start in range(0, len(records), cfg.batch_size):
+        batch, images = [], []
+        for record in records[start:start + cfg.batch_size]:
+            try:
+                images.append(load_rgb(record.path))
+                batch.append(record)
+            except UnreadableImage as exc:
+                if strict:
+                    raise UserError(f"{exc}; remove or fix the file, or run without --strict") from None
+                unreadable.append(str(exc))
+        results = net.detect(model, images, device, score_threshold=cfg.score_threshold) if images else []
+        for record, image, found in zip(batch, images, results):
+            kept = found if cfg.all_cells else [d for d in [net.select_central(found, image.shape)] if d is not None]
+            if not kept:
+                missed.append(record.rel)
+            for index, det in enumerate(kept):
+                x0, y0, x1, y1 = (round(float(v), 1) for v in det.box)
+                rows.append([f"{dataset.name}/{record.rel}#{index}", record.rel, dataset.name, record.label,
+                             x0, y0, x1, y1, round(float(det.score), 4), int(det.mask.sum())])
+                features.append(det.roi_feature.astype(np.float16))
+                crops.append(net.crop_cell(image, det.box, size=cfg.crop_size))
+        bar.advance(len(records[start:start + cfg.batch_size]))
+    write_npy(parts / f"part_{k:05d}_roi.npy", np.stack(features) if features else np.zeros((0, *FEATURE_SHAPE), np.float16))
+    write_npy(parts / f"part_{k:05d}_crops.npy",
+              np.stack(crops) if crops else np.zeros((0, 3, cfg.crop_size, cfg.crop_size), np.uint8))
+    # The JSON goes last: a chunk with its JSON present is complete.
+    write_json(parts / f"part_{k:05d}.json", {"rows": rows, "unreadable": unreadable, "no_detection": missed})
+
+
+def _merge(dataset, parts, folder, expected, cfg, device, seconds, images_done) -> dict:
+    metas = [read_json(p) for p in sorted(parts.glob("part_*.json"))]
+    roi_parts = sorted(parts.glob("part_*_roi.npy"))
+    crop_parts = sorted(parts.glob("part_*_crops.npy"))
+    total = sum(len(m["rows"]) for m in metas)
+    _stream_concatenate(roi_parts, folder / "roi_features.npy", (total, *FEATURE_SHAPE), np.float16)
+    _stream_concatenate(crop_parts, folder / "crops.npy", (total, 3, cfg.crop_size, cfg.crop_size), np.uint8)
+    write_csv(folder / "instances.csv", INSTANCE_COLUMNS, [row for m in metas for row in m["rows"]])
+    unreadable = [u for m in metas for u in m["unreadable"]]
+    missed = [u for m in metas for u in m["no_detection"]]
+    manifest = write_manifest(
+        folder,
+        "detect",
+        fingerprint_value=expected,
+        config=dataclasses.asdict(cfg),
+        seed=None,
+        device=str(device),
+        inputs={"dataset": dataset.spec(), "images": dataset.fingerprint()},
+        outputs=["instances.csv", "roi_features.npy", "crops.npy"],
+        counts={"images": len(dataset.records), "cells": total, "no_detection": len(missed),
+                "unreadable": len(unreadable)},
+        timings={"seconds": round(seconds, 2),
+                 "images_per_second": round(images_done / seconds, 2) if seconds > 0 and images_done else None},
+        extra={"no_detection": missed, "unreadable": unreadable, "skipped": dataset.skipped},
+    )
+    shutil.rmtree(parts, ignore_errors=True)
+    return manifest
+
+
+def _stream_concatenate(sources: list[Path], target: Path, shape: tuple, dtype) -> None:
+    """Concatenate .npy chunks into one file through a memory map: peak memory is one chunk."""
+    with atomic_path(target) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        offset = 0
+        for source in sources:
+            block = read_npy(source)
+            out[offset:offset + len(block)] = block
+            offset += len(block)
+        out.flush()
+        del out

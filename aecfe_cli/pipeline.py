@@ -1,0 +1,268 @@
+"""Which stage needs what, and whether it is up to date: the orchestration every command shares.
+
+Each ``ensure_*`` returns a current artefact, computing it (and, first, whatever it needs) only when it
+is missing, stale (its inputs, config or code version changed) or forced, and says which it was.
+A stage never reads an upstream artefact older than its inputs: stale upstream work is recomputed first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from . import datasets as ds_mod
+from . import detect, extract, train
+from .config import Config
+from .datasets import Dataset
+from .errors import UserError
+from .io import read_json
+from .reporting import Reporter
+from .workdir import Workdir, fingerprint, output_digest, read_manifest, state, write_manifest
+
+STAGES = ("detector", "detect", "train", "extract", "evaluate")
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"--device {spec}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+@dataclass
+class Session:
+    workdir: Workdir
+    config: Config
+    device: torch.device
+    reporter: Reporter
+    force: frozenset = frozenset()  # stages to recompute even when up to date
+    strict: bool = False
+    _detector: Optional[tuple] = field(default=None, repr=False)
+    _model: Optional[tuple] = field(default=None, repr=False)
+
+    @property
+    def seed(self) -> int:
+        return self.config.runtime.seed
+
+    def dataset(self, spec: str, layout: Optional[str] = None) -> Dataset:
+        dataset = ds_mod.resolve(spec, self.config, layout, self.workdir.known_datasets())
+        self.workdir.register(dataset.spec())
+        return dataset
+
+    def _say(self, what: str, status: str, action: str) -> None:
+        reason = {"missing": "not computed yet", "stale": "out of date"}.get(status, "forced")
+        self.reporter.info(f"{what}: {reason}, {action}")
+
+
+def ensure_detector(session: Session, datasets: Sequence[Dataset]):
+    if session._detector is None:
+        cfg = session.config.detect
+        folder = session.workdir.detector
+        status = state(folder, detect.detector_fingerprint(cfg, session.seed))
+        forced = "detector" in session.force
+        if status == "done" and not forced:
+            session.reporter.info("detector: up to date, reusing")
+        else:
+            session._say("detector", "forced" if forced else status, "obtaining one")
+        session._detector = detect.obtain_detector(folder, cfg, datasets, session.device, session.seed,
+                                                   session.reporter, force=forced)
+    return session._detector
+
+
+def ensure_detections(session: Session, dataset: Dataset, shard=(0, 1), detector_datasets=None) -> Optional[dict]:
+    folder = session.workdir.detect(dataset.name)
+    detector_manifest = read_manifest(session.workdir.detector)
+    detector_status = state(session.workdir.detector, detect.detector_fingerprint(session.config.detect, session.seed))
+    if detector_status == "done" and "detector" not in session.force and "detect" not in session.force:
+        status = state(folder, detect.detections_fingerprint(dataset, detector_manifest, session.config.detect))
+        if status == "done" and shard == (0, 1):
+            session.reporter.info(f"detect {dataset.name}: up to date, reusing")
+            return read_manifest(folder)
+    else:
+        status = "stale" if read_manifest(folder) else "missing"
+    session._say(f"detect {dataset.name}", "forced" if "detect" in session.force else status, "detecting")
+    model, detector_manifest = ensure_detector(session, detector_datasets or [dataset])
+    return detect.run_detection(dataset, model, detector_manifest, session.config.detect, folder,
+                                session.device, session.reporter, shard=shard, strict=session.strict)
+
+
+def ensure_model(session: Session, datasets: Sequence[Dataset], require_resume: bool = False):
+    """The trained autoencoder; trains on ``datasets`` (first = anchor) when none is current."""
+    if session._model is not None:
+        return session._model
+    folder = session.workdir.train
+    manifests = [ensure_detections(session, d, detector_datasets=datasets) for d in datasets]
+    expected = train.training_fingerprint(manifests, session.config.train, session.seed)
+    status = state(folder, expected)
+    if status == "done" and "train" not in session.force:
+        session.reporter.info(f"train ({', '.join(d.name for d in datasets)}): up to date, reusing")
+        manifest = read_manifest(folder)
+    else:
+        session._say(f"train ({', '.join(d.name for d in datasets)})", "forced" if "train" in session.force else status,
+                     "training")
+        _require_cells(datasets, manifests)
+        manifest = train.run_training([d.name for d in datasets], [session.workdir.detect(d.name) for d in datasets],
+                                      manifests, session.config.train, folder, session.device, session.seed,
+                                      session.reporter, require_resume=require_resume)
+        if manifest is None:  # a non-zero rank under torchrun
+            return None
+    session._model = (train.load_trained_model(folder, session.device), manifest)
+    return session._model
+
+
+def _require_cells(datasets: Sequence[Dataset], manifests: Sequence[dict]) -> None:
+    for dataset, manifest in zip(datasets, manifests):
+        if manifest["counts"]["cells"] == 0:
+            raise UserError(f"dataset '{dataset.name}': no cell was detected in {dataset.root}; check the images or the detector")
+
+
+def current_model(session: Session, fallback: Sequence[Dataset]):
+    """The model in the workdir (retrained first if stale), else one trained on ``fallback``."""
+    manifest = read_manifest(session.workdir.train)
+    names = manifest.get("datasets") if manifest else None
+    datasets = [session.dataset(n) for n in names] if names else list(fallback)
+    return ensure_model(session, datasets)
+
+
+def ensure_features(session: Session, dataset: Dataset, model_and_manifest=None) -> dict:
+    detect_manifest = ensure_detections(session, dataset)
+    model, train_manifest = model_and_manifest or current_model(session, [dataset])
+    folder = session.workdir.extract(dataset.name)
+    expected = extract.extraction_fingerprint(detect_manifest, train_manifest, session.config.extract)
+    status = state(folder, expected)
+    if status == "done" and "extract" not in session.force:
+        session.reporter.info(f"extract {dataset.name}: up to date, reusing")
+        return read_manifest(folder)
+    session._say(f"extract {dataset.name}", "forced" if "extract" in session.force else status, "extracting")
+    return extract.run_extraction(dataset.name, session.workdir.detect(dataset.name), detect_manifest, model,
+                                  train_manifest, session.config.extract, folder, session.device, session.reporter)
+
+
+def _evaluation_inputs(wd: Workdir, names: Sequence[str]) -> dict[str, str]:
+    """Features of every dataset, and its detections too: the baselines read the crops."""
+    inputs = {}
+    for name in names:
+        inputs[name] = output_digest(read_manifest(wd.extract(name)))
+        inputs[f"crops:{name}"] = output_digest(read_manifest(wd.detect(name)))
+    return inputs
+
+
+def evaluation_fingerprint(session: Session, targets: Sequence[str], inputs: dict) -> str:
+    return fingerprint("evaluate", {**dataclasses.asdict(session.config.evaluate), "targets": list(targets)},
+                       session.seed, inputs)
+
+
+def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset]) -> dict:
+    from . import evaluate
+
+    if any(t.name == source.name for t in targets):
+        raise UserError(f"--target {source.name}: the source is scored in-domain already; name other datasets")
+    model = current_model(session, [source, *targets])
+    manifests = {d.name: ensure_features(session, d, model) for d in [source, *targets]}
+    inputs = _evaluation_inputs(session.workdir, list(manifests))
+    folder = session.workdir.evaluate(source.name)
+    expected = evaluation_fingerprint(session, [t.name for t in targets], inputs)
+    if state(folder, expected) == "done" and "evaluate" not in session.force:
+        session.reporter.info(f"evaluate {source.name}: up to date, reusing")
+        return read_json(folder / "report.json")
+    cfg = session.config.evaluate
+    import time
+
+    started = time.perf_counter()
+    report = evaluate.run_evaluation(
+        evaluate.load_feature_set(session.workdir.root, source.name),
+        [evaluate.load_feature_set(session.workdir.root, t.name) for t in targets],
+        folder,
+        labels_mode=cfg.labels,
+        classifier=cfg.classifier,
+        seed=session.seed,
+        split_seed=cfg.split_seed,
+        baselines=cfg.baselines,
+    )
+    outputs = sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".md", ".png", ".csv") and p.name != "manifest.json")
+    write_manifest(folder, "evaluate", fingerprint_value=expected, config=dataclasses.asdict(cfg), seed=session.seed,
+                   device="cpu", inputs=inputs, outputs=outputs,
+                   counts={"source": manifests[source.name]["counts"]["cells"],
+                           "targets": {t.name: manifests[t.name]["counts"]["cells"] for t in targets}},
+                   timings={"seconds": round(time.perf_counter() - started, 2)})
+    return report
+
+
+def status_rows(session: Session) -> list[tuple[str, str, str, str]]:
+    """(stage, dataset, state, detail) for every artefact the workdir holds or a later stage needs."""
+    rows = []
+    wd = session.workdir
+    cfg = session.config
+    detector_state = state(wd.detector, detect.detector_fingerprint(cfg.detect, session.seed))
+    detector_manifest = read_manifest(wd.detector)
+    rows.append(("detector", "-", detector_state, _how(detector_manifest)))
+    known = wd.known_datasets()
+    detect_manifests = {}
+    for name in sorted(known):
+        folder = wd.detect(name)
+        manifest = read_manifest(folder)
+        try:
+            dataset = session.dataset(name)
+        except UserError as exc:
+            rows.append(("detect", name, "unavailable", str(exc)))
+            continue
+        current = (state(folder, detect.detections_fingerprint(dataset, detector_manifest, cfg.detect))
+                   if detector_state == "done" else ("stale" if manifest else "missing"))
+        if current == "done":
+            detect_manifests[name] = manifest
+        detail = f"{manifest['counts']['cells']} cells of {manifest['counts']['images']} images" if manifest else ""
+        rows.append(("detect", name, current, detail))
+    train_manifest = read_manifest(wd.train)
+    if train_manifest:
+        names = train_manifest["datasets"]
+        if all(n in detect_manifests for n in names):
+            expected = train.training_fingerprint([detect_manifests[n] for n in names], cfg.train, session.seed)
+            train_state = state(wd.train, expected)
+        else:
+            train_state = "stale"
+        rows.append(("train", ", ".join(names), train_state, f"{train_manifest['counts']['cells']} cells, "
+                     f"{train_manifest['counts']['epochs']} epochs"))
+    else:
+        train_state = "missing"
+        rows.append(("train", "-", "missing", ""))
+    for name in sorted(known):
+        folder = wd.extract(name)
+        manifest = read_manifest(folder)
+        if manifest and train_state == "done" and name in detect_manifests:
+            current = state(folder, extract.extraction_fingerprint(detect_manifests[name], train_manifest, cfg.extract))
+        else:
+            current = "stale" if manifest else "missing"
+        rows.append(("extract", name, current, f"{manifest['counts']['cells']} cells" if manifest else ""))
+    evaluate_root = wd.root / "evaluate"
+    for folder in sorted(evaluate_root.iterdir()) if evaluate_root.is_dir() else []:
+        manifest = read_manifest(folder)
+        if manifest is None:
+            continue
+        targets = list(manifest["counts"]["targets"])
+        names = [folder.name, *targets]
+        if all((("extract", n, "done") in {r[:3] for r in rows}) for n in names):
+            expected = evaluation_fingerprint(session, targets, _evaluation_inputs(wd, names))
+            current = state(folder, expected)
+        else:
+            current = "stale"
+        rows.append(("evaluate", folder.name, current, "targets: " + ", ".join(targets)))
+    return rows
+
+
+def _how(manifest: Optional[dict]) -> str:
+    if not manifest:
+        return ""
+    obtained = manifest.get("obtained", {})
+    return ", ".join(f"{k}={v}" for k, v in obtained.items())

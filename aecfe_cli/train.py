@@ -1,0 +1,229 @@
+"""Stage 2: train the AE-CFE autoencoder on the detections of one or several datasets.
+
+``model.pt`` is rewritten after every epoch (model, optimiser, epoch, constructor arguments), so an
+interrupted run continues where it stopped and ends with the same weights as an uninterrupted one: the
+batches of each epoch depend only on (seed, epoch), never on when the process started.
+Under ``torchrun`` (WORLD_SIZE > 1) every rank trains its share with DistributedDataParallel; only
+rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import autoencoder as ae
+from .config import TrainConfig
+from .errors import UserError
+from .io import read_npy, write_csv, write_figure
+from .reporting import Reporter
+from .workdir import fingerprint, invalidate, output_digest, write_manifest
+
+FEATURE_CHANNELS = 256
+SAMPLES_PER_DOMAIN = 6  # cells shown in each reconstruction grid, per dataset
+
+
+class CellArrays(torch.utils.data.Dataset):
+    """Detected cells of several datasets as one indexable set: (feature, crop, domain id).
+
+    Arrays stay memory-mapped; a batch is gathered with one sorted fancy index per dataset.
+    """
+
+    def __init__(self, detect_dirs: Sequence[Path]):
+        self.features = [read_npy(Path(d) / "roi_features.npy") for d in detect_dirs]
+        self.crops = [read_npy(Path(d) / "crops.npy") for d in detect_dirs]
+        sizes = [len(f) for f in self.features]
+        self.domains = np.concatenate([np.full(n, i, dtype=np.int64) for i, n in enumerate(sizes)])
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int):
+        return self._gather([index])
+
+    def __getitems__(self, indices: list[int]):
+        return self._gather(indices)
+
+    def _gather(self, indices):
+        indices = np.asarray(indices)
+        features, crops, domains = [], [], []
+        for domain in np.unique(self.domains[indices]):
+            local = np.sort(indices[self.domains[indices] == domain]) - self.offsets[domain]
+            features.append(np.asarray(self.features[domain][local]))
+            crops.append(np.asarray(self.crops[domain][local]))
+            domains.append(np.full(len(local), domain, dtype=np.int64))
+        return (torch.from_numpy(np.concatenate(features)), torch.from_numpy(np.concatenate(crops)),
+                torch.from_numpy(np.concatenate(domains)))
+
+
+def _identity_collate(batch):
+    return batch
+
+
+def _inputs(detect_manifests: Sequence[dict]) -> dict[str, str]:
+    """Ordered detection digests: the first dataset is the alignment anchor, so order matters."""
+    return {f"{i}:{m['inputs']['dataset']['name']}": output_digest(m) for i, m in enumerate(detect_manifests)}
+
+
+def training_fingerprint(detect_manifests: Sequence[dict], cfg: TrainConfig, seed: int) -> str:
+    return fingerprint("train", dataclasses.asdict(cfg), seed, _inputs(detect_manifests))
+
+
+def run_training(
+    names: Sequence[str],
+    detect_dirs: Sequence[Path],
+    detect_manifests: Sequence[dict],
+    cfg: TrainConfig,
+    folder: Path,
+    device: torch.device,
+    seed: int,
+    reporter: Reporter,
+    require_resume: bool = False,
+) -> Optional[dict]:
+    """Train, or continue an interrupted training with the same inputs; returns the manifest (rank 0)."""
+    dataset = CellArrays(detect_dirs)
+    for name, directory in zip(names, detect_dirs):
+        if not len(read_npy(Path(directory) / "roi_features.npy")):
+            raise UserError(f"{directory}: dataset '{name}' has no detected cell to train on; check its detections")
+    rank, world_size = _init_distributed(device)
+    expected = training_fingerprint(detect_manifests, cfg, seed)
+    # Epochs are left out of the resume key so that raising them continues a finished run.
+    resume_key = fingerprint("train-resume", {**dataclasses.asdict(cfg), "epochs": None}, seed, _inputs(detect_manifests))
+    torch.manual_seed(seed)
+    model = ae.AECFE(FEATURE_CHANNELS, cfg.latent_dim, cfg.image_size, cfg.width).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    start_epoch, history = _restore(folder / "model.pt", resume_key, model, optimizer, device, require_resume, reporter)
+    if rank == 0:
+        invalidate(folder)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = ae.DomainBalancedBatchSampler(dataset.domains.tolist(), cfg.batch_size, seed, rank, world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_identity_collate,
+                                         pin_memory=device.type == "cuda")
+    started = time.perf_counter()
+    cells_seen = 0
+    if start_epoch:
+        reporter.info(f"training: continuing from epoch {start_epoch} of {cfg.epochs} ({folder / 'model.pt'})")
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        with reporter.progress(f"epoch {epoch + 1}/{cfg.epochs}", len(dataset) // world_size, unit="samples") as bar:
+            terms = ae.train_one_epoch(model, loader, optimizer, device, cfg.align_weight, cfg.image_size,
+                                       on_batch=lambda t, n: bar.advance(n, loss=t["total"], align=t["align"]))
+        cells_seen += len(dataset)
+        history.append({"epoch": epoch + 1, **terms})
+        if rank == 0:
+            ae.save_checkpoint(folder / "model.pt", model, optimizer, epoch + 1,
+                               extra={"resume_key": resume_key, "history": history, "datasets": list(names)})
+            if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
+                _write_reconstructions(folder / f"reconstructions_epoch{epoch + 1:03d}.png", model, dataset, cfg, device)
+    seconds = time.perf_counter() - started
+    if world_size > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        return None
+    _write_history(folder, history)
+    outputs = ["model.pt", "history.csv", "loss.png"]
+    core = model.module if world_size > 1 else model
+    return write_manifest(
+        folder,
+        "train",
+        fingerprint_value=expected,
+        config=dataclasses.asdict(cfg),
+        seed=seed,
+        device=str(device),
+        inputs={name: output_digest(m) for name, m in zip(names, detect_manifests)},
+        outputs=outputs,
+        counts={"cells": len(dataset), "per_dataset": {n: int((dataset.domains == i).sum()) for i, n in enumerate(names)},
+                "epochs": cfg.epochs, "parameters": sum(p.numel() for p in core.parameters()), "world_size": world_size},
+        timings={"seconds_this_run": round(seconds, 2),
+                 "samples_per_second": round(cells_seen / seconds, 1) if seconds > 0 and cells_seen else None},
+        extra={"datasets": list(names), "anchor": names[0], "flops_per_sample": ae.count_flops(core),
+               "final_loss": history[-1] if history else None},
+    )
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size
+
+
+def _restore(path: Path, resume_key: str, model, optimizer, device, require_resume: bool, reporter) -> tuple[int, list]:
+    if not path.is_file():
+        if require_resume:
+            raise UserError(f"{path}: no checkpoint to resume from; run without --resume")
+        return 0, []
+    checkpoint = ae.load_checkpoint(path, device)
+    if checkpoint.get("extra", {}).get("resume_key") != resume_key:
+        if require_resume:
+            raise UserError(f"{path}: the checkpoint was trained with other data or settings; run without --resume")
+        reporter.info("training: inputs or settings changed, starting from scratch")
+        return 0, []
+    model.load_state_dict(ae.build_model(checkpoint).state_dict())
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return int(checkpoint["epoch"]), list(checkpoint["extra"]["history"])
+
+
+def _write_history(folder: Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    write_csv(folder / "history.csv", ["epoch", *ae.LOSS_TERMS],
+              [[h["epoch"], *(f"{h[t]:.6g}" for t in ae.LOSS_TERMS)] for h in history])
+    figure, axes = plt.subplots(1, len(ae.LOSS_TERMS), figsize=(4 * len(ae.LOSS_TERMS), 3))
+    epochs = [h["epoch"] for h in history]
+    for axis, term in zip(axes, ae.LOSS_TERMS):
+        axis.plot(epochs, [h[term] for h in history], marker="o", markersize=3)
+        axis.set_title(term)
+        axis.set_xlabel("epoch")
+    figure.tight_layout()
+    write_figure(folder / "loss.png", figure)
+
+
+@torch.no_grad()
+def _write_reconstructions(path: Path, model, dataset: CellArrays, cfg: TrainConfig, device) -> None:
+    """Input crops beside their reconstructions, a few cells of every dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    core = model.module if hasattr(model, "module") else model
+    indices = [int(dataset.offsets[d]) + i for d in range(len(dataset.features))
+               for i in range(min(SAMPLES_PER_DOMAIN, len(dataset.features[d])))]
+    features, crops, _ = dataset._gather(indices)
+    features, images = ae.prepare_batch(features, crops, cfg.image_size, device)
+    was_training = core.training
+    core.eval()
+    _, _, reconstructed = core(features)
+    core.train(was_training)
+    figure, axes = plt.subplots(2, len(indices), figsize=(1.2 * len(indices), 2.6), squeeze=False)
+    for column in range(len(indices)):
+        for row, batch in enumerate((images, reconstructed)):
+            axes[row][column].imshow(batch[column].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
+            axes[row][column].axis("off")
+    axes[0][0].set_title("input", fontsize=7, loc="left")
+    axes[1][0].set_title("reconstruction", fontsize=7, loc="left")
+    write_figure(path, figure)
+
+
+def load_trained_model(folder: Path, device: torch.device) -> ae.AECFE:
+    checkpoint = ae.load_checkpoint(folder / "model.pt", device)
+    model = ae.build_model(checkpoint, expected={"in_channels": FEATURE_CHANNELS}).to(device)
+    model.eval()
+    return model
+

@@ -1,0 +1,197 @@
+"""The working directory: where each stage's artefacts live, their manifests, staleness and the lock.
+
+A stage is up to date when its manifest's fingerprint (stage, code version, resolved config section,
+seed and the digests of its inputs) equals the fingerprint the current inputs give, and its outputs are
+still the files the manifest describes. Downstream stages take upstream *output digests* as inputs, so
+retraining the detector makes detections stale, which makes the model stale, and so on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+from . import __version__
+from .errors import StageError, UserError
+from .io import read_json, sha256_file, write_json
+
+MANIFEST = "manifest.json"
+
+
+class Workdir:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @property
+    def detector(self) -> Path:
+        return self.root / "detector"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    def detect(self, dataset: str) -> Path:
+        return self.root / "detect" / dataset
+
+    def extract(self, dataset: str) -> Path:
+        return self.root / "extract" / dataset
+
+    def evaluate(self, source: str) -> Path:
+        return self.root / "evaluate" / source
+
+    @property
+    def registry_path(self) -> Path:
+        return self.root / "datasets.json"
+
+    def known_datasets(self) -> dict:
+        """Datasets earlier commands resolved here (name -> spec), so later ones can name them."""
+        return read_json(self.registry_path) if self.registry_path.is_file() else {}
+
+    def register(self, spec: dict) -> None:
+        known = self.known_datasets()
+        if known.get(spec["name"]) != spec:
+            known[spec["name"]] = spec
+            write_json(self.registry_path, known)
+
+    def detected(self) -> list[str]:
+        """Datasets with finished detections, in name order."""
+        base = self.root / "detect"
+        if not base.is_dir():
+            return []
+        return sorted(d.name for d in base.iterdir() if (d / MANIFEST).is_file())
+
+    def prepare(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"{self.root}: working directory is not writable ({exc.strerror}); choose another --workdir") from exc
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One command at a time per workdir: a second one refuses instead of corrupting artefacts."""
+        self.prepare()
+        path = self.root / ".lock"
+        handle = open(path, "a+")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise StageError(
+                    f"{self.root}: in use by {holder}; wait for it to finish or use another --workdir"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"aecfe pid {os.getpid()}")
+            handle.flush()
+            yield
+        finally:
+            handle.close()
+
+
+def fingerprint(stage: str, config: dict, seed: Optional[int], inputs: dict[str, str]) -> str:
+    payload = json.dumps(
+        {"stage": stage, "version": __version__, "config": config, "seed": seed, "inputs": inputs},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def read_manifest(folder: Path) -> Optional[dict]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)
+    except (ValueError, OSError):
+        return None
+
+
+def output_digest(manifest: dict) -> str:
+    """One digest standing for all outputs of a stage: what downstream stages record as their input."""
+    joined = "".join(f"{name}:{item['sha256']}\n" for name, item in sorted(manifest["outputs"].items()))
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
+def state(folder: Path, expected_fingerprint: Optional[str]) -> str:
+    """'done', 'stale' or 'missing' for a stage folder; None as fingerprint checks files only."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return "missing"
+    for name, item in manifest["outputs"].items():
+        path = Path(folder) / name
+        if not path.is_file() or path.stat().st_size != item["size"]:
+            return "stale"
+    if expected_fingerprint is not None and manifest.get("fingerprint") != expected_fingerprint:
+        return "stale"
+    return "done"
+
+
+def library_versions() -> dict:
+    import numpy
+    import sklearn
+    import torch
+    import torchvision
+
+    return {
+        "aecfe": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def write_manifest(
+    folder: Path,
+    stage: str,
+    *,
+    fingerprint_value: str,
+    config: dict,
+    seed: Optional[int],
+    device: str,
+    inputs: dict[str, str],
+    outputs: list[str],
+    counts: dict,
+    timings: dict,
+    extra: Optional[dict] = None,
+) -> dict:
+    """Write ``manifest.json`` last, so a folder with a manifest is a finished stage."""
+    folder = Path(folder)
+    manifest = {
+        "stage": stage,
+        "fingerprint": fingerprint_value,
+        "versions": library_versions(),
+        "config": config,
+        "seed": seed,
+        "device": device,
+        "inputs": inputs,
+        "outputs": {
+            name: {"sha256": sha256_file(folder / name), "size": (folder / name).stat().st_size} for name in outputs
+        },
+        "counts": counts,
+        "timings": timings,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if extra:
+        manifest.update(extra)
+    write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def invalidate(folder: Path) -> None:
+    """Remove a stage's manifest first, so a half-rewritten folder never looks finished."""
+    (Path(folder) / MANIFEST).unlink(missing_ok=True)

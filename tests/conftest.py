@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny synthetic datasets and a way to run the CLI as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m aecfe_cli ARGS`` in a subprocess: real exit codes, real stdout/stderr."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env.pop("AECFE_WORKDIR", None)
+    return subprocess.run([sys.executable, "-m", "aecfe_cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_cells(tmp_path_factory) -> dict[str, Path]:
+    """Two synthetic labs, 6 cells per class at 64 px: the smallest realistic input."""
+    from aecfe_cli import synth
+
+    root = tmp_path_factory.mktemp("cells")
+    return {domain: _write(synth, root / domain, domain) for domain in ("lab_a", "lab_b")}
+
+
+def _write(synth, folder: Path, domain: str) -> Path:
+    synth.write_cell_dataset(folder, domain, per_class=6, seed=0, size=64)
+    return folder

@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from aecfe_cli.config import Config, apply_overrides, config_from_dict, load_config
+from aecfe_cli.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_example_config_loads_and_documents_every_key():
+    config = load_config(ROOT / "example_config.yaml")
+    text = (ROOT / "example_config.yaml").read_text()
+    defaults = Config().to_dict()
+    for section, values in defaults.items():
+        if section == "datasets":
+            continue
+        for key, value in values.items():
+            assert f"  {key}:" in text, f"{section}.{key} is not documented in example_config.yaml"
+            assert getattr(getattr(config, section), key) == value, f"{section}.{key} differs from the default"
+    assert config.datasets["zheng"].label_map["1"] == "neutrophil"
+
+
+def test_unknown_key_names_the_closest():
+    with pytest.raises(UserError, match=r"unknown key 'epoch'.*did you mean 'epochs'"):
+        config_from_dict({"train": {"epoch": 3}}, "cfg.yaml")
+    with pytest.raises(UserError, match=r"unknown section 'trian'.*did you mean 'train'"):
+        config_from_dict({"trian": {}}, "cfg.yaml")
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(UserError, match=r"cfg.yaml: train.epochs: expected int"):
+        config_from_dict({"train": {"epochs": "many"}}, "cfg.yaml")
+    with pytest.raises(UserError, match=r"evaluate.baselines: expected true or false"):
+        config_from_dict({"evaluate": {"baselines": "yes"}}, "cfg.yaml")
+
+
+def test_precedence_default_yaml_flag(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 7\n  lr: 1\n")
+    config = load_config(path)
+    assert config.train.epochs == 7 and config.train.lr == 1.0 and config.train.batch_size == 128
+    apply_overrides(config, "train", epochs=3, lr=None)
+    assert config.train.epochs == 3 and config.train.lr == 1.0
+
+
+def test_python_tags_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"train: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(path)
+    assert not marker.exists()
+
+
+def test_relative_dataset_root_is_relative_to_the_config(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "c.yaml"
+    path.write_text("datasets:\n  mine:\n    root: ../data\n")
+    assert load_config(path).datasets["mine"].root == str((tmp_path / "data").resolve())
