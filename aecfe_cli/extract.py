@@ -50,7 +50,7 @@ def run_extraction(
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(roi), latent_dim))
         with reporter.progress(f"extracting {name}", len(roi), unit="cells") as bar, torch.inference_mode():
             for start in range(0, len(roi), cfg.batch_size):
-                block = torch.from_numpy(np.asarray(roi[start:start + cfg.batch_size]))
+                block = torch.from_numpy(np.array(roi[start:start + cfg.batch_size]))
                 features = ae.scale_features(block.to(device).float())
                 out[start:start + len(block)] = model.encode(features).cpu().numpy()
                 bar.advance(len(block))

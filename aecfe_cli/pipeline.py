@@ -191,7 +191,8 @@ def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset])
         split_seed=cfg.split_seed,
         baselines=cfg.baselines,
     )
-    outputs = sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".md", ".png", ".csv") and p.name != "manifest.json")
+    files = report["files"]
+    outputs = ["report.json", files["report"], files["split"], files["embedding"], *files["confusion"].values()]
     write_manifest(folder, "evaluate", fingerprint_value=expected, config=dataclasses.asdict(cfg), seed=session.seed,
                    device="cpu", inputs=inputs, outputs=outputs,
                    counts={"source": manifests[source.name]["counts"]["cells"],

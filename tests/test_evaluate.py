@@ -1,0 +1,379 @@
+"""Tests of the evaluation stage on synthetic Gaussian class clusters (small, so the file runs in seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aecfe_cli.errors import UserError
+from aecfe_cli.evaluate import (
+    CLASSIFIERS,
+    FeatureSet,
+    baseline_features,
+    domain_mixing,
+    load_feature_set,
+    load_split,
+    make_classifier,
+    render_summary_rows,
+    resolve_labels,
+    run_evaluation,
+    save_split,
+    score,
+    stratified_split,
+)
+from aecfe_cli.io import write_csv, write_npy
+
+DIMENSION = 8
+CROP_SIZE = 16
+FINE_FOUR = ["monocyte", "lymphocyte_typical", "neutrophil_segmented", "eosinophil"]
+
+
+def make_set(
+    name: str,
+    labels: list[str],
+    per_class: int,
+    shift: float = 0.0,
+    seed: int = 0,
+    spread: float = 6.0,
+    crops: bool = True,
+) -> FeatureSet:
+    """Cells of each class around a class centre (the same centres in every dataset), moved by ``shift``
+    to mimic a domain shift; crops get a class-specific colour so the baselines can learn too."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(1234).normal(0.0, spread, size=(64, DIMENSION))
+    class_index = np.repeat(np.arange(len(labels)), per_class)
+    centre_of = [sum(map(ord, label)) % 64 for label in labels]
+    features = (
+        centres[[centre_of[i] for i in class_index]] + rng.normal(0.0, 1.0, (len(class_index), DIMENSION)) + shift
+    )
+    colour = 60 + 40 * (np.array([centre_of[i] for i in class_index]) % 5)
+    crop_array = np.clip(
+        rng.normal(colour[:, None, None, None], 15, (len(class_index), 3, CROP_SIZE, CROP_SIZE)), 0, 255
+    ).astype(np.uint8)
+    return FeatureSet(
+        name=name,
+        features=features.astype(np.float32),
+        instance_ids=np.array([f"{name}-{i:04d}" for i in range(len(class_index))]),
+        images=np.array([f"{labels[i]}/{i:04d}.png" for i in class_index]),
+        labels=np.array([labels[i] for i in class_index]),
+        crops=crop_array if crops else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------- run_evaluation
+
+
+def test_run_evaluation_writes_every_artefact_with_the_schema(tmp_path: Path) -> None:
+    source = make_set("matek", FINE_FOUR, per_class=60)
+    target = make_set("acevedo", FINE_FOUR, per_class=50, shift=1.5, seed=1)
+    report = run_evaluation(source, [target], tmp_path)
+
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    for key in (
+        "source",
+        "labels",
+        "classes",
+        "in_domain",
+        "targets",
+        "baselines",
+        "domain_mixing",
+        "classes_per_target",
+        "classifier",
+        "seed",
+    ):
+        assert key in on_disk, key
+    assert on_disk["source"] == "matek" and on_disk["labels"] == "fine" and on_disk["classifier"] == "random_forest"
+    metrics = [on_disk["in_domain"], on_disk["targets"]["acevedo"]]
+    metrics += [entry[split] for entry in on_disk["baselines"].values() for split in ("in_domain",)]
+    metrics += [entry["targets"]["acevedo"] for entry in on_disk["baselines"].values()]
+    assert set(on_disk["baselines"]) == {"raw_pixels", "color_histogram"}
+    for entry in metrics:
+        for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+            assert 0.0 <= entry[name] <= 1.0
+        n_classes = len(entry["classes"])
+        assert np.array(entry["confusion"]).shape == (n_classes, n_classes)
+        assert set(entry["per_class"]) == set(entry["classes"])
+    assert on_disk["targets"]["acevedo"]["n"] == 200
+    assert on_disk["in_domain"]["n"] == on_disk["split"]["n_test"] == 48
+    for method in ("aecfe", "raw_pixels", "color_histogram"):
+        assert on_disk["domain_mixing"]["methods"][method]["chance"] == 0.5
+    assert "lower is better" in on_disk["domain_mixing"]["direction"]
+
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Summary" in markdown and "AE-CFE" in markdown and "raw pixels + PCA" in markdown
+    for figure in ("confusion_acevedo.png", "embedding.png"):
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left behind"
+
+    rows = render_summary_rows(report)
+    assert len(rows) == 2 * 3  # (in-domain, acevedo) x (AE-CFE, two baselines)
+    assert rows[0] == (
+        "AE-CFE",
+        "in-domain",
+        48,
+        report["in_domain"]["accuracy"],
+        report["in_domain"]["balanced_accuracy"],
+        report["in_domain"]["macro_f1"],
+    )
+
+
+def test_well_separated_clusters_score_high_and_shuffled_labels_score_at_chance(tmp_path: Path) -> None:
+    source = make_set("src", FINE_FOUR, per_class=80)
+    separated = run_evaluation(source, [], tmp_path / "separated", baselines=False)
+    assert separated["in_domain"]["accuracy"] > 0.9
+    assert separated["in_domain"]["balanced_accuracy"] > 0.9
+
+    shuffled_labels = np.random.default_rng(7).permutation(source.labels)
+    shuffled = FeatureSet(source.name, source.features, source.instance_ids, source.images, shuffled_labels)
+    at_chance = run_evaluation(shuffled, [], tmp_path / "shuffled", baselines=False)
+    # Four balanced classes: chance is 0.25; 64 test cells put 0.45 about four standard deviations above it.
+    assert at_chance["in_domain"]["accuracy"] < 0.45
+    assert at_chance["in_domain"]["balanced_accuracy"] < 0.45
+
+
+def test_a_class_only_in_the_source_is_trained_on_but_dropped_from_scoring(tmp_path: Path) -> None:
+    source = make_set("src", FINE_FOUR + ["basophil"], per_class=40)
+    target = make_set("tgt", FINE_FOUR, per_class=30, seed=1)
+    report = run_evaluation(source, [target], tmp_path, baselines=False)
+
+    assert "basophil" in report["classes"]
+    compared = report["classes_per_target"]["tgt"]
+    assert compared["dropped_source_only"] == ["basophil"]
+    assert compared["dropped_target_only"] == []
+    assert compared["compared"] == sorted(FINE_FOUR)
+    assert report["targets"]["tgt"]["classes"] == sorted(FINE_FOUR)
+    assert np.array(report["targets"]["tgt"]["confusion"]).shape == (4, 4)
+    assert report["cells_per_class"]["src"]["basophil"] == 40
+    assert "basophil" not in report["cells_per_class"]["tgt"]
+    assert "dropped, source only: basophil" in (tmp_path / "report.md").read_text()
+
+
+def test_a_target_class_missing_from_the_source_is_not_scored(tmp_path: Path) -> None:
+    source = make_set("src", FINE_FOUR, per_class=30)
+    target = make_set("tgt", FINE_FOUR + ["basophil"], per_class=20, seed=1)
+    report = run_evaluation(source, [target], tmp_path, baselines=False)
+    assert report["classes_per_target"]["tgt"]["dropped_target_only"] == ["basophil"]
+    assert report["classes_per_target"]["tgt"]["n_unscored"] == 20
+    assert report["targets"]["tgt"]["n"] == 80
+
+
+def test_auto_falls_back_to_coarse_when_a_target_is_labelled_coarsely(tmp_path: Path) -> None:
+    source = make_set(
+        "matek", ["neutrophil_segmented", "neutrophil_band", "lymphocyte_typical", "monocyte"], per_class=30
+    )
+    target = make_set("acevedo", ["neutrophil", "lymphocyte", "monocyte"], per_class=30, seed=1)
+    report = run_evaluation(source, [target], tmp_path, baselines=False)
+    assert report["labels"] == "coarse"
+    assert report["classes"] == ["lymphocyte", "monocyte", "neutrophil"]
+    assert report["classes_per_target"]["acevedo"]["compared"] == ["lymphocyte", "monocyte", "neutrophil"]
+    assert report["cells_per_class"]["matek"]["neutrophil"] == 60
+
+    # Asked for fine labels, only the class both name at the fine level is compared.
+    fine = run_evaluation(source, [target], tmp_path / "fine", labels_mode="fine", baselines=False)
+    assert fine["labels"] == "fine"
+    assert fine["classes_per_target"]["acevedo"]["compared"] == ["monocyte"]
+    assert fine["classes_per_target"]["acevedo"]["dropped_target_only"] == ["lymphocyte", "neutrophil"]
+
+
+def test_resolve_labels_levels() -> None:
+    level, to_class = resolve_labels(["neutrophil_band", "monocyte"], [["neutrophil_segmented"]], "auto")
+    assert level == "fine" and to_class("neutrophil_band") == "neutrophil_band"
+    # A name outside the vocabulary is the same class at both levels and does not force coarse.
+    assert resolve_labels(["monocyte", "PMB"], [["myeloblast"]], "auto")[0] == "fine"
+    level, to_class = resolve_labels(["monocyte"], [["ig", "myelocyte"]], "auto")
+    assert level == "coarse" and to_class("myelocyte") == "ig" and to_class("PMB") == "PMB"
+    assert resolve_labels(["monocyte"], [], "coarse")[0] == "coarse"
+    with pytest.raises(UserError, match="coarse"):
+        resolve_labels(["monocyte"], [], "corse")
+
+
+def test_no_shared_class_names_both_datasets_and_their_classes(tmp_path: Path) -> None:
+    source = make_set("src", ["monocyte", "basophil"], per_class=20)
+    target = make_set("tgt", ["eosinophil", "erythroblast"], per_class=20, seed=1)
+    with pytest.raises(UserError) as caught:
+        run_evaluation(source, [target], tmp_path, baselines=False)
+    message = str(caught.value)
+    for word in ("src", "tgt", "monocyte", "basophil", "eosinophil", "erythroblast"):
+        assert word in message
+    assert not (tmp_path / "report.json").exists()
+
+    fine_source = make_set("src", ["neutrophil_band", "lymphocyte_typical"], per_class=20)
+    coarse_target = make_set("tgt", ["neutrophil", "lymphocyte"], per_class=20, seed=1)
+    with pytest.raises(UserError, match="src.*tgt.*fine level; try --labels coarse"):
+        run_evaluation(fine_source, [coarse_target], tmp_path, labels_mode="fine", baselines=False)
+
+
+def test_rerun_reuses_the_split_file_and_gives_an_identical_report(tmp_path: Path) -> None:
+    source = make_set("src", FINE_FOUR, per_class=40)
+    target = make_set("tgt", FINE_FOUR, per_class=25, shift=1.0, seed=1)
+    run_evaluation(source, [target], tmp_path)
+    first = (tmp_path / "report.json").read_bytes()
+    run_evaluation(source, [target], tmp_path)
+    assert (tmp_path / "report.json").read_bytes() == first
+
+    # A split of another shape than the seed would draw (half the cells held out) must be the one used.
+    half_train, half_test = np.arange(0, 160, 2), np.arange(1, 160, 2)
+    save_split(tmp_path / "split.csv", source.instance_ids, half_train, half_test)
+    report = run_evaluation(source, [target], tmp_path, baselines=False)
+    assert report["in_domain"]["n"] == 80
+    assert report["split"] == {"file": "split.csv", "seed": None, "n_train": 80, "n_test": 80}
+
+
+def test_save_and_load_split_round_trip_and_notice_changed_ids(tmp_path: Path) -> None:
+    ids = np.array([f"cell-{i}" for i in range(10)])
+    train, test = np.array([0, 1, 2, 4, 5, 6, 8, 9]), np.array([3, 7])
+    save_split(tmp_path / "split.csv", ids, train, test)
+    loaded_train, loaded_test = load_split(tmp_path / "split.csv", ids)
+    assert loaded_train.tolist() == train.tolist() and loaded_test.tolist() == test.tolist()
+    # The same cells in another order still map onto their own rows.
+    reordered_train, reordered_test = load_split(tmp_path / "split.csv", ids[::-1])
+    assert reordered_test.tolist() == [2, 6]
+    assert load_split(tmp_path / "split.csv", np.append(ids, "cell-10")) is None
+    assert load_split(tmp_path / "split.csv", np.array([f"other-{i}" for i in range(10)])) is None
+    assert load_split(tmp_path / "absent.csv", ids) is None
+
+
+def test_stratified_split_holds_out_a_fifth_of_each_class_and_keeps_single_cells_in_train() -> None:
+    labels = np.array(["a"] * 50 + ["b"] * 10 + ["c"] + ["d"] * 2)
+    train, test = stratified_split(labels, seed=42)
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(63))
+    assert (labels[test] == "a").sum() == 10 and (labels[test] == "b").sum() == 2
+    assert 60 in train  # the single "c" cell
+    assert (labels[test] == "d").sum() == 1  # a fifth of two rounds to none, but every class is tested
+    again = stratified_split(labels, seed=42)
+    assert again[1].tolist() == test.tolist()
+    assert stratified_split(labels, seed=43)[1].tolist() != test.tolist()
+
+
+# -------------------------------------------------------------------------------------------------- scoring
+
+
+def test_score_counts_predictions_of_unscored_classes_as_errors() -> None:
+    y_true = ["a", "a", "a", "a", "b", "b"]
+    y_pred = ["a", "a", "x", "b", "b", "x"]
+    result = score(y_true, y_pred, ["a", "b"])
+    assert result["n"] == 6
+    assert result["accuracy"] == pytest.approx(3 / 6)
+    assert result["balanced_accuracy"] == pytest.approx((2 / 4 + 1 / 2) / 2)
+    assert result["confusion"] == [[2, 1], [0, 1]]
+    assert result["predicted_outside_classes"] == 2
+    assert result["per_class"]["a"] == {
+        "precision": 1.0,
+        "recall": 0.5,
+        "f1": pytest.approx(2 / 3, abs=1e-6),
+        "support": 4,
+    }
+    assert result["per_class"]["b"]["precision"] == 0.5
+    with pytest.raises(ValueError):
+        score(["c"], ["c"], ["a", "b"])
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+
+
+def test_baseline_features_are_the_same_in_any_chunk_size_and_from_a_memmap(tmp_path: Path) -> None:
+    crops = np.random.default_rng(0).integers(0, 256, size=(23, 3, 32, 32), dtype=np.uint8)
+    np.save(tmp_path / "crops.npy", crops)
+    mapped = np.load(tmp_path / "crops.npy", mmap_mode="r")
+    pixels = baseline_features(crops, "raw_pixels")
+    assert pixels.shape == (23, 3 * 16 * 16)
+    assert np.allclose(pixels, baseline_features(mapped, "raw_pixels", chunk_size=5))
+    # Block means of 2x2 pixels, scaled to [0, 1], for the first and the last crop.
+    assert pixels[0, 0] == pytest.approx(crops[0, 0, :2, :2].mean() / 255.0)
+    assert pixels[-1, -1] == pytest.approx(crops[-1, 2, -2:, -2:].mean() / 255.0)
+
+    histograms = baseline_features(crops, "color_histogram")
+    assert histograms.shape == (23, 6 * 16)
+    assert np.allclose(histograms, baseline_features(mapped, "color_histogram", chunk_size=4))
+    assert np.allclose(histograms.reshape(23, 6, 16).sum(axis=2), 1.0)
+    red_counts, _ = np.histogram(crops[-1, 0], bins=16, range=(0, 256))
+    assert np.allclose(histograms[-1, :16], red_counts / (32 * 32))
+    with pytest.raises(UserError, match="raw_pixels"):
+        baseline_features(crops, "raw_pixel")
+
+
+def test_baselines_are_skipped_with_a_note_when_a_dataset_has_no_crops(tmp_path: Path) -> None:
+    source = make_set("src", FINE_FOUR, per_class=20)
+    target = make_set("tgt", FINE_FOUR, per_class=20, seed=1, crops=False)
+    report = run_evaluation(source, [target], tmp_path)
+    assert report["baselines"] == {}
+    assert "tgt" in report["baselines_note"]
+
+
+def test_domain_mixing_is_low_for_one_distribution_and_high_for_separated_ones() -> None:
+    rng = np.random.default_rng(0)
+    same = domain_mixing([rng.normal(size=(300, 5)), rng.normal(size=(300, 5))], seed=0)
+    apart = domain_mixing([rng.normal(size=(300, 5)), rng.normal(size=(300, 5)) + 6.0], seed=0)
+    assert same["domain_classifier_balanced_accuracy"] < 0.65 and abs(same["silhouette"]) < 0.1
+    assert apart["domain_classifier_balanced_accuracy"] > 0.95 and apart["silhouette"] > 0.5
+    assert domain_mixing([rng.normal(size=(5000, 3)), rng.normal(size=(5000, 3))], seed=0)["n_points"] == 2000
+
+
+# ------------------------------------------------------------------------------------------- classifiers
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_every_classifier_learns_separated_clusters(name: str) -> None:
+    cells = make_set("src", FINE_FOUR, per_class=30, crops=False)
+    model = make_classifier(name, seed=0).fit(cells.features, cells.labels)
+    assert (model.predict(cells.features) == cells.labels).mean() > 0.9
+
+
+def test_unknown_classifier_suggests_the_closest_name() -> None:
+    with pytest.raises(UserError, match="did you mean 'random_forest'"):
+        make_classifier("random_forrest", seed=0)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def write_workdir(workdir: Path, cells: FeatureSet, crops: bool = True) -> None:
+    extract_dir = workdir / "extract" / cells.name
+    write_npy(extract_dir / "features.npy", cells.features)
+    header = ["instance_id", "image", "dataset", "label"] + [f"f{i}" for i in range(cells.features.shape[1])]
+    rows = [
+        [cid, image, cells.name, label, *values.tolist()]
+        for cid, image, label, values in zip(cells.instance_ids, cells.images, cells.labels, cells.features)
+    ]
+    write_csv(extract_dir / "features.csv", header, rows)
+    if crops:
+        write_npy(workdir / "detect" / cells.name / "crops.npy", cells.crops)
+
+
+def test_load_feature_set_reads_the_extract_and_detect_files(tmp_path: Path) -> None:
+    cells = make_set("matek", FINE_FOUR, per_class=5)
+    write_workdir(tmp_path, cells)
+    loaded = load_feature_set(tmp_path, "matek")
+    assert loaded.name == "matek"
+    assert np.array_equal(loaded.features, cells.features)
+    assert loaded.labels.tolist() == cells.labels.tolist()
+    assert loaded.instance_ids.tolist() == cells.instance_ids.tolist()
+    assert isinstance(loaded.crops, np.memmap) and np.array_equal(loaded.crops, cells.crops)
+
+    write_workdir(tmp_path / "no-crops", cells, crops=False)
+    assert load_feature_set(tmp_path / "no-crops", "matek").crops is None
+
+
+def test_load_feature_set_names_the_missing_file_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as caught:
+        load_feature_set(tmp_path, "acevedo")
+    message = str(caught.value)
+    assert str(tmp_path / "extract" / "acevedo" / "features.npy") in message
+    assert "not found: run `aecfe extract --data acevedo` first" in message
+
+
+def test_load_feature_set_refuses_files_of_different_lengths(tmp_path: Path) -> None:
+    cells = make_set("matek", FINE_FOUR, per_class=5)
+    write_workdir(tmp_path, cells)
+    write_npy(tmp_path / "extract" / "matek" / "features.npy", cells.features[:-1])
+    with pytest.raises(UserError, match="19 rows.*20 cells"):
+        load_feature_set(tmp_path, "matek")
+
+    write_workdir(tmp_path, cells)
+    write_npy(tmp_path / "detect" / "matek" / "crops.npy", cells.crops[:-2])
+    with pytest.raises(UserError, match="crops.npy"):
+        load_feature_set(tmp_path, "matek")
