@@ -459,6 +459,9 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
 
 
 def main() -> None:
+    # torch's OpenMP threads otherwise spin-wait for each other, which halves CPU speed whenever another
+    # process holds a core (measured 1.5-2x on the 2-core machines). Must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 

@@ -49,7 +49,7 @@ class DetectConfig:
     train_images: int = 300  # images used to train a detector from pseudo-masks
     train_epochs: int = 12
     train_batch_size: int = 4
-    train_lr: float = 0.01
+    train_lr: float = 0.001
     weights: Optional[str] = None  # a Mask R-CNN state dict to use instead of training one
     annotations: Optional[str] = None  # VOC folder or COCO JSON to train the detector on
     annotation_masks: Optional[str] = None  # VOC only: folder of whole-cell mask PNGs (else masks from boxes)
@@ -58,7 +58,7 @@ class DetectConfig:
 @dataclass
 class TrainConfig:
     latent_dim: int = 50
-    image_size: int = 64  # the image decoder's output side; the paper uses 128
+    image_size: int = 32  # the image decoder's output side (32 | 64 | 128); the paper uses 128
     width: float = 0.5  # multiplier of every hidden channel count; the paper uses 1.0
     align_weight: float = 5.0  # lambda of the domain-alignment term
     epochs: int = 30  # the paper trains 150

@@ -92,6 +92,9 @@ def ensure_detections(session: Session, dataset: Dataset, shard=(0, 1), detector
             return read_manifest(folder)
     else:
         status = "stale" if read_manifest(folder) else "missing"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"detect {dataset.name}: {status}; under torchrun only training is distributed, "
+                        f"run `aecfe detect --data {dataset.name}` first")
     session._say(f"detect {dataset.name}", "forced" if "detect" in session.force else status, "detecting")
     model, detector_manifest = ensure_detector(session, detector_datasets or [dataset])
     return detect.run_detection(dataset, model, detector_manifest, session.config.detect, folder,

@@ -32,3 +32,36 @@ def tiny_cells(tmp_path_factory) -> dict[str, Path]:
 def _write(synth, folder: Path, domain: str) -> Path:
     synth.write_cell_dataset(folder, domain, per_class=6, seed=0, size=64)
     return folder
+
+
+TINY_CONFIG = """\
+detect:
+  min_size: 64
+  max_size: 64
+  crop_size: 32
+  score_threshold: 0.0
+  train_images: 8
+  train_epochs: 1
+  train_batch_size: 4
+  train_lr: 0.001
+  chunk_images: 8
+train:
+  image_size: 32
+  width: 0.25
+  epochs: 2
+  batch_size: 16
+  sample_every: 1
+evaluate:
+  baselines: true
+"""
+
+
+@pytest.fixture
+def tiny_project(tmp_path, tiny_cells) -> Path:
+    """An empty working folder with two small synthetic labs and a tiny-model aecfe.yaml."""
+    import shutil
+
+    for domain, folder in tiny_cells.items():
+        shutil.copytree(folder, tmp_path / domain)
+    (tmp_path / "aecfe.yaml").write_text(TINY_CONFIG)
+    return tmp_path

@@ -1,0 +1,494 @@
+"""The AE-CFE autoencoder: model, loss, domain-balanced batching, one training epoch, checkpoints.
+
+Architecture, loss and optimiser follow Salehi et al. (MICCAI 2022); see docs/method.md. A cell's
+256x14x14 Mask R-CNN feature is encoded to a 50-d latent z, decoded back to the feature, and the
+*reconstructed* feature is decoded to the cell image. Training minimises
+``MSE(feature) + (1 - SSIM(image)) + align_weight * sum_t D(z_anchor, z_t)`` where the alignment term
+pulls every domain's latent statistics towards those of the anchor domain (id 0).
+
+Two knobs exist for CPU use, both recorded in ``model_args`` so checkpoints rebuild exactly:
+``width`` scales every hidden channel count and ``image_size`` (32, 64 or 128) drops stride-2 stages of
+the image decoder, which at 128x128 costs about 5.5 GFLOP per sample and dominates training.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .errors import StageError, UserError
+from .io import atomic_path
+
+CHECKPOINT_FORMAT = "aecfe-autoencoder/1"
+FEATURE_SIZE = 14  # side of the RoIAlign feature map the encoder expects
+IMAGE_SIZES = (32, 64, 128)
+ANCHOR_DOMAIN = 0  # the first dataset; every other domain is aligned to it
+LOSS_TERMS = ("feature", "image", "align", "total")
+
+# (out_channels, kernel, stride) of the paper's layers; the last layer of each part is added separately
+# because its channel count is not a hidden one (latent, feature or RGB) and it has no norm after it.
+# The method text gives ReLU + GroupNorm for the encoder only; the decoders use the same between layers.
+ENCODER_HIDDEN = ((200, 3, 1), (150, 3, 2), (100, 3, 1), (70, 2, 1), (60, 2, 1))
+FEATURE_DECODER_HIDDEN = ((150, 5, 1), (200, 4, 2))
+# Each stride-2 stage roughly doubles the side: 14 -> 31 -> 63 -> 127; the k2 layer then adds one pixel.
+IMAGE_DECODER_UPSAMPLING = ((200, 5, 2), (180, 3, 2), (150, 3, 2))
+IMAGE_DECODER_TAIL = (128, 2, 1)
+MAX_NORM_GROUPS = 8
+
+Device = Union[str, torch.device]
+
+
+class NonFiniteLoss(StageError):
+    """A loss or gradient became NaN/inf; raised before the optimiser step, so weights are intact."""
+
+    def __init__(self, message: str, batch_index: int):
+        super().__init__(message)
+        self.batch_index = batch_index
+
+
+def _norm_groups(channels: int) -> int:
+    """Largest group count <= MAX_NORM_GROUPS dividing ``channels`` (scaled widths give odd counts)."""
+    return max(g for g in range(1, MAX_NORM_GROUPS + 1) if channels % g == 0)
+
+
+def _hidden_layers(
+    convolution: type[nn.Module], in_channels: int, specs: Sequence[tuple[int, int, int]], width: float
+) -> tuple[list[nn.Module], int]:
+    """(Transposed) convolution, ReLU, GroupNorm per ``(channels, kernel, stride)``; channels scaled by
+    ``width``. Returns the layers and the channel count of the last one."""
+    layers: list[nn.Module] = []
+    for channels, kernel, stride in specs:
+        scaled = max(1, round(channels * width))
+        layers += [convolution(in_channels, scaled, kernel, stride), nn.ReLU(inplace=True), nn.GroupNorm(_norm_groups(scaled), scaled)]
+        in_channels = scaled
+    return layers, in_channels
+
+
+class AECFE(nn.Module):
+    """Feature encoder, feature decoder and image decoder of AE-CFE (about 4 M parameters at width 1)."""
+
+    def __init__(self, in_channels: int = 256, latent_dim: int = 50, image_size: int = 128, width: float = 1.0):
+        super().__init__()
+        if image_size not in IMAGE_SIZES:
+            raise UserError(f"image_size {image_size} is not supported; choose one of {', '.join(map(str, IMAGE_SIZES))}")
+        if not width > 0:
+            raise UserError(f"width must be positive, got {width}")
+        if in_channels < 1 or latent_dim < 1:
+            raise UserError(f"in_channels and latent_dim must be positive, got {in_channels} and {latent_dim}")
+        self.model_args = {
+            "in_channels": int(in_channels),
+            "latent_dim": int(latent_dim),
+            "image_size": int(image_size),
+            "width": float(width),
+        }
+        self.in_channels = in_channels
+        self.latent_dim = latent_dim
+        self.image_size = image_size
+
+        layers, last = _hidden_layers(nn.Conv2d, in_channels, ENCODER_HIDDEN, width)
+        self.encoder = nn.Sequential(*layers, nn.Conv2d(last, latent_dim, 1), nn.Tanh(), nn.Flatten())
+
+        layers, last = _hidden_layers(nn.ConvTranspose2d, latent_dim, FEATURE_DECODER_HIDDEN, width)
+        self.feature_decoder = nn.Sequential(
+            nn.Unflatten(1, (latent_dim, 1, 1)), *layers, nn.ConvTranspose2d(last, in_channels, 3), nn.Tanh()
+        )
+
+        # 14 -> 31 -> 63 -> 127 per stride-2 stage, so 32/64/128 keep the first 1/2/3 stages of the paper.
+        upsampling = IMAGE_DECODER_UPSAMPLING[: IMAGE_SIZES.index(image_size) + 1]
+        layers, last = _hidden_layers(nn.ConvTranspose2d, in_channels, (*upsampling, IMAGE_DECODER_TAIL), width)
+        self.image_decoder = nn.Sequential(*layers, nn.ConvTranspose2d(last, 3, 1), nn.Sigmoid())
+
+    def encode(self, features: Tensor) -> Tensor:
+        """Latent codes ``(N, latent_dim)`` of features already scaled by :func:`scale_features`."""
+        expected = (self.in_channels, FEATURE_SIZE, FEATURE_SIZE)
+        if tuple(features.shape[1:]) != expected:
+            raise UserError(f"features have shape {tuple(features.shape[1:])} per cell; the autoencoder expects {expected}")
+        return self.encoder(features)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(z, feature_recon, image_recon)``; the image is decoded from the reconstructed feature."""
+        z = self.encode(features)
+        feature_recon = self.feature_decoder(z)
+        return z, feature_recon, self.image_decoder(feature_recon)
+
+
+def _unwrap(model: nn.Module) -> AECFE:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def scale_features(x: Tensor) -> Tensor:
+    """Min-max scale each sample to [-1, 1]; a constant sample maps to 0 instead of dividing by zero.
+
+    NaN/inf are left to propagate (the test is ``span == 0``, which NaN fails) so that corrupt features
+    surface as a non-finite loss instead of being silently zeroed.
+    """
+    flat = x.reshape(x.shape[0], -1)
+    low = flat.min(dim=1, keepdim=True).values
+    span = flat.max(dim=1, keepdim=True).values - low
+    constant = span == 0
+    scaled = 2 * (flat - low) / torch.where(constant, torch.ones_like(span), span) - 1
+    return torch.where(constant, torch.zeros_like(flat), scaled).reshape(x.shape)
+
+
+def prepare_batch(features: Tensor, crops: Tensor, image_size: int, device: Device) -> tuple[Tensor, Tensor]:
+    """Move a stored batch to ``device``: scaled float32 features and [0, 1] images of side ``image_size``.
+
+    Features may be float16 on disk and crops uint8; both travel in their compact dtype and are widened
+    on the device. Area interpolation averages whole pixels, the right filter for shrinking a crop.
+    """
+    if features.ndim != 4 or crops.ndim != 4 or crops.shape[1] != 3 or features.shape[0] != crops.shape[0]:
+        raise UserError(
+            f"expected features (N, C, 14, 14) and crops (N, 3, S, S) with the same N, "
+            f"got {tuple(features.shape)} and {tuple(crops.shape)}"
+        )
+    features = scale_features(features.to(device, non_blocking=True).float())
+    images = crops.to(device, non_blocking=True).float()
+    if crops.dtype == torch.uint8:
+        images = images / 255.0
+    if images.shape[-2:] != (image_size, image_size):
+        images = F.interpolate(images, size=(image_size, image_size), mode="area")
+    return features, images
+
+
+def _gaussian_window(window: int, sigma: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    offsets = torch.arange(window, device=device, dtype=dtype) - (window - 1) / 2
+    weights = torch.exp(-(offsets**2) / (2 * sigma**2))
+    return weights / weights.sum()
+
+
+def ssim(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
+    """Mean structural similarity of two image batches in [0, 1] (Wang et al. 2004, 'valid' windows).
+
+    The paper names a window of 10; an odd window (11, the usual choice) has a centre pixel, so each
+    SSIM value describes the pixel it is centred on instead of a point half a pixel off the grid.
+    """
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(f"ssim needs two (N, C, H, W) batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if window % 2 == 0 or window > min(a.shape[-2:]):
+        raise ValueError(f"ssim window must be odd and fit the image, got {window} for {tuple(a.shape[-2:])}")
+    channels = a.shape[1]
+    weights = _gaussian_window(window, sigma, a.device, a.dtype)
+    # One grouped, separable blur over the five moment maps instead of five separate 2-D convolutions.
+    moments = torch.cat([a, b, a * a, b * b, a * b], dim=1)
+    groups = 5 * channels
+    moments = F.conv2d(moments, weights.view(1, 1, 1, window).expand(groups, 1, 1, window), groups=groups)
+    moments = F.conv2d(moments, weights.view(1, 1, window, 1).expand(groups, 1, window, 1), groups=groups)
+    mu_a, mu_b, mean_aa, mean_bb, mean_ab = moments.split(channels, dim=1)
+    var_a = mean_aa - mu_a**2
+    var_b = mean_bb - mu_b**2
+    cov_ab = mean_ab - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2  # the standard constants for a data range of 1
+    similarity = ((2 * mu_a * mu_b + c1) * (2 * cov_ab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return similarity.mean()
+
+
+def _covariance(z: Tensor) -> Tensor:
+    centred = z - z.mean(dim=0, keepdim=True)
+    return centred.T @ centred / max(z.shape[0] - 1, 1)
+
+
+def alignment_distance(z_a: Tensor, z_b: Tensor) -> Tensor:
+    """D(a, b) = MSE of the batch means + 0.5 * symmetric KL of the softmax-normalised covariances.
+
+    The softmax runs over the whole flattened matrix, not per row: that makes one distribution per
+    domain over all latent pairs, so a domain that puts its variance on different dimensions (rows of
+    different magnitude) still differs, whereas per-row normalisation would erase each row's scale.
+    """
+    mean_term = F.mse_loss(z_a.mean(dim=0), z_b.mean(dim=0))
+    log_p = F.log_softmax(_covariance(z_a).flatten(), dim=0)
+    log_q = F.log_softmax(_covariance(z_b).flatten(), dim=0)
+    kl_pq = (log_p.exp() * (log_p - log_q)).sum()
+    kl_qp = (log_q.exp() * (log_q - log_p)).sum()
+    return mean_term + 0.5 * (kl_pq + kl_qp)
+
+
+def aecfe_loss(
+    model_outputs: tuple[Tensor, Tensor, Tensor],
+    features: Tensor,
+    images: Tensor,
+    domains: Tensor,
+    align_weight: float = 5.0,
+) -> dict[str, Tensor]:
+    """The paper's loss terms and their weighted total; ``align`` is 0 for a single-domain batch."""
+    z, feature_recon, image_recon = model_outputs
+    feature_term = F.mse_loss(feature_recon, features)
+    image_term = 1 - ssim(image_recon, images)
+    align_term = z.new_zeros(())
+    present = torch.unique(domains).tolist()
+    if len(present) > 1:
+        if ANCHOR_DOMAIN not in present:
+            raise StageError(
+                f"a batch holds domains {present} but not the anchor domain {ANCHOR_DOMAIN}; "
+                "batch with DomainBalancedBatchSampler so every batch holds every domain"
+            )
+        anchor = z[domains == ANCHOR_DOMAIN]
+        for domain in present:
+            if domain != ANCHOR_DOMAIN:
+                align_term = align_term + alignment_distance(anchor, z[domains == domain])
+    total = feature_term + image_term + align_weight * align_term
+    return {"feature": feature_term, "image": image_term, "align": align_term, "total": total}
+
+
+class DomainBalancedBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices in which every domain holds an equal share (for the alignment statistics).
+
+    An epoch shows every sample of the largest domain once; smaller domains are re-drawn (a fresh
+    permutation each pass) to fill their share, so all multi-domain batches are full. Each domain's
+    per-epoch permutation is split into ``world_size`` disjoint equal parts (the remainder of fewer
+    than ``world_size`` samples sits out that epoch, a different one each epoch) and every rank
+    batches only its part, so ranks see disjoint data and the same number of batches: DDP stays in
+    step. With one domain this is plain shuffled batching. ``batch_size`` is per rank.
+    """
+
+    def __init__(
+        self,
+        domains: Sequence[int],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ):
+        self.domains = np.asarray(domains, dtype=np.int64)
+        if self.domains.ndim != 1 or self.domains.size == 0:
+            raise UserError("DomainBalancedBatchSampler needs a non-empty list of per-sample domain ids")
+        self.domain_ids = np.unique(self.domains)
+        if batch_size < len(self.domain_ids):
+            raise UserError(
+                f"batch size {batch_size} cannot hold all {len(self.domain_ids)} domains; use a batch size of at least that"
+            )
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is not in a world of {world_size} processes")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+        # Equal shares; the anchor (lowest id) takes the remainder first so its statistics are steadiest.
+        base, extra = divmod(batch_size, len(self.domain_ids))
+        self.shares = [base + (1 if i < extra else 0) for i in range(len(self.domain_ids))]
+        self.members = [np.flatnonzero(self.domains == domain) for domain in self.domain_ids]
+        part_sizes = [self._part_size(len(m)) for m in self.members]
+        rounding = math.floor if drop_last else math.ceil
+        self.num_batches = max(rounding(size / share) for size, share in zip(part_sizes, self.shares))
+
+    def _part_size(self, count: int) -> int:
+        # A domain too small to split still appears on every rank, or some ranks' batches would lack it.
+        return count // self.world_size if count >= self.world_size else count
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _rank_part(self, members: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        permuted = members[rng.permutation(len(members))]
+        size = self._part_size(len(members))
+        if size == len(members):
+            return permuted
+        return permuted[self.rank * size : (self.rank + 1) * size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # The split permutation must be identical on every rank; the re-draws need only be rank-local.
+        shared_rng = np.random.default_rng([self.seed, self.epoch])
+        local_rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        streams = []
+        for members, share in zip(self.members, self.shares):
+            part = self._rank_part(members, shared_rng)
+            needed = self.num_batches * share
+            redraws = math.ceil(needed / len(part)) - 1 if len(self.members) > 1 else 0
+            passes = [part, *(part[local_rng.permutation(len(part))] for _ in range(redraws))]
+            streams.append(np.concatenate(passes)[:needed])
+        for batch in range(self.num_batches):
+            yield [int(i) for stream, share in zip(streams, self.shares) for i in stream[batch * share : (batch + 1) * share]]
+
+
+def _gradient_norm(model: nn.Module) -> Tensor:
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(gradients)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    device: Device,
+    align_weight: float,
+    image_size: int,
+    on_batch: Optional[Callable[[dict[str, float], int], None]] = None,
+) -> dict[str, float]:
+    """Train one pass over ``loader`` (yielding ``(features, crops, domain_ids)``); return the
+    sample-weighted mean of every loss term, averaged over all ranks under DDP."""
+    core = _unwrap(model)
+    if core.model_args["image_size"] != image_size:
+        raise UserError(f"image_size {image_size} does not match the model's {core.model_args['image_size']}")
+    distributed = isinstance(model, DistributedDataParallel) and dist.is_available() and dist.is_initialized()
+    model.train()
+    sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64)  # the loss terms, then the sample count
+    for batch_index, (features, crops, domains) in enumerate(loader):
+        features, images = prepare_batch(features, crops, image_size, device)
+        domains = domains.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        terms = aecfe_loss(model(features), features, images, domains, align_weight)
+        # Backward runs even for a NaN loss: under DDP every rank must join the gradient all-reduce,
+        # and the averaged gradient then carries any rank's NaN, so all ranks stop at the same batch.
+        terms["total"].backward()
+        # One device-to-host transfer per batch for the logged terms and the finiteness check.
+        readings = torch.stack([*(terms[name].detach() for name in LOSS_TERMS), _gradient_norm(model)])
+        finite = torch.isfinite(readings).all().float()
+        if distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        values = readings.tolist()[: len(LOSS_TERMS)]
+        if not finite.item():
+            shown = ", ".join(f"{name}={value:.4g}" for name, value in zip(LOSS_TERMS, values))
+            raise NonFiniteLoss(
+                f"non-finite loss or gradient at batch {batch_index} ({shown}); the weights were not updated. "
+                "Check the features for NaN/inf or lower the learning rate",
+                batch_index,
+            )
+        optimizer.step()
+        count = features.shape[0]
+        sums += torch.tensor([*(v * count for v in values), count], dtype=torch.float64)
+        if on_batch is not None:
+            on_batch(dict(zip(LOSS_TERMS, values)), count)
+    if distributed:
+        # gloo and NCCL both reduce float64; the sums travel on the device NCCL requires.
+        reduced = sums.to(device)
+        dist.all_reduce(reduced)
+        sums = reduced.cpu()
+    if sums[-1] == 0:
+        raise StageError("the training loader yielded no batches; use a smaller batch size or drop_last=False")
+    return {name: float(sums[i] / sums[-1]) for i, name in enumerate(LOSS_TERMS)}
+
+
+def _is_plain(value) -> bool:
+    """True for what ``torch.load(weights_only=True)`` can read back: tensors and plain containers."""
+    if value is None or isinstance(value, (bool, int, float, str, Tensor, torch.dtype, torch.device)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, (str, int)) and _is_plain(item) for key, item in value.items())
+    return False
+
+
+def save_checkpoint(
+    path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], epoch: int, extra: dict
+) -> None:
+    """Write model, optimiser state and run metadata atomically, in a form ``weights_only`` can load."""
+    core = _unwrap(model)
+    if not _is_plain(extra):
+        raise StageError("checkpoint 'extra' must hold only numbers, strings, lists, dicts and tensors")
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_args": dict(core.model_args),
+        "state_dict": {name: tensor.detach().cpu() for name, tensor in core.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": int(epoch),
+        "extra": extra,
+    }
+    with atomic_path(Path(path)) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path, device: Device) -> dict:
+    """Load a checkpoint with ``weights_only=True``: a pickled object is refused, never executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{path}: not an aecfe autoencoder checkpoint ({reason})") from exc
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise UserError(f"{path}: not an aecfe autoencoder checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+    missing = [key for key in ("model_args", "state_dict", "epoch") if key not in checkpoint]
+    if missing:
+        raise UserError(f"{path}: not an aecfe autoencoder checkpoint (missing {', '.join(missing)})")
+    return checkpoint
+
+
+def _first_few(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def build_model(checkpoint: dict, expected: Optional[dict] = None) -> AECFE:
+    """Rebuild the model a checkpoint describes and load its weights (on the checkpoint's device)."""
+    model_args = checkpoint["model_args"]
+    differing = [
+        f"{key}: checkpoint has {model_args.get(key)!r}, expected {value!r}"
+        for key, value in (expected or {}).items()
+        if model_args.get(key) != value
+    ]
+    if differing:
+        raise UserError(f"the checkpoint does not match this run ({'; '.join(differing)})")
+    try:
+        model = AECFE(**model_args)
+    except TypeError as exc:
+        raise UserError(f"the checkpoint's model_args {model_args} do not describe an AECFE model ({exc})") from exc
+    state = checkpoint["state_dict"]
+    own = model.state_dict()
+    problems = [f"missing {key}" for key in own if key not in state]
+    problems += [f"unexpected {key}" for key in state if key not in own]
+    problems += [
+        f"{key} has shape {tuple(state[key].shape)}, the model needs {tuple(own[key].shape)}"
+        for key in own
+        if key in state and state[key].shape != own[key].shape
+    ]
+    if problems:
+        raise UserError(f"the checkpoint's weights do not fit the model: {_first_few(problems)}")
+    devices = {tensor.device for tensor in state.values()}
+    model.to(devices.pop() if len(devices) == 1 else "cpu")
+    model.load_state_dict(state)
+    return model
+
+
+def _conv_macs(module: nn.Module, channels: int, side: int) -> tuple[int, int]:
+    """Multiply-adds of one (transposed) convolution on a ``side``-square input, and its output side."""
+    kernel, stride, padding, dilation = module.kernel_size[0], module.stride[0], module.padding[0], module.dilation[0]
+    per_position = kernel * kernel * (module.out_channels if isinstance(module, nn.ConvTranspose2d) else channels) // module.groups
+    if isinstance(module, nn.ConvTranspose2d):
+        # Every input position scatters a kernel-sized patch into each output channel.
+        out_side = (side - 1) * stride - 2 * padding + dilation * (kernel - 1) + module.output_padding[0] + 1
+        return channels * side * side * per_position, out_side
+    out_side = (side + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    return module.out_channels * out_side * out_side * per_position, out_side
+
+
+def count_flops(model: nn.Module, batch: int = 1) -> dict[str, float]:
+    """Forward FLOPs (2 x multiply-adds of the convolutions) of ``batch`` samples, per part and in total.
+
+    Norms, activations and biases add well under 1 % and are not counted.
+    """
+    core = _unwrap(model)
+    parts = {
+        "encoder": (core.encoder, core.in_channels, FEATURE_SIZE),
+        "feature_decoder": (core.feature_decoder, core.latent_dim, 1),
+        "image_decoder": (core.image_decoder, core.in_channels, FEATURE_SIZE),
+    }
+    flops: dict[str, float] = {}
+    for name, (network, channels, side) in parts.items():
+        macs = 0
+        for module in network:
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                layer_macs, side = _conv_macs(module, channels, side)
+                macs += layer_macs
+                channels = module.out_channels
+        flops[name] = 2.0 * macs * batch
+    flops["total"] = sum(flops.values())
+    return flops

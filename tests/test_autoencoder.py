@@ -1,0 +1,357 @@
+"""Tests of the AE-CFE autoencoder module: shapes, loss parts, batching, training, checkpoints, DDP."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, TensorDataset
+
+from aecfe_cli.autoencoder import (
+    AECFE,
+    DomainBalancedBatchSampler,
+    NonFiniteLoss,
+    aecfe_loss,
+    alignment_distance,
+    build_model,
+    count_flops,
+    load_checkpoint,
+    prepare_batch,
+    save_checkpoint,
+    scale_features,
+    ssim,
+    train_one_epoch,
+)
+from aecfe_cli.errors import StageError, UserError
+
+TINY = {"width": 0.25, "image_size": 32}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and when other processes load the CPU two
+    busy-waiting OpenMP threads make these tests up to 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0) -> AECFE:
+    torch.manual_seed(seed)
+    return AECFE(**TINY)
+
+
+def random_cells(count: int, crop_size: int = 48, seed: int = 0, domains: int = 2):
+    """Float16 features, uint8 crops and domain ids shaped like the stored detect-stage output."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(count, 256, 14, 14, generator=generator).half()
+    crops = torch.randint(0, 256, (count, 3, crop_size, crop_size), generator=generator, dtype=torch.uint8)
+    domain_ids = torch.arange(count) % domains
+    return features, crops, domain_ids
+
+
+@pytest.mark.parametrize("image_size", [32, 64, 128])
+def test_output_shapes(image_size):
+    model = AECFE(width=0.25, image_size=image_size)
+    z, feature_recon, image_recon = model(torch.randn(2, 256, 14, 14))
+    assert z.shape == (2, 50)
+    assert feature_recon.shape == (2, 256, 14, 14)
+    assert image_recon.shape == (2, 3, image_size, image_size)
+    assert z.abs().max() <= 1 and feature_recon.abs().max() <= 1  # Tanh outputs
+    assert 0 <= image_recon.min() and image_recon.max() <= 1  # Sigmoid output
+
+
+def test_paper_settings_have_about_four_million_parameters():
+    model = AECFE()
+    parameters = sum(p.numel() for p in model.parameters())
+    assert 3.8e6 < parameters < 4.2e6, parameters
+    assert model.model_args == {"in_channels": 256, "latent_dim": 50, "image_size": 128, "width": 1.0}
+    # The method notes about 5.5 GFLOP per sample for the image decoder at 128x128.
+    assert count_flops(model)["image_decoder"] == pytest.approx(5.5e9, rel=0.02)
+
+
+def test_count_flops_matches_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_model()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(3, 256, 14, 14))
+    flops = count_flops(model, batch=3)
+    assert flops["total"] == counter.get_total_flops()
+    assert flops["total"] == flops["encoder"] + flops["feature_decoder"] + flops["image_decoder"]
+
+
+def test_bad_constructor_arguments_and_feature_shape_are_user_errors():
+    with pytest.raises(UserError, match="image_size"):
+        AECFE(image_size=96)
+    with pytest.raises(UserError, match="width"):
+        AECFE(width=0)
+    with pytest.raises(UserError, match=r"\(256, 14, 14\)"):
+        tiny_model().encode(torch.randn(2, 256, 7, 7))
+
+
+def test_scale_features_range_and_constant_input():
+    x = torch.randn(4, 256, 14, 14) * 7 + 3
+    x[2] = 5.0  # a constant sample must not divide by zero
+    scaled = scale_features(x)
+    for i in (0, 1, 3):
+        assert scaled[i].min().item() == pytest.approx(-1)
+        assert scaled[i].max().item() == pytest.approx(1)
+    assert torch.equal(scaled[2], torch.zeros_like(scaled[2]))
+    # The map is monotone: sorting by the input leaves the scaled values sorted.
+    assert (scaled[0].flatten()[x[0].flatten().argsort()].diff() >= 0).all()
+
+
+def test_prepare_batch_widens_and_resizes_with_area_interpolation():
+    features, crops, _ = random_cells(2, crop_size=64)
+    scaled, images = prepare_batch(features, crops, 32, "cpu")
+    assert scaled.dtype == torch.float32 and images.dtype == torch.float32
+    assert images.shape == (2, 3, 32, 32)
+    expected = crops.float().div(255).reshape(2, 3, 32, 2, 32, 2).mean(dim=(3, 5))  # 2x2 block average
+    assert torch.allclose(images, expected, atol=1e-6)
+    with pytest.raises(UserError):
+        prepare_batch(features, crops[:1], 32, "cpu")
+
+
+def test_ssim_is_one_for_identical_images_and_falls_with_noise():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 32, 32, generator=generator)
+    assert ssim(images, images).item() == pytest.approx(1.0, abs=1e-5)
+    scores = [
+        ssim(images, (images + level * torch.randn(images.shape, generator=generator)).clamp(0, 1)).item()
+        for level in (0.02, 0.1, 0.3)
+    ]
+    assert 1 > scores[0] > scores[1] > scores[2]
+    with pytest.raises(ValueError, match="odd"):
+        ssim(images, images, window=10)
+
+
+def test_alignment_distance_small_for_one_distribution_positive_for_shifted_domains():
+    generator = torch.Generator().manual_seed(0)
+    same_a = torch.tanh(torch.randn(400, 50, generator=generator) * 0.5)
+    same_b = torch.tanh(torch.randn(400, 50, generator=generator) * 0.5)
+    shifted = torch.tanh(torch.randn(400, 50, generator=generator) * 0.5 + 0.5)
+    near = alignment_distance(same_a, same_b).item()
+    far = alignment_distance(same_a, shifted).item()
+    assert near < 0.01
+    assert far > 10 * near and far > 0.05
+    # The covariance term alone: same mean, one domain's variance concentrated on a few dimensions.
+    concentrated = same_b.clone()
+    concentrated[:, :5] *= 4
+    concentrated -= concentrated.mean(0) - same_b.mean(0)
+    assert alignment_distance(same_a, concentrated).item() > 10 * near
+
+
+def test_loss_terms_and_single_domain_alignment():
+    model = tiny_model()
+    features, crops, _ = random_cells(8)
+    features, images = prepare_batch(features, crops, 32, "cpu")
+    one_domain = aecfe_loss(model(features), features, images, torch.zeros(8, dtype=torch.long))
+    assert set(one_domain) == {"feature", "image", "align", "total"}
+    assert one_domain["align"].item() == 0
+    assert one_domain["total"].item() == pytest.approx(one_domain["feature"].item() + one_domain["image"].item())
+    two = aecfe_loss(model(features), features, images, torch.arange(8) % 2, align_weight=5.0)
+    assert two["align"].item() > 0
+    expected = two["feature"] + two["image"] + 5.0 * two["align"]
+    assert two["total"].item() == pytest.approx(expected.item())
+    with pytest.raises(StageError, match="anchor"):
+        aecfe_loss(model(features), features, images, torch.arange(8) % 2 + 1)
+
+
+def test_loss_falls_on_a_fixed_batch():
+    model = tiny_model()
+    features, crops, domains = random_cells(8)
+    features, images = prepare_batch(features, crops, 32, "cpu")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    totals = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        terms = aecfe_loss(model(features), features, images, domains)
+        terms["total"].backward()
+        optimizer.step()
+        totals.append(terms["total"].item())
+    assert totals[-1] < 0.8 * totals[0], totals
+
+
+def test_train_one_epoch_reports_means_and_progress():
+    model = tiny_model()
+    features, crops, domains = random_cells(24)
+    sampler = DomainBalancedBatchSampler(domains.tolist(), batch_size=8, seed=0)
+    loader = DataLoader(TensorDataset(features, crops, domains), batch_sampler=sampler)
+    seen = []
+    means = train_one_epoch(
+        model, loader, torch.optim.Adam(model.parameters()), "cpu", 5.0, 32, on_batch=lambda terms, n: seen.append((terms, n))
+    )
+    assert [n for _, n in seen] == [8, 8, 8]
+    assert means["total"] == pytest.approx(sum(t["total"] for t, _ in seen) / 3)
+    with pytest.raises(UserError, match="image_size"):
+        train_one_epoch(model, loader, torch.optim.Adam(model.parameters()), "cpu", 5.0, 64)
+
+
+def test_sampler_every_batch_holds_every_domain_with_equal_shares():
+    domains = [0] * 50 + [1] * 12 + [2] * 5
+    sampler = DomainBalancedBatchSampler(domains, batch_size=9, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 17  # ceil(50 / 3): the largest domain is shown once
+    for batch in batches:
+        assert sorted(domains[i] for i in batch) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    shown = [i for batch in batches for i in batch]
+    assert {i for i in shown if domains[i] == 0} == set(range(50))
+    with pytest.raises(UserError, match="domains"):
+        DomainBalancedBatchSampler(domains, batch_size=2, seed=0)
+
+
+def test_sampler_is_deterministic_per_seed_and_epoch():
+    domains = [0] * 40 + [1] * 30
+
+    def batches(seed, epoch):
+        sampler = DomainBalancedBatchSampler(domains, batch_size=10, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert batches(0, 0) == batches(0, 0)
+    assert batches(0, 0) != batches(0, 1)
+    assert batches(0, 0) != batches(1, 0)
+
+
+def test_sampler_ranks_are_disjoint_and_equally_long():
+    domains = [0] * 41 + [1] * 20
+    shards = [list(DomainBalancedBatchSampler(domains, batch_size=6, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) > 0
+    assert all(len(b0) == len(b1) for b0, b1 in zip(*shards))
+    indices = [{i for batch in shard for i in batch} for shard in shards]
+    assert not indices[0] & indices[1]
+    assert len(indices[0] | indices[1]) >= 60  # only the odd remainder of the 41 sits out
+
+
+def test_sampler_single_domain_is_plain_shuffled_batching():
+    sampler = DomainBalancedBatchSampler([0] * 10, batch_size=4, seed=0)
+    batches = list(sampler)
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(i for b in batches for i in b) == list(range(10))
+    assert [i for b in batches for i in b] != list(range(10))
+    assert len(DomainBalancedBatchSampler([0] * 10, batch_size=4, seed=0, drop_last=True)) == 2
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    model = tiny_model()
+    optimizer = torch.optim.Adam(model.parameters())
+    features, crops, domains = random_cells(8)
+    features, images = prepare_batch(features, crops, 32, "cpu")
+    aecfe_loss(model(features), features, images, domains)["total"].backward()
+    optimizer.step()
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, optimizer, epoch=3, extra={"datasets": ["matek", "acevedo"], "loss": 0.5})
+    checkpoint = load_checkpoint(path, "cpu")
+    assert checkpoint["epoch"] == 3 and checkpoint["extra"]["datasets"] == ["matek", "acevedo"]
+    rebuilt = build_model(checkpoint, expected={"in_channels": 256, "latent_dim": 50})
+    model.eval()
+    rebuilt.eval()
+    with torch.no_grad():
+        for original, restored in zip(model(features), rebuilt(features)):
+            assert torch.equal(original, restored)
+    fresh = torch.optim.Adam(rebuilt.parameters())
+    fresh.load_state_dict(checkpoint["optimizer"])
+    assert fresh.state_dict()["state"][0]["step"] == 1
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
+
+
+class _CreatesMarkerWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_load_checkpoint_refuses_pickled_code(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "aecfe-autoencoder/1", "payload": _CreatesMarkerWhenUnpickled(marker)}, path)
+    assert not marker.exists()
+    with pytest.raises(UserError, match="not an aecfe autoencoder checkpoint"):
+        load_checkpoint(path, "cpu")
+    assert not marker.exists()
+
+
+def test_load_checkpoint_refuses_other_files(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    plain_pickle = tmp_path / "plain.pt"
+    plain_pickle.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    other_weights = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(2)}, other_weights)
+    for path in (text, plain_pickle, other_weights, tmp_path / "missing.pt"):
+        with pytest.raises(UserError, match=str(path.name)):
+            load_checkpoint(path, "cpu")
+
+
+def test_build_model_names_differing_and_mismatched_keys(tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, tiny_model(), None, epoch=0, extra={})
+    checkpoint = load_checkpoint(path, "cpu")
+    with pytest.raises(UserError, match=r"latent_dim: checkpoint has 50, expected 32"):
+        build_model(checkpoint, expected={"in_channels": 256, "latent_dim": 32})
+    checkpoint["state_dict"]["encoder.0.weight"] = torch.zeros(1)
+    del checkpoint["state_dict"]["encoder.0.bias"]
+    checkpoint["state_dict"]["stray"] = torch.zeros(1)
+    with pytest.raises(UserError) as raised:
+        build_model(checkpoint)
+    message = str(raised.value)
+    assert "missing encoder.0.bias" in message and "unexpected stray" in message and "encoder.0.weight has shape" in message
+
+
+def test_non_finite_features_raise_before_the_step_and_keep_weights():
+    model = tiny_model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    features, crops, domains = random_cells(16)
+    features[9, 0, 0, 0] = float("nan")  # in the second batch of 8
+    loader = DataLoader(TensorDataset(features, crops, domains), batch_size=8)
+    with pytest.raises(NonFiniteLoss) as raised:
+        train_one_epoch(model, loader, torch.optim.Adam(model.parameters()), "cpu", 5.0, 32)
+    assert raised.value.batch_index == 1
+    assert "batch 1" in str(raised.value)
+    # The first batch did step, so compare against a model trained on that batch alone.
+    reference = tiny_model()
+    train_one_epoch(
+        reference,
+        DataLoader(TensorDataset(features[:8], crops[:8], domains[:8]), batch_size=8),
+        torch.optim.Adam(reference.parameters()),
+        "cpu",
+        5.0,
+        32,
+    )
+    for name, tensor in model.state_dict().items():
+        assert torch.isfinite(tensor).all(), name
+        assert torch.equal(tensor, reference.state_dict()[name]), name
+    assert any(not torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def _ddp_worker(rank: int, world_size: int, store_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(tiny_model(seed=0))
+        features, crops, domains = random_cells(48, crop_size=32)
+        sampler = DomainBalancedBatchSampler(domains.tolist(), batch_size=8, seed=0, rank=rank, world_size=world_size)
+        loader = DataLoader(TensorDataset(features, crops, domains), batch_sampler=sampler)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        means = train_one_epoch(model, loader, optimizer, "cpu", 5.0, 32)
+        torch.save({"state": model.module.state_dict(), "means": means}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_end_with_identical_weights(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    initial = tiny_model(seed=0).state_dict()
+    for name, tensor in results[0]["state"].items():
+        assert torch.equal(tensor, results[1]["state"][name]), name
+    assert any(not torch.equal(initial[name], tensor) for name, tensor in results[0]["state"].items())
+    assert results[0]["means"] == results[1]["means"]  # the epoch means are reduced over both ranks

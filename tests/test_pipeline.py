@@ -1,0 +1,134 @@
+"""The whole pipeline as a user runs it: artefacts, reuse, staleness, status, determinism."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _status(cwd):
+    result = run_cli("status", "--json", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return {(r["stage"], r["dataset"]): r["state"] for r in json.loads(result.stdout)}
+
+
+@pytest.fixture(scope="module")
+def finished_project(tmp_path_factory, tiny_cells):
+    """One full `aecfe run` over two tiny labs, shared by the tests that only read or copy it."""
+    from conftest import TINY_CONFIG
+
+    root = tmp_path_factory.mktemp("finished")
+    for domain, folder in tiny_cells.items():
+        shutil.copytree(folder, root / domain)
+    (root / "aecfe.yaml").write_text(TINY_CONFIG)
+    result = run_cli("run", "--data", "lab_a", "--data", "lab_b", cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root, result
+
+
+def _copy(project, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(project, target, symlinks=True)
+    # The registry stores absolute dataset roots: point them at the copy.
+    registry = target / "aecfe-work" / "datasets.json"
+    registry.write_text(registry.read_text().replace(str(project), str(target)))
+    return target
+
+
+def test_run_writes_consistent_interface_files(finished_project):
+    root, result = finished_project
+    work = root / "aecfe-work"
+    for name in ("lab_a", "lab_b"):
+        instances = _rows(work / "detect" / name / "instances.csv")
+        roi = np.load(work / "detect" / name / "roi_features.npy", mmap_mode="r")
+        crops = np.load(work / "detect" / name / "crops.npy", mmap_mode="r")
+        features = np.load(work / "extract" / name / "features.npy")
+        ids = _rows(work / "extract" / name / "features.csv")
+        assert len(instances) == len(roi) == len(crops) == len(features) == len(ids) > 0
+        assert roi.shape[1:] == (256, 14, 14) and crops.shape[1:] == (3, 32, 32) and crops.dtype == np.uint8
+        assert features.shape[1] == 50 and features.dtype == np.float32
+        assert [r["instance_id"] for r in instances] == [r["instance_id"] for r in ids]
+        assert np.allclose(np.array([[float(r[f"f{i}"]) for i in range(50)] for r in ids]), features)
+        manifest = json.loads((work / "detect" / name / "manifest.json").read_text())
+        assert manifest["counts"]["images"] == 36 and manifest["outputs"]["roi_features.npy"]["sha256"]
+    report = json.loads((work / "evaluate" / "lab_a" / "report.json").read_text())
+    assert report["source"] == "lab_a" and "lab_b" in report["targets"]
+    assert set(report["baselines"]) == {"raw_pixels", "color_histogram"}
+    for file in ("report.md", "embedding.png", "confusion_lab_b.png", "manifest.json"):
+        assert (work / "evaluate" / "lab_a" / file).is_file()
+    for file in ("model.pt", "history.csv", "loss.png", "manifest.json"):
+        assert (work / "train" / file).is_file()
+    assert "balanced" in result.stdout  # the Rich table of results
+
+
+def test_second_run_reuses_everything_and_says_so(finished_project, tmp_path):
+    root = _copy(finished_project[0], tmp_path)
+    result = run_cli("run", "--data", "lab_a", "--data", "lab_b", cwd=root)
+    assert result.returncode == 0, result.stderr
+    for line in ("detect lab_a: up to date", "detect lab_b: up to date", "train (lab_a, lab_b): up to date",
+                 "extract lab_a: up to date", "evaluate lab_a: up to date"):
+        assert line in result.stderr
+    assert "detecting" not in result.stderr and "training" not in result.stderr
+    assert set(_status(root).values()) == {"done"}
+
+
+def test_touching_a_train_key_recomputes_train_and_after_only(finished_project, tmp_path):
+    root = _copy(finished_project[0], tmp_path)
+    config = root / "aecfe.yaml"
+    config.write_text(config.read_text().replace("epochs: 2", "epochs: 3"))
+    status = _status(root)
+    assert status[("detector", "-")] == "done" and status[("detect", "lab_a")] == "done"
+    assert status[("train", "lab_a, lab_b")] == "stale"
+    assert status[("extract", "lab_a")] == "stale" and status[("evaluate", "lab_a")] == "stale"
+    result = run_cli("run", "--data", "lab_a", "--data", "lab_b", cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "detect lab_a: up to date" in result.stderr and "detector" not in result.stderr.replace("detect lab", "")
+    assert "train (lab_a, lab_b): out of date, training" in result.stderr
+    assert "extract lab_a: out of date" in result.stderr and "continuing from epoch 2" in result.stderr
+    assert set(_status(root).values()) == {"done"}
+
+
+def test_touching_a_detect_key_recomputes_detections_not_the_detector(finished_project, tmp_path):
+    root = _copy(finished_project[0], tmp_path)
+    config = root / "aecfe.yaml"
+    config.write_text(config.read_text().replace("crop_size: 32", "crop_size: 40"))
+    status = _status(root)
+    assert status[("detector", "-")] == "done" and status[("detect", "lab_b")] == "stale"
+    result = run_cli("detect", "--data", "lab_b", cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "detector: up to date" in result.stderr
+    assert np.load(root / "aecfe-work" / "detect" / "lab_b" / "crops.npy").shape[2] == 40
+    status = _status(root)
+    assert status[("detect", "lab_b")] == "done" and status[("detect", "lab_a")] == "stale"
+
+
+def test_evaluate_json_is_the_report_only(finished_project, tmp_path):
+    root = _copy(finished_project[0], tmp_path)
+    result = run_cli("--quiet", "evaluate", "--source", "lab_b", "--target", "lab_a", "--json", cwd=root)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["source"] == "lab_b" and set(report["in_domain"]) >= {"accuracy", "balanced_accuracy", "macro_f1"}
+    assert result.stderr == ""
+
+
+def test_same_seed_gives_identical_features_and_report(finished_project, tmp_path):
+    root = _copy(finished_project[0], tmp_path)
+    shutil.rmtree(root / "aecfe-work")
+    result = run_cli("run", "--data", "lab_a", "--data", "lab_b", cwd=root)
+    assert result.returncode == 0, result.stderr
+    first, second = finished_project[0] / "aecfe-work", root / "aecfe-work"
+    for name in ("lab_a", "lab_b"):
+        assert (first / "extract" / name / "features.npy").read_bytes() == \
+               (second / "extract" / name / "features.npy").read_bytes()
+    assert (first / "evaluate/lab_a/report.json").read_bytes() == (second / "evaluate/lab_a/report.json").read_bytes()
