@@ -87,6 +87,7 @@ def obtain_detector(
             how = {"how": "pseudo_masks", "trained_on": [d.name for d in datasets], "images": len(paths)}
         if not samples:
             raise UserError("no training images for the detector: no cell was found; pass --annotations or --weights")
+        torch.manual_seed(seed)  # the random initial weights are part of what the seed fixes
         model = net.build_detector(cfg.backbone, min_size=cfg.min_size, max_size=cfg.max_size)
         model.to(device)
         steps = cfg.train_epochs * -(-len(samples) // cfg.train_batch_size)
