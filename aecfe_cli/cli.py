@@ -255,7 +255,9 @@ def detect(
                             "backbone": backbone, "all_cells": all_cells}}
     session = _session(ctx.obj, overrides, force, ("detector", "detect"), strict)
     shard_range = detect_stage.parse_shard(shard)
-    with session.workdir.lock():
+    if shard_range != (0, 1) and len(data) > 1:
+        raise UserError("--shard splits one dataset: pass a single --data")
+    with session.workdir.lock(shared=shard_range != (0, 1)):
         resolved = [session.dataset(d, layout) for d in data]
         rows = []
         for dataset in resolved:

@@ -20,7 +20,7 @@ import torch
 from . import detector as net
 from .config import DetectConfig
 from .datasets import Dataset
-from .errors import UserError
+from .errors import StageError, UserError
 from .images import UnreadableImage, load_rgb
 from .io import atomic_path, read_json, read_npy, sha256_file, write_csv, write_json, write_npy
 from .reporting import Reporter
@@ -167,13 +167,17 @@ def run_detection(
     reporter: Reporter,
     shard: tuple[int, int] = (0, 1),
     strict: bool = False,
+    on_ready=None,
 ) -> Optional[dict]:
-    """Detect every image of this shard's chunks; merge when all chunks exist. Returns the manifest,
-    or None when other shards still have chunks to do."""
+    """Detect every image of this shard's chunks. Without a shard, merge the chunks into the final
+    files and return the manifest; a shard worker returns None (a later plain run merges).
+    ``on_ready`` is called once the chunk folder is set up, before the long work starts."""
     expected = detections_fingerprint(dataset, detector_manifest, cfg)
     invalidate(folder)
     parts = folder / "parts"
     _reset_parts_if_changed(parts, expected)
+    if on_ready is not None:
+        on_ready()
     chunk = cfg.chunk_images
     chunks = [k for k in range(-(-len(dataset.records) // chunk)) if k % shard[1] == shard[0]]
     todo = [k for k in chunks if not (parts / f"part_{k:05d}.json").is_file()]
@@ -186,9 +190,13 @@ def run_detection(
             _detect_chunk(dataset, k, model, cfg, parts, device, bar, strict)
     seconds = time.perf_counter() - started
     every = range(-(-len(dataset.records) // chunk))
-    if not all((parts / f"part_{k:05d}.json").is_file() for k in every):
-        reporter.info(f"{dataset.name}: shard {shard[0]}/{shard[1]} done; run without --shard to merge once all are")
+    if shard != (0, 1):
+        reporter.info(f"{dataset.name}: shard {shard[0]}/{shard[1]} done; once every shard is, "
+                      f"`aecfe detect --data {dataset.name}` merges them")
         return None
+    missing = [k for k in every if not (parts / f"part_{k:05d}.json").is_file()]
+    if missing:  # another process removed or never finished them: a plain run does every chunk itself
+        raise StageError(f"{parts}: chunks {missing[:5]} are missing after detection; run the command again")
     return _merge(dataset, parts, folder, expected, cfg, device, seconds, total)
 
 

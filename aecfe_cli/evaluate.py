@@ -481,6 +481,11 @@ def run_evaluation(
     source_y = _map_labels(source.labels, to_class)
     target_ys = {target.name: _map_labels(target.labels, to_class) for target in targets}
     source_classes = sorted(set(source_y.tolist()))
+    if len(source_classes) < 2:
+        raise UserError(
+            f"source '{source.name}' has a single class ({', '.join(source_classes)}) at the {level} level: "
+            "a classifier needs two or more; choose another source or --labels fine"
+        )
     classes_per_target = {
         name: _compare_classes(source, name, source_classes, y, level) for name, y in target_ys.items()
     }

@@ -87,7 +87,7 @@ def ensure_detections(session: Session, dataset: Dataset, shard=(0, 1), detector
     detector_status = state(session.workdir.detector, detect.detector_fingerprint(session.config.detect, session.seed))
     if detector_status == "done" and "detector" not in session.force and "detect" not in session.force:
         status = state(folder, detect.detections_fingerprint(dataset, detector_manifest, session.config.detect))
-        if status == "done" and shard == (0, 1):
+        if status == "done":
             session.reporter.info(f"detect {dataset.name}: up to date, reusing")
             return read_manifest(folder)
     else:
@@ -96,9 +96,14 @@ def ensure_detections(session: Session, dataset: Dataset, shard=(0, 1), detector
         raise UserError(f"detect {dataset.name}: {status}; under torchrun only training is distributed, "
                         f"run `aecfe detect --data {dataset.name}` first")
     session._say(f"detect {dataset.name}", "forced" if "detect" in session.force else status, "detecting")
+    sharded = shard != (0, 1)
+    if sharded:
+        session.workdir.begin_setup()
     model, detector_manifest = ensure_detector(session, detector_datasets or [dataset])
+    on_ready = session.workdir.end_setup if sharded else None
     return detect.run_detection(dataset, model, detector_manifest, session.config.detect, folder,
-                                session.device, session.reporter, shard=shard, strict=session.strict)
+                                session.device, session.reporter, shard=shard, strict=session.strict,
+                                on_ready=on_ready)
 
 
 def ensure_model(session: Session, datasets: Sequence[Dataset], require_resume: bool = False):

@@ -77,27 +77,36 @@ class Workdir:
             raise UserError(f"{self.root}: working directory is not writable ({exc.strerror}); choose another --workdir") from exc
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """One command at a time per workdir: a second one refuses instead of corrupting artefacts."""
+    def lock(self, shared: bool = False) -> Iterator[None]:
+        """One command at a time per workdir: a second one refuses instead of corrupting artefacts.
+        Shard workers of ``detect --shard`` hold it shared, so several can run together."""
         self.prepare()
-        path = self.root / ".lock"
-        handle = open(path, "a+")
+        handle = open(self.root / ".lock", "a+")
         try:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.seek(0)
-                holder = handle.read().strip() or "another process"
+                holder = handle.read().strip() or "another aecfe process"
                 raise StageError(
                     f"{self.root}: in use by {holder}; wait for it to finish or use another --workdir"
                 ) from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"aecfe pid {os.getpid()}")
-            handle.flush()
+            if not shared:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"aecfe pid {os.getpid()}")
+                handle.flush()
             yield
         finally:
             handle.close()
+
+    def begin_setup(self) -> None:
+        """Shard workers set up (detector, chunk folder) one at a time; the others wait here."""
+        self._setup_handle = open(self.root / ".setup.lock", "a+")
+        fcntl.flock(self._setup_handle, fcntl.LOCK_EX)
+
+    def end_setup(self) -> None:
+        self._setup_handle.close()
 
 
 def fingerprint(stage: str, config: dict, seed: Optional[int], inputs: dict[str, str]) -> str:
@@ -193,5 +202,10 @@ def write_manifest(
 
 
 def invalidate(folder: Path) -> None:
-    """Remove a stage's manifest first, so a half-rewritten folder never looks finished."""
-    (Path(folder) / MANIFEST).unlink(missing_ok=True)
+    """Remove a stage's manifest first, so a half-rewritten folder never looks finished, and the
+    temporary files a killed process (SIGKILL skips every clean-up) may have left behind."""
+    folder = Path(folder)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    if folder.is_dir():
+        for leftover in folder.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)

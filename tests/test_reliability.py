@@ -1,0 +1,214 @@
+"""Guarantees for long unattended runs on messy clinical folders (README: Reliability)."""
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, TINY_CONFIG, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _project(tmp_path, tiny_cells, domains=("lab_a", "lab_b"), config=TINY_CONFIG):
+    for domain in domains:
+        shutil.copytree(tiny_cells[domain], tmp_path / domain)
+    (tmp_path / "aecfe.yaml").write_text(config)
+    return tmp_path
+
+
+def _start(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "aecfe_cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_when(process, condition, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return
+        assert process.poll() is None, f"finished before the kill point: {process.communicate()}"
+        time.sleep(0.02)
+    process.kill()
+    raise AssertionError("kill point never reached")
+
+
+def _digests(folder, names):
+    return {name: (folder / name).read_bytes() for name in names}
+
+
+def test_bad_images_are_skipped_listed_and_strict_fails(tmp_path, tiny_cells):
+    root = _project(tmp_path, tiny_cells, domains=("lab_a",))
+    cls = root / "lab_a" / "monocyte"
+    good = next(cls.iterdir())
+    data = good.read_bytes()
+    (cls / "truncated.png").write_bytes(data[: len(data) // 3])
+    (cls / "zero.png").write_bytes(b"")
+    (cls / "text.jpg").write_text("not an image")
+    (cls / "loop.png").symlink_to(cls / "loop.png")
+    rgb = np.asarray(Image.open(good).convert("RGB"))
+    Image.fromarray((rgb[:, :, 0].astype(np.uint16) * 257)).save(cls / "grey16 é.tif")
+    Image.fromarray(rgb[:, :, 1]).save(cls / "grey 8.tif")
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])).save(cls / "rgba ü.png")
+    result = run_cli("detect", "--data", "lab_a", cwd=root)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((root / "aecfe-work/detect/lab_a/manifest.json").read_text())
+    assert manifest["counts"]["unreadable"] == 3  # truncated, zero-byte, text; the symlink loop is skipped
+    assert manifest["counts"]["images"] == 36 + 6
+    assert any("loop.png" in s for s in manifest["skipped"])
+    assert any("truncated.png" in u for u in manifest["unreadable"])
+    images = {row.split(",")[1] for row in (root / "aecfe-work/detect/lab_a/instances.csv").read_text().splitlines()[1:]}
+    assert {"monocyte/grey16 é.tif", "monocyte/grey 8.tif", "monocyte/rgba ü.png"} <= images
+    strict = run_cli("detect", "--data", "lab_a", "--strict", "--force", cwd=root)
+    assert strict.returncode == 2 and "truncated.png" in strict.stderr or "text.jpg" in strict.stderr
+    assert len(strict.stderr.strip().splitlines()) >= 1 and "Traceback" not in strict.stderr
+
+
+def test_killed_detection_resumes_to_the_same_result(tmp_path, tiny_cells):
+    root = _project(tmp_path, tiny_cells, domains=("lab_a",))
+    assert run_cli("detect", "--data", "lab_a", cwd=root).returncode == 0
+    folder = root / "aecfe-work/detect/lab_a"
+    names = ["instances.csv", "roi_features.npy", "crops.npy"]
+    reference = _digests(folder, names)
+    process = _start(["detect", "--data", "lab_a", "--force"], root)
+    # --force retrains the detector too: wait until it is rewritten and two chunks are done.
+    _kill_when(process, lambda: len(list((folder / "parts").glob("part_*.json"))) >= 2 if (folder / "parts").is_dir() else False)
+    assert not (folder / "manifest.json").exists()
+    resumed = run_cli("detect", "--data", "lab_a", cwd=root)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert _digests(folder, names) == reference
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_cells):
+    config = TINY_CONFIG.replace("epochs: 2", "epochs: 6")
+    root = _project(tmp_path, tiny_cells, config=config)
+    assert run_cli("train", "--data", "lab_a", "--data", "lab_b", cwd=root).returncode == 0
+    folder = root / "aecfe-work/train"
+    reference = (folder / "model.pt").read_bytes()
+    import torch
+
+    def epoch_at_least(n):
+        try:
+            return torch.load(folder / "model.pt", weights_only=True)["epoch"] >= n
+        except Exception:  # mid-rename or not there yet
+            return False
+
+    process = _start(["train", "--data", "lab_a", "--data", "lab_b", "--force"], root)
+    time.sleep(0.5)
+    _kill_when(process, lambda: not (folder / "manifest.json").exists() and epoch_at_least(2))
+    assert not (folder / "manifest.json").exists()
+    resumed = run_cli("train", "--data", "lab_a", "--data", "lab_b", "--resume", cwd=root)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "continuing from epoch" in resumed.stderr
+    assert torch.equal(torch.load(folder / "model.pt", weights_only=True)["state_dict"]["encoder.0.weight"],
+                       torch.load(__import__("io").BytesIO(reference), weights_only=True)["state_dict"]["encoder.0.weight"])
+    assert (folder / "model.pt").read_bytes() == reference
+
+
+def test_crashed_extraction_leaves_nothing_finished_looking(tmp_path, tiny_cells, monkeypatch):
+    root = _project(tmp_path, tiny_cells)
+    assert run_cli("extract", "--data", "lab_a", "--data", "lab_b", cwd=root).returncode == 0
+    folder = root / "aecfe-work/extract/lab_a"
+    reference = _digests(folder, ["features.npy", "features.csv"])
+    process = _start(["extract", "--data", "lab_a", "--force"], root)
+    _kill_when(process, lambda: not (folder / "manifest.json").exists())
+    leftovers = [p for p in folder.iterdir() if p.name not in ("features.npy", "features.csv")]
+    assert all(p.name.endswith(".tmp") for p in leftovers)
+    status = json.loads(run_cli("status", "--json", cwd=root).stdout)
+    assert {"stage": "extract", "dataset": "lab_a", "state": "missing", "detail": ""} in status
+    assert run_cli("extract", "--data", "lab_a", cwd=root).returncode == 0
+    assert _digests(folder, ["features.npy", "features.csv"]) == reference
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_second_command_on_a_busy_workdir_refuses(tmp_path, tiny_cells):
+    root = _project(tmp_path, tiny_cells, domains=("lab_a",))
+    (root / "aecfe-work").mkdir()
+    with open(root / "aecfe-work" / ".lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write("aecfe pid 4242")
+        handle.flush()
+        result = run_cli("detect", "--data", "lab_a", cwd=root)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: aecfe-work: in use by aecfe pid 4242; wait for it to finish or use another --workdir"
+    assert not (root / "aecfe-work" / "detector").exists()
+
+
+def test_unwritable_workdir_and_failing_write_keep_earlier_artefacts(tmp_path, tiny_cells):
+    root = _project(tmp_path, tiny_cells, domains=("lab_a",))
+    (root / "file").write_text("")
+    result = run_cli("--workdir", "file/work", "detect", "--data", "lab_a", cwd=root)
+    assert result.returncode == 2 and "not writable" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert run_cli("detect", "--data", "lab_a", cwd=root).returncode == 0
+    folder = root / "aecfe-work/detect/lab_a"
+    before = _digests(folder, ["instances.csv", "roi_features.npy", "crops.npy", "manifest.json"])
+    # A disk that fills up mid-run: every rename fails with ENOSPC.
+    code = ("import errno, os, sys; real = os.replace\n"
+            "def full(a, b): raise OSError(errno.ENOSPC, 'No space left on device', str(b))\n"
+            "os.replace = full\nsys.argv = ['aecfe', 'detect', '--data', 'lab_a', '--force']\n"
+            "from aecfe_cli.cli import main; main()")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    failed = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert failed.returncode == 1 and "No space left on device" in failed.stderr, failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1
+    after = {name: (folder / name).read_bytes() for name in ["instances.csv", "roi_features.npy", "crops.npy"]}
+    assert after == {k: v for k, v in before.items() if k != "manifest.json"}
+
+
+def test_pickled_weights_are_refused_and_never_run(tmp_path, tiny_cells):
+    root = _project(tmp_path, tiny_cells, domains=("lab_a",))
+    marker = tmp_path / "payload-ran"
+    code = ("import pickle, os\n"
+            "class P:\n"
+            f"    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
+            "import torch; torch.save({'state_dict': P()}, 'evil.pt')")
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+    result = run_cli("detect", "--data", "lab_a", "--weights", "evil.pt", cwd=root)
+    assert result.returncode == 2 and "evil.pt" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def test_foreign_architecture_weights_name_what_differs(tmp_path, tiny_cells):
+    root = _project(tmp_path, tiny_cells, domains=("lab_a",))
+    code = ("import torch, torchvision\n"
+            "m = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)\n"
+            "torch.save(m.state_dict(), 'coco.pt')")
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+    result = run_cli("detect", "--data", "lab_a", "--weights", "coco.pt", cwd=root)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "file has [91, 1024]" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_dataset_problems_exit_2(tmp_path, tiny_cells):
+    root = _project(tmp_path, tiny_cells)
+    only = root / "only_monocytes"
+    shutil.copytree(tiny_cells["lab_a"] / "monocyte", only / "monocyte")
+    other = root / "other_classes"
+    shutil.copytree(tiny_cells["lab_b"] / "basophil", other / "basophil")
+    shutil.copytree(tiny_cells["lab_b"] / "eosinophil", other / "eosinophil")
+    result = run_cli("run", "--data", "only_monocytes", "--data", "lab_b", cwd=root)
+    assert result.returncode == 2 and "single class" in result.stderr, result.stderr
+    result = run_cli("evaluate", "--source", "lab_a", "--target", "other_classes", cwd=root)
+    assert result.returncode == 0, result.stderr  # shared classes: basophil, eosinophil
+    shutil.rmtree(other / "basophil")
+    shutil.rmtree(other / "eosinophil")
+    shutil.copytree(tiny_cells["lab_b"] / "basophil", other / "platelet")
+    (root / "aecfe.yaml").write_text(TINY_CONFIG)
+    result = run_cli("evaluate", "--source", "only_monocytes", "--target", "other_classes", cwd=root)
+    assert result.returncode == 2
+    result = run_cli("--config", "nope.yaml", "status", cwd=root)
+    assert result.returncode == 2 and "nope.yaml" in result.stderr
