@@ -141,7 +141,8 @@ def _print_table(title: str, columns: List[str], rows) -> None:
         table.add_column(column)
     for row in rows:
         table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
-    Console(highlight=False).print(table)
+    # Piped into a file or script, Rich would wrap at 80 columns; keep one row per line there.
+    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
 
 
 DataOption = typer.Option(None, "--data", help="Registered dataset name or dataset path (repeatable).")

@@ -15,8 +15,8 @@ DEMO_DOMAINS = ("lab_a", "lab_b")
 DEMO_IMAGE_SIZE = 128
 # Small enough to finish in minutes on a 2-core CPU; the paper's settings are one config away.
 DEMO_SETTINGS = {
-    "detect": {"min_size": 128, "max_size": 128, "crop_size": 64, "train_images": 120, "train_epochs": 6},
-    "train": {"image_size": 32, "width": 0.5, "epochs": 25, "batch_size": 64},
+    "detect": {"min_size": 128, "max_size": 128, "crop_size": 64, "train_images": 96, "train_epochs": 4},
+    "train": {"image_size": 32, "width": 0.5, "epochs": 15, "batch_size": 64},
 }
 
 
@@ -24,7 +24,7 @@ def demo_data(root: Path, per_class: int, seed: int) -> list[Path]:
     """Write each synthetic lab once; an existing lab folder with the same settings is reused."""
     folders = []
     for domain in DEMO_DOMAINS:
-        folder = root / "data" / f"{domain}-{per_class}-seed{seed}"
+        folder = root / "data" / f"n{per_class}-seed{seed}" / domain
         if not (folder / ".complete").is_file():
             synth.write_cell_dataset(folder, domain, per_class, seed, size=DEMO_IMAGE_SIZE)
             (folder / ".complete").write_text("")

@@ -203,8 +203,9 @@ def _write_reconstructions(path: Path, model, dataset: CellArrays, cfg: TrainCon
     import matplotlib.pyplot as plt
 
     core = model.module if hasattr(model, "module") else model
-    indices = [int(dataset.offsets[d]) + i for d in range(len(dataset.features))
-               for i in range(min(SAMPLES_PER_DOMAIN, len(dataset.features[d])))]
+    # Evenly spaced cells of each dataset, so the grid spans its classes (rows are sorted by folder).
+    indices = [int(dataset.offsets[d]) + int(i) for d in range(len(dataset.features))
+               for i in np.unique(np.linspace(0, len(dataset.features[d]) - 1, SAMPLES_PER_DOMAIN).astype(int))]
     features, crops, _ = dataset._gather(indices)
     features, images = ae.prepare_batch(features, crops, cfg.image_size, device)
     was_training = core.training
