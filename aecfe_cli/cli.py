@@ -293,6 +293,8 @@ def train(
                            "width": width, "align_weight": align_weight}}
     session = _session(ctx.obj, overrides, force, ("train",))
     distributed_rank = int(os.environ.get("RANK", "0"))
+    if distributed_rank != 0:
+        session.reporter.quiet = True  # under torchrun, rank 0 speaks for all
     lock = session.workdir.lock() if distributed_rank == 0 else _no_lock()
     with lock:
         resolved = [session.dataset(d, layout) for d in data]

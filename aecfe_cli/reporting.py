@@ -42,7 +42,13 @@ class Reporter:
 
         self.quiet = quiet
         self.console = Console(stderr=True, highlight=False)
-        self.show_progress = (not quiet and sys.stderr.isatty()) if show_progress is None else show_progress
+        self._show_progress = show_progress
+
+    @property
+    def show_progress(self) -> bool:
+        if self._show_progress is not None:
+            return self._show_progress
+        return not self.quiet and sys.stderr.isatty()
 
     def info(self, message: str) -> None:
         if not self.quiet:
