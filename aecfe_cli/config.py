@@ -46,8 +46,8 @@ class DetectConfig:
     batch_size: int = 8  # images per inference batch
     all_cells: bool = False  # keep every cell of a smear field instead of the central one
     chunk_images: int = 256  # images per resumable shard written to disk
-    train_images: int = 300  # images used to train a detector from pseudo-masks
-    train_epochs: int = 12
+    train_images: int = 1000  # images (split evenly over the datasets) a label-free detector learns from
+    train_epochs: int = 1
     train_batch_size: int = 4
     train_lr: float = 0.001
     weights: Optional[str] = None  # a Mask R-CNN state dict to use instead of training one

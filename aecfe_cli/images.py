@@ -24,7 +24,7 @@ def load_rgb(path: Path) -> np.ndarray:
     """Return an ``(H, W, 3)`` uint8 array; greyscale, RGBA, palette and 16-bit are converted."""
     from PIL import Image, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    # Image.open reads only the header, so the size check below runs before any pixel is decoded.
     try:
         with Image.open(path) as image:
             if image.width * image.height > MAX_PIXELS:
