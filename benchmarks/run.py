@@ -1,0 +1,851 @@
+"""Every benchmark of aecfe in one run; writes docs/benchmarks.md (and, with --json, the raw numbers).
+
+    python benchmarks/run.py [--quick] [--out docs/benchmarks.md] [--json PATH] [--only PART,...] [--cache DIR]
+
+Parts (each isolated: one that fails is reported in the output and the others still run):
+
+* machine   CPU model, cores, memory, library versions, OMP_WAIT_POLICY, load average at start and end.
+* peak      measured matmul peak: best float32 ``torch.mm`` of 2048x2048 on all threads, taken at the
+            start and at the end of the run; the larger is the reference for "fraction of peak".
+* detect    images/s of ``detector.detect`` on synthetic 360x363 cells (the PBC size), CPU default
+            (``build_detector()``: ResNet-18-FPN at 256 px) against the paper's configuration (torchvision
+            ResNet-50-FPN at 900 px), in interleaved rounds; FLOPs per image (= per cell: one cell per
+            image) from ``detector_flops``. Same method as benchmarks/detect_speed.py.
+* train     samples/s of one Adam step per batch, CPU default (image 32, width 0.5, batch 128) against the
+            paper's (image 128, width 1, batch 500, or the largest batch that fits), with
+            ``benchmarks/train_speed.py``'s ``measure()``; fraction of peak counts 3x the forward FLOPs.
+* extract   cells/s of ``model.encode(scale_features(x))`` in batches of 512 on stored-format (float16)
+            256x14x14 features, as the extract stage does, for both models' encoders, interleaved.
+* evaluate  seconds of ``run_evaluation`` (random forest, no baselines) on 10,000 x 50 source + 10,000 x 50
+            target features (benchmarks/evaluate_speed.py's generator). Both configurations feed the
+            same 50-d features to the same classifier, so this stage is measured once.
+* memory    peak resident memory of ``aecfe detect`` and ``aecfe extract`` subprocesses at 1,000 and 10,000
+            images (--quick: 200 and 1,000) of synthetic 128 px cells, with ``/usr/bin/time -v`` (else
+            ``getrusage`` of a fresh child; see benchmarks/memory.py); the larger size must stay within
+            1.2x the smaller. The detector (128 px) is trained once on 64 of the cells and cached.
+
+--quick (a before-and-after check of a change) finishes in under 5 minutes on a quiet 2-core machine;
+the full run takes up to about 40 minutes there (less once its 10,000 images are cached). The memory
+part's synthetic images and detector are cached (default: a folder in the system temp dir, outside the
+repository; --cache DIR to choose) and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads must sleep, not spin: on a shared machine spinning threads waiting for a
+# descheduled partner make every parallel region many times slower. Set before torch is imported;
+# the aecfe subprocesses of the memory part inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(BENCHMARKS))
+
+PARTS = ("peak", "detect", "train", "extract", "evaluate", "memory")
+SELECTABLE = ("detect", "train", "extract", "evaluate", "memory")  # peak and machine always run
+DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
+DEFAULT_CACHE = Path(tempfile.gettempdir()) / "aecfe-benchmarks-cache"
+
+IMAGE_HW = (363, 360)  # PBC (Acevedo) image size, height x width
+MATMUL_N = 2048
+EXTRACT_BATCH = 512
+EVALUATE_CELLS = 10_000
+EVALUATE_DIMENSION = 50
+MEMORY_IMAGE_SIZE = 128
+MEMORY_DOMAIN = "lab_a"
+MEMORY_SEED = 0
+FLAT_LIMIT = 1.2
+TRAINING_FLOP_FACTOR = 3  # forward + backward (about 2x forward) per training sample
+
+# The two configurations compared in every stage.
+DEFAULT_TRAIN = {"image_size": 32, "width": 0.5, "batch": 128}
+PAPER_TRAIN = {"image_size": 128, "width": 1.0, "batch": 500}
+
+SETTINGS = {
+    # matmul repetitions, detect rounds and images per round (default, paper), train timed batches,
+    # extract batches per configuration, evaluate repetitions, memory sizes (images)
+    "quick": {"matmul_reps": 5, "detect_rounds": 1, "detect_default": 8, "detect_paper": 2,
+              "train_timed": 1, "train_sandwich": False, "extract_batches": 4, "evaluate_reps": 1,
+              "memory_sizes": (200, 1_000)},
+    "full": {"matmul_reps": 10, "detect_rounds": 3, "detect_default": 16, "detect_paper": 3,
+             "train_timed": 3, "train_sandwich": True, "extract_batches": 20, "evaluate_reps": 3,
+             "memory_sizes": (1_000, 10_000)},
+}
+
+# The memory part's detector: trained once on the synthetic cells (cached), then loaded by every measured
+# run. A detector trained for a few steps only scores every cell near 0, so at the default score
+# threshold it finds nothing, and at threshold 0 every image sends its 50 proposals through the mask head:
+# a per-image cost unlike real use that makes 10,000 images infeasible on 2 cores.
+DETECTOR_TRAINING = {"per_class": 11, "train_images": 64, "train_epochs": 2}
+
+
+def detector_training_config() -> str:
+    return (f"detect:\n  min_size: {MEMORY_IMAGE_SIZE}\n  max_size: {MEMORY_IMAGE_SIZE}\n"
+            f"  train_images: {DETECTOR_TRAINING['train_images']}\n  train_epochs: {DETECTOR_TRAINING['train_epochs']}\n"
+            f"runtime:\n  seed: {MEMORY_SEED}\n")
+
+
+def memory_config(weights: Path, quick: bool) -> str:
+    """The config of every measured run (the same for both sizes)."""
+    lines = [
+        "# Small images keep 10,000 of them feasible on 2 cores: flatness is about streaming, not detector size.",
+        "detect:",
+        f"  min_size: {MEMORY_IMAGE_SIZE}",
+        f"  max_size: {MEMORY_IMAGE_SIZE}",
+        f"  weights: {json.dumps(str(weights))}   # trained once on these synthetic cells, cached",
+    ]
+    if quick:
+        lines.append("  chunk_images: 64   # --quick: both sizes hold several full chunks (default 256)")
+    lines += ["train:", "  epochs: 1"]
+    if quick:
+        lines += ["extract:", "  batch_size: 128   # --quick: both sizes hold several full batches (default 512)"]
+    lines += ["runtime:", f"  seed: {MEMORY_SEED}"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else []
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def fmt(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.{digits}f}"
+
+
+def fmt_flops(flops) -> str:
+    if flops is None:
+        return "-"
+    return f"{flops / 1e9:.3g} GFLOP" if flops >= 1e8 else f"{flops / 1e6:.3g} MFLOP"
+
+
+def fmt_fraction(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def run_part(name: str, function, results: dict, *args) -> None:
+    """Run one part; an exception is recorded (and printed) instead of ending the run."""
+    started = time.perf_counter()
+    record = {"load_start": load_average()}
+    say(f"\n== {name} (load average {', '.join(map(str, record['load_start']))})")
+    try:
+        record.update(function(*args))
+        record["ok"] = True
+    except Exception as exc:  # noqa: BLE001  (isolation is the point)
+        record["ok"] = False
+        record["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        say(f"!! {name} failed: {record['error']}")
+        traceback.print_exc(file=sys.stdout)
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    record["load_end"] = load_average()
+    say(f"== {name} done in {record['seconds']} s")
+    results[name] = record
+
+
+# ---------------------------------------------------------------------------------------------------
+# machine
+
+
+def machine_info() -> dict:
+    info: dict = {"cpu_model": platform.processor() or platform.machine(), "flags": []}
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and "cpu_model_from_proc" not in info:
+                info["cpu_model"] = info["cpu_model_from_proc"] = value
+            elif key == "flags" and not info["flags"]:
+                flags = set(value.split())
+                info["flags"] = [f for f in ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+            elif key == "cpu MHz" and "mhz" not in info:
+                info["mhz"] = round(float(value))
+    except (OSError, ValueError):
+        pass
+    info.pop("cpu_model_from_proc", None)
+    info["cpu_count"] = os.cpu_count()
+    info["usable_cpus"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        info["memory_total_gb"] = round(int(fields["MemTotal"].split()[0]) / 1024**2, 1)
+        info["memory_available_gb"] = round(int(fields["MemAvailable"].split()[0]) / 1024**2, 1)
+    except (OSError, KeyError, ValueError):
+        pass
+    import sklearn
+    import torchvision
+
+    info.update({
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "scikit_learn": sklearn.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "kernel": platform.release(),
+    })
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------
+# peak
+
+
+def matmul_peak(reps: int) -> dict:
+    """Best-of-``reps`` GFLOP/s of a float32 2048x2048 matmul on all torch threads."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(MATMUL_N, MATMUL_N, generator=generator)
+    b = torch.randn(MATMUL_N, MATMUL_N, generator=generator)
+    out = torch.empty(MATMUL_N, MATMUL_N)
+    torch.mm(a, b, out=out)  # warm-up
+    rates = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        torch.mm(a, b, out=out)
+        rates.append(2 * MATMUL_N**3 / (time.perf_counter() - started) / 1e9)
+    say(f"float32 mm {MATMUL_N}^3 on {torch.get_num_threads()} threads: best {max(rates):.1f} GFLOP/s, "
+        f"median {statistics.median(rates):.1f} of {reps}")
+    return {"gflops_best": round(max(rates), 1), "gflops_median": round(statistics.median(rates), 1), "reps": reps}
+
+
+# ---------------------------------------------------------------------------------------------------
+# detect
+
+
+def synthetic_pbc_images(count: int) -> list[np.ndarray]:
+    """Seeded synthetic single-cell images at the PBC size, cycling through classes and domains."""
+    from aecfe_cli import synth
+
+    domains = list(synth.DOMAINS)
+    images = []
+    for index in range(count):
+        cls = synth.CLASSES[index % len(synth.CLASSES)]
+        style = synth.DOMAINS[domains[index % len(domains)]]
+        square = synth.render_cell_image(cls, style, np.random.default_rng(1000 + index), max(IMAGE_HW))
+        images.append(np.ascontiguousarray(square[: IMAGE_HW[0], : IMAGE_HW[1]]))
+    return images
+
+
+def bench_detect(settings: dict) -> dict:
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    from aecfe_cli import detector as net
+
+    torch.manual_seed(0)
+    images = synthetic_pbc_images(max(settings["detect_default"], settings["detect_paper"]))
+    paper = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, min_size=900, max_size=900)
+    configs = {
+        "default": {"label": "build_detector(): ResNet-18-FPN at 256 px", "model": net.build_detector(),
+                    "per_round": settings["detect_default"]},
+        "paper": {"label": "torchvision maskrcnn_resnet50_fpn at 900 px", "model": paper,
+                  "per_round": settings["detect_paper"]},
+    }
+    for key, config in configs.items():
+        model = config["model"].eval()
+        model.roi_heads.detections_per_img = 1  # one cell per image, whatever the untrained scores
+        config["flops"] = net.detector_flops(model, IMAGE_HW)
+        net.detect(model, images[:1], "cpu", score_threshold=0.0)  # warm-up: allocator, kernels
+        config["seconds"], config["images"], config["round_rates"] = 0.0, 0, []
+    # Interleaved rounds: both configurations see the same stretch of machine load.
+    for _ in range(settings["detect_rounds"]):
+        for key, config in configs.items():
+            count = config["per_round"]
+            started = time.perf_counter()
+            found = net.detect(config["model"], images[:count], "cpu", score_threshold=0.0)
+            seconds = time.perf_counter() - started
+            if not all(len(f) == 1 for f in found):
+                raise RuntimeError("each image must carry exactly one detection")
+            config["seconds"] += seconds
+            config["images"] += count
+            config["round_rates"].append(round(count / seconds, 3))
+    out = {"image_hw": list(IMAGE_HW), "rounds": settings["detect_rounds"]}
+    for key, config in configs.items():
+        rate = config["images"] / config["seconds"]
+        out[key] = {"label": config["label"], "images": config["images"], "seconds": round(config["seconds"], 2),
+                    "rate": round(rate, 3), "round_rates": config["round_rates"], "flops": config["flops"]}
+        say(f"{key:8s} {config['label']:45s} {rate:7.3f} images/s  {config['flops'] / 1e9:7.1f} GFLOP/image "
+            f"({config['images']} images)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# train
+
+
+def bench_train(settings: dict) -> dict:
+    import train_speed
+
+    device = torch.device("cpu")
+    paper_batch = PAPER_TRAIN["batch"] if not settings["quick"] else train_speed.QUICK_PAPER_BATCH
+    d = DEFAULT_TRAIN
+    p = PAPER_TRAIN
+    runs = {"default": [], "paper": []}
+    runs["default"].append(train_speed.measure(d["image_size"], d["width"], d["batch"], settings["train_timed"], device))
+    # The paper's setting is ~20x slower per sample; one timed batch is enough (as in train_speed.py).
+    runs["paper"].append(train_speed.measure(p["image_size"], p["width"], paper_batch, 1, device))
+    if settings["train_sandwich"]:  # default again after the paper: both sides of the long paper batch
+        runs["default"].append(train_speed.measure(d["image_size"], d["width"], d["batch"], settings["train_timed"], device))
+    out = {}
+    for key, config, asked in (("default", d, d["batch"]), ("paper", p, paper_batch)):
+        measured = runs[key]
+        rate = statistics.mean(m["median_samples_per_s"] for m in measured)
+        out[key] = {
+            "label": f"image {config['image_size']}, width {config['width']:g}, batch {asked}",
+            "image_size": config["image_size"], "width": config["width"], "batch_asked": asked,
+            "batch_run": measured[0]["run_batch"], "rate": round(rate, 3),
+            "rates": [round(m["median_samples_per_s"], 3) for m in measured],
+            "best": round(max(m["best_samples_per_s"] for m in measured), 3),
+            "flops": measured[0]["flops"], "parameters": measured[0]["parameters"],
+            "activation_gb_at_batch": round(measured[0]["activation_gb_at_batch"], 2),
+        }
+        note = f" (ran at batch {out[key]['batch_run']})" if out[key]["batch_run"] < asked else ""
+        say(f"{key:8s} {out[key]['label']:35s} {rate:8.2f} samples/s  {out[key]['flops'] / 1e9:6.3f} GFLOP/sample "
+            f"forward{note}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# extract
+
+
+def bench_extract(settings: dict) -> dict:
+    from aecfe_cli import autoencoder as ae
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(4)
+    # Two stored-format batches (float16, as detect writes them), cycled: realistic without 1 GB of RAM.
+    pool = [torch.randn(EXTRACT_BATCH, 256, 14, 14, generator=generator).half() for _ in range(2)]
+    configs = {}
+    for key, config in (("default", DEFAULT_TRAIN), ("paper", PAPER_TRAIN)):
+        model = ae.AECFE(image_size=config["image_size"], width=config["width"]).eval()
+        configs[key] = {"model": model, "flops": ae.count_flops(model)["encoder"], "seconds": 0.0, "cells": 0,
+                        "label": f"encoder of width {config['width']:g} (image {config['image_size']} model)"}
+
+    def encode(model, block):
+        return model.encode(ae.scale_features(block.float())).cpu().numpy()
+
+    with torch.inference_mode():
+        for config in configs.values():
+            encode(config["model"], pool[0][:64])  # warm-up
+        for index in range(settings["extract_batches"]):  # interleaved, batch by batch
+            block = pool[index % len(pool)]
+            for config in configs.values():
+                started = time.perf_counter()
+                encode(config["model"], block)
+                config["seconds"] += time.perf_counter() - started
+                config["cells"] += len(block)
+    out = {"batch": EXTRACT_BATCH}
+    for key, config in configs.items():
+        rate = config["cells"] / config["seconds"]
+        out[key] = {"label": config["label"], "cells": config["cells"], "seconds": round(config["seconds"], 2),
+                    "rate": round(rate, 1), "flops": config["flops"]}
+        say(f"{key:8s} {config['label']:40s} {rate:8.1f} cells/s  {config['flops'] / 1e6:7.1f} MFLOP/cell "
+            f"({config['cells']} cells)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def bench_evaluate(settings: dict) -> dict:
+    import evaluate_speed
+
+    from aecfe_cli.evaluate import run_evaluation
+
+    if evaluate_speed.DIMENSION != EVALUATE_DIMENSION:
+        raise RuntimeError(f"evaluate_speed.DIMENSION is {evaluate_speed.DIMENSION}, expected {EVALUATE_DIMENSION}")
+    source = evaluate_speed.class_structured_cells("source", EVALUATE_CELLS, seed=1, shift=0.0, stretch=1.0)
+    target = evaluate_speed.class_structured_cells("target", EVALUATE_CELLS, seed=2, shift=0.3, stretch=1.2)
+    seconds = []
+    for _ in range(settings["evaluate_reps"]):
+        with tempfile.TemporaryDirectory() as out_dir:
+            started = time.perf_counter()
+            report = run_evaluation(source, [target], Path(out_dir), baselines=False)
+            seconds.append(time.perf_counter() - started)
+    median = statistics.median(seconds)
+    say(f"run_evaluation, {EVALUATE_CELLS:,} + {EVALUATE_CELLS:,} cells x {EVALUATE_DIMENSION}: {median:.2f} s "
+        f"(median of {len(seconds)}); in-domain accuracy {report['in_domain']['accuracy']:.3f}")
+    # (not "seconds": run_part records each part's own wall time under that key)
+    return {"cells": EVALUATE_CELLS, "dimension": EVALUATE_DIMENSION, "evaluation_seconds": round(median, 2),
+            "all_seconds": [round(s, 2) for s in seconds], "in_domain_accuracy": report["in_domain"]["accuracy"],
+            "cross_domain_accuracy": report["targets"]["target"]["accuracy"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# memory
+
+
+def aecfe_command() -> list[str]:
+    script = Path(sys.executable).with_name("aecfe")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("aecfe")
+    return [found] if found else [sys.executable, "-m", "aecfe_cli"]
+
+
+def run_checked(command: list[str], timeout: float) -> None:
+    """Run an unmeasured step; a failure raises with the last lines of its output."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
+        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}: {' | '.join(tail)}")
+
+
+def code_digest(*modules: str) -> str:
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update((ROOT / "aecfe_cli" / f"{module}.py").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_cells(cache: Path, per_class: int) -> Path:
+    """A folder-layout dataset of ``6 x per_class`` synthetic 128 px cells: hard links (or copies) of the
+    first images of a cached pool, which is (re)generated only when it is smaller than needed. Image i
+    of a class depends only on (seed, domain, class, i), so every view of the pool is the same data."""
+    from aecfe_cli import synth
+
+    pool = cache / "pool"
+    marker = pool / "complete.json"
+    wanted = {"domain": MEMORY_DOMAIN, "seed": MEMORY_SEED, "size": MEMORY_IMAGE_SIZE, "synth": code_digest("synth")}
+    current = json.loads(marker.read_text()) if marker.is_file() else {}
+    if {k: current.get(k) for k in wanted} != wanted or current.get("per_class", 0) < per_class:
+        say(f"generating {per_class * len(synth.CLASSES):,} synthetic {MEMORY_IMAGE_SIZE} px cells into {pool} "
+            "(cached for later runs)")
+        started = time.perf_counter()
+        # Only what this script made is removed: the pool and the views that link into it.
+        shutil.rmtree(pool, ignore_errors=True)
+        for view in cache.glob("cells_*"):
+            shutil.rmtree(view, ignore_errors=True)
+        synth.write_cell_dataset(pool / "images", MEMORY_DOMAIN, per_class, MEMORY_SEED, size=MEMORY_IMAGE_SIZE)
+        marker.write_text(json.dumps({**wanted, "per_class": per_class}))
+        say(f"  generated in {time.perf_counter() - started:.0f} s")
+    expected = per_class * len(synth.CLASSES)
+    view = cache / f"cells_{expected}"
+    if not view.is_dir() or sum(1 for _ in view.glob("*/*.png")) != expected:
+        shutil.rmtree(view, ignore_errors=True)
+        for cls in synth.CLASSES:
+            (view / cls).mkdir(parents=True)
+            for index in range(per_class):
+                name = f"{MEMORY_DOMAIN}_{cls}_{index:04d}.png"
+                try:
+                    os.link(pool / "images" / cls / name, view / cls / name)
+                except OSError:
+                    shutil.copy2(pool / "images" / cls / name, view / cls / name)
+    return view
+
+
+def cached_detector(cache: Path, aecfe: list[str]) -> tuple[Path, str]:
+    """Weights of a detector trained with ``aecfe detect`` on a few of the synthetic cells (once per cache
+    and code version); returns the weights file and how it was obtained."""
+    folder = cache / "detector"
+    weights = folder / "model.pt"
+    marker = folder / "complete.json"
+    wanted = {"config": detector_training_config(), "per_class": DETECTOR_TRAINING["per_class"],
+              "code": code_digest("synth", "detector", "detect")}
+    if weights.is_file() and marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return weights, f"reused from the cache ({weights})"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(detector_training_config())
+    data = cached_cells(cache, DETECTOR_TRAINING["per_class"])
+    say(f"training the memory part's detector on {DETECTOR_TRAINING['train_images']} synthetic cells, "
+        f"{DETECTOR_TRAINING['train_epochs']} epochs (cached for later runs)")
+    started = time.perf_counter()
+    command = [*aecfe, "--quiet", "--workdir", str(folder / "work"), "--config", str(folder / "config.yaml"),
+               "detect", "--data", str(data)]
+    run_checked(command, timeout=3600)
+    shutil.copy2(folder / "work" / "detector" / "model.pt", weights)
+    marker.write_text(json.dumps(wanted))
+    seconds = time.perf_counter() - started
+    say(f"  trained in {seconds:.0f} s")
+    return weights, f"trained in this run in {seconds:.0f} s"
+
+
+def bench_memory(settings: dict, cache: Path) -> dict:
+    import memory
+
+    from aecfe_cli import synth
+
+    timer = memory.gnu_time()
+    tool = memory.tool_description(timer)
+    say(f"peak RSS measured with {tool}")
+    aecfe = aecfe_command()
+    sizes = settings["memory_sizes"]
+    per_class = [math.ceil(size / len(synth.CLASSES)) for size in sizes]
+    cached_cells(cache, max(per_class))  # the largest first: the pool is generated once
+    views = [cached_cells(cache, n) for n in per_class]
+    weights, detector_how = cached_detector(cache, aecfe)
+    config_text = memory_config(weights, settings["quick"])
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="aecfe-bench-memory-") as scratch:
+        scratch = Path(scratch)
+        config = scratch / "memory_config.yaml"
+        config.write_text(config_text)
+        for size, view in zip(sizes, views):
+            workdir = scratch / f"work_{view.name}"
+            base = [*aecfe, "--quiet", "--workdir", str(workdir), "--config", str(config)]
+            detect = memory.measure([*base, "detect", "--data", str(view)], scratch / f"detect_{size}.log", timer)
+            manifest = json.loads((workdir / "detect" / view.name / "manifest.json").read_text())
+            # One training epoch is the prerequisite of extract; it is not measured.
+            run_checked([*base, "train", "--data", str(view)], timeout=4 * 3600)
+            extract = memory.measure([*base, "extract", "--data", str(view)], scratch / f"extract_{size}.log", timer)
+            row = {"images": manifest["counts"]["images"], "cells": manifest["counts"]["cells"],
+                   "detect_images_per_second": manifest["timings"].get("images_per_second"),
+                   "detect": detect, "extract": extract}
+            rows.append(row)
+            say(f"{row['images']:>6,} images ({row['cells']:,} cells): detect {detect['peak_rss_mb']:7.0f} MB "
+                f"(anon {detect['anon_mb']}) in {detect['seconds']:5.0f} s, extract {extract['peak_rss_mb']:7.0f} MB "
+                f"(anon {extract['anon_mb']}) in {extract['seconds']:4.0f} s")
+    ratios, anon_ratios = {}, {}
+    for stage in ("detect", "extract"):
+        ratios[stage] = round(rows[-1][stage]["peak_rss_mb"] / rows[0][stage]["peak_rss_mb"], 3)
+        if rows[0][stage]["anon_mb"] and rows[-1][stage]["anon_mb"]:
+            anon_ratios[stage] = round(rows[-1][stage]["anon_mb"] / rows[0][stage]["anon_mb"], 3)
+        say(f"{stage}: peak RSS ratio {ratios[stage]:.3f} "
+            f"({'flat' if ratios[stage] <= FLAT_LIMIT else 'NOT flat'}, limit {FLAT_LIMIT})")
+    return {"tool": tool, "rows": rows, "ratios": ratios, "anon_ratios": anon_ratios, "config": config_text,
+            "detector": detector_how, "detector_training_config": detector_training_config(),
+            "command": "aecfe" if len(aecfe) == 1 else "python -m aecfe_cli"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def derived(results: dict) -> dict:
+    """Ratios and fractions of the measured peak, from the measured numbers."""
+    peaks = [results[p]["gflops_best"] for p in ("peak", "peak_end") if results.get(p, {}).get("ok")]
+    peak = max(peaks) * 1e9 if peaks else None
+    rows = {}
+    for stage, factor in (("detect", 1), ("train", TRAINING_FLOP_FACTOR), ("extract", 1)):
+        part = results.get(stage, {})
+        if not part.get("ok"):
+            continue
+        row = {"ratio": part["default"]["rate"] / part["paper"]["rate"]}
+        for key in ("default", "paper"):
+            achieved = factor * part[key]["flops"] * part[key]["rate"]
+            row[f"{key}_gflops_achieved"] = achieved / 1e9
+            row[f"{key}_fraction"] = achieved / peak if peak else None
+        rows[stage] = row
+    return {"peak_gflops": peak / 1e9 if peak else None, "stages": rows}
+
+
+def failed(results: dict, name: str) -> str:
+    part = results.get(name)
+    if part is None:
+        return "not run"
+    return f"FAILED: {part.get('error', '?')}"
+
+
+def markdown(results: dict, meta: dict) -> str:
+    m = results.get("machine", {})
+    d = derived(results)
+    quick = meta["quick"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `{meta['command']}` on {meta['finished']} (wall time {meta['wall_seconds']:.0f} s). "
+        "Every number below was measured in that one run; ratios and fractions are computed from them.",
+        "",
+    ]
+    if quick:
+        lines += [
+            f"> **This is a `--quick` run** (fewer images, batches and repetitions; memory at "
+            f"{SETTINGS['quick']['memory_sizes'][0]:,} and {SETTINGS['quick']['memory_sizes'][1]:,} images) taken "
+            f"with load average {', '.join(map(str, meta['load_start']))} at its start: a check of a change, not the "
+            "reference figures. Regenerate them with `python benchmarks/run.py` on a quiet machine.",
+            "",
+        ]
+    lines += [
+        "## Machine",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| CPU | {m.get('cpu_model', '?')} ({', '.join(m.get('flags', [])) or 'flags unknown'}) |",
+        f"| cores | {m.get('cpu_count', '?')} logical, {m.get('usable_cpus', '?')} usable; torch threads "
+        f"{m.get('torch_threads', '?')} |",
+        f"| memory | {m.get('memory_total_gb', '?')} GB total, {m.get('memory_available_gb', '?')} GB available at start |",
+        f"| software | Python {m.get('python', '?')}, torch {m.get('torch', '?')}, torchvision {m.get('torchvision', '?')}, "
+        f"numpy {m.get('numpy', '?')}, scikit-learn {m.get('scikit_learn', '?')}; Linux {m.get('kernel', '?')} |",
+        f"| OMP_WAIT_POLICY | {m.get('omp_wait_policy', '?')} |",
+        f"| load average (1, 5, 15 min) | start {', '.join(map(str, meta['load_start']))}; end "
+        f"{', '.join(map(str, meta['load_end']))} |",
+    ]
+    peak_parts = [results.get(p, {}) for p in ("peak", "peak_end")]
+    if d["peak_gflops"]:
+        lines.append(
+            f"| measured matmul peak | **{d['peak_gflops']:.1f} GFLOP/s**: best float32 `torch.mm` {MATMUL_N}x{MATMUL_N} on "
+            f"all threads (start {peak_parts[0].get('gflops_best', '-')}, end {peak_parts[1].get('gflops_best', '-')} "
+            f"GFLOP/s, best of {peak_parts[0].get('reps', '-')} each) |"
+        )
+    else:
+        lines.append(f"| measured matmul peak | {failed(results, 'peak')} |")
+    lines += [
+        "",
+        "The machine may be shared: each configuration is measured beside the paper's in the same run "
+        "(interleaved where the stage allows), so the **ratio** is the figure to compare between runs. "
+        "\"Fraction of peak\" = FLOPs per item x items/s / measured matmul peak (training counts "
+        f"{TRAINING_FLOP_FACTOR}x the forward FLOPs for forward + backward); it shows how far each stage is "
+        "from what this CPU's float32 units can do.",
+        "",
+        "## Throughput: CPU default vs the paper's configuration",
+        "",
+        "| stage | CPU default | paper configuration | ratio (default / paper) | FLOPs per item (default / paper) "
+        "| fraction of peak (default / paper) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    units = {"detect": "images/s", "train": "samples/s", "extract": "cells/s"}
+    per = {"detect": "image (= cell)", "train": "sample, forward", "extract": "cell"}
+    for stage in ("detect", "train", "extract"):
+        part = results.get(stage, {})
+        if not part.get("ok"):
+            lines.append(f"| {stage} | {failed(results, stage)} | | | | |")
+            continue
+        row = d["stages"][stage]
+        lines.append(
+            f"| {stage} ({units[stage]}) | **{fmt(part['default']['rate'])}** | **{fmt(part['paper']['rate'])}** | "
+            f"**{row['ratio']:.1f}x** | {fmt_flops(part['default']['flops'])} / {fmt_flops(part['paper']['flops'])} "
+            f"per {per[stage]} | {fmt_fraction(row['default_fraction'])} / {fmt_fraction(row['paper_fraction'])} |"
+        )
+    ev = results.get("evaluate", {})
+    if ev.get("ok"):
+        lines.append(
+            f"| evaluate (s for {ev['cells']:,} x {ev['dimension']} source + {ev['cells']:,} x {ev['dimension']} target) "
+            f"| **{ev['evaluation_seconds']:.2f} s** | same stage: {ev['evaluation_seconds']:.2f} s | 1 (identical work) | - (random forest: "
+            "comparisons, not floating-point arithmetic) | - |"
+        )
+    else:
+        lines.append(f"| evaluate | {failed(results, 'evaluate')} | | | | |")
+    lines += ["", "What each row measured:", ""]
+    det = results.get("detect", {})
+    if det.get("ok"):
+        lines.append(
+            f"* **detect**: `detector.detect` (white balance, Mask R-CNN, mask-branch RoI feature) on seeded synthetic "
+            f"{IMAGE_HW[1]}x{IMAGE_HW[0]} single-cell images, untrained weights, exactly one detection per image through "
+            f"the mask branch. Default: {det['default']['label']}; paper: {det['paper']['label']} (the paper used "
+            f"ResNet-101-FPN at 900-1024 px). {det['rounds']} interleaved round(s): {det['default']['images']} and "
+            f"{det['paper']['images']} images; per-round images/s default {det['default']['round_rates']}, paper "
+            f"{det['paper']['round_rates']}. FLOPs: `detector_flops` (2 x multiply-adds of every conv and linear layer)."
+        )
+    tr = results.get("train", {})
+    if tr.get("ok"):
+        pb = tr["paper"]
+        ran = (f"ran at batch {pb['batch_run']}, the largest whose activations fit (batch {pb['batch_asked']} needs "
+               f"~{pb['activation_gb_at_batch']:.0f} GB)" if pb["batch_run"] < pb["batch_asked"] else f"batch {pb['batch_run']}")
+        quick_note = f" (--quick: batch {pb['batch_asked']} instead of the paper's {PAPER_TRAIN['batch']})" if quick else ""
+        lines.append(
+            f"* **train**: `train_one_epoch` (forward, loss, backward, Adam step) on in-memory random features and "
+            f"crops, via `benchmarks/train_speed.py`'s `measure()`: median samples/s over the timed batches. Default: "
+            f"{tr['default']['label']} (samples/s per call {tr['default']['rates']}); paper: image 128, width 1, "
+            f"{ran}{quick_note}. FLOPs: `count_flops(model)['total']`, forward only."
+        )
+    ex = results.get("extract", {})
+    if ex.get("ok"):
+        lines.append(
+            f"* **extract**: `model.encode(scale_features(x))` in batches of {ex['batch']} on float16 256x14x14 "
+            f"features (the stored format), interleaved batch by batch, {ex['default']['cells']:,} cells each; the "
+            "encoder is the same architecture in both, only its width differs (1.0 in the paper, 0.5 by default). "
+            "FLOPs: `count_flops(model)['encoder']`."
+        )
+    if ev.get("ok"):
+        lines.append(
+            f"* **evaluate**: `run_evaluation(..., baselines=False)` (80/20 split, random forest of 100 trees, report, "
+            f"figures, domain mixing) on `benchmarks/evaluate_speed.py`'s class-structured features, median of "
+            f"{len(ev['all_seconds'])} run(s) {ev['all_seconds']} s. Both configurations give the classifier 50-d "
+            "features, so the stage is the same for both and is measured once."
+        )
+    mem = results.get("memory", {})
+    lines += ["", "## Peak resident memory of `aecfe detect` and `aecfe extract`", ""]
+    if mem.get("ok"):
+        rows = mem["rows"]
+        lines += [
+            "| images (cells) | detect: peak RSS | sampled peaks: anonymous / file-backed | detect wall time "
+            "| extract: peak RSS | sampled peaks: anonymous / file-backed | extract wall time |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in rows:
+            det, ext = row["detect"], row["extract"]
+            lines.append(
+                f"| {row['images']:,} ({row['cells']:,}) | {det['peak_rss_mb']:,.0f} MB | {fmt(det['anon_mb'])} / "
+                f"{fmt(det['file_mb'])} MB | {det['seconds']:.0f} s ({fmt(row['detect_images_per_second'])} images/s "
+                f"in detection) | {ext['peak_rss_mb']:,.0f} MB | {fmt(ext['anon_mb'])} / {fmt(ext['file_mb'])} MB | "
+                f"{ext['seconds']:.0f} s |"
+            )
+        verdict = {k: ("flat" if v <= FLAT_LIMIT else "**NOT flat**") for k, v in mem["ratios"].items()}
+        anon = mem.get("anon_ratios", {})
+        lines += [
+            f"| **ratio {rows[-1]['images']:,} / {rows[0]['images']:,}** | **{mem['ratios']['detect']:.3f}** "
+            f"({verdict['detect']}) | anonymous {fmt(anon.get('detect'), 3)} | | **{mem['ratios']['extract']:.3f}** "
+            f"({verdict['extract']}) | anonymous {fmt(anon.get('extract'), 3)} | |",
+            "",
+            f"Requirement: peak RSS stays flat, ratio <= {FLAT_LIMIT}. Peak RSS (the figure of record) is measured with "
+            f"{mem['tool']}, each stage in its own process, one fresh workdir per size, the same config for both "
+            "sizes. It counts touched pages of memory-mapped files and shared libraries (file-backed, which the kernel "
+            "can drop) as well as the process's own anonymous memory (heap, tensors); their separate peaks, sampled "
+            "from `/proc/PID/status` every 20 ms by `benchmarks/memory.py` (they need not add up to the peak RSS: "
+            "they peak at different moments), show where a growth comes from. One training "
+            "epoch (not measured) runs between detect and extract.",
+            "",
+            "Images are seeded synthetic 128 px cells (`aecfe_cli.synth`, domain lab_a, cached between runs) and the "
+            "detector works at 128 px so that 10,000 images are feasible on 2 cores: flatness is about streaming "
+            "images and features through the stages, not about detector size. The detector is trained once with "
+            f"`aecfe detect` on {DETECTOR_TRAINING['train_images']} of these cells for "
+            f"{DETECTOR_TRAINING['train_epochs']} epochs ({mem['detector']}) and loaded by every measured run with "
+            "`weights:`, at the default score threshold 0.7, so each image costs what it does in real use (images "
+            "without a detection are counted, not an error). A detector trained for a few steps scores every cell "
+            "near 0: at threshold 0.7 it finds nothing to extract, and at threshold 0 every image sends all its "
+            "proposals through the mask head."
+            + (" In `--quick` the streaming units are scaled down (chunks of 64 images, extract batches of 128 cells) "
+               "so that both of its small sizes hold several full chunks and batches: its ratio is meaningful, its MB "
+               "are not comparable with the full run's." if quick else ""),
+            "",
+            "Config of the measured runs:",
+            "",
+            "```yaml",
+            mem["config"].rstrip(),
+            "```",
+            "",
+            "Commands, per size (`DATA` = the synthetic dataset folder, `C` = the config above, `W` = a fresh workdir):",
+            "",
+            "```bash",
+            f"/usr/bin/time -v {mem['command']} --quiet --workdir W --config C detect --data DATA    # measured",
+            f"{mem['command']} --quiet --workdir W --config C train --data DATA                     # prerequisite",
+            f"/usr/bin/time -v {mem['command']} --quiet --workdir W --config C extract --data DATA   # measured",
+            "```",
+        ]
+    else:
+        lines.append(failed(results, "memory"))
+    lines += [
+        "",
+        "## Commands",
+        "",
+        "Everything (writes this file): `python benchmarks/run.py` (about 40 minutes on a quiet 2-core machine); "
+        "`python benchmarks/run.py --quick` for a before-and-after check of a change (under 5 minutes). Add "
+        "`--json PATH` for the raw numbers. One figure alone (does not rewrite this file unless `--out` is given):",
+        "",
+        "| figure | command | standalone script with the same method |",
+        "| --- | --- | --- |",
+        "| measured matmul peak | every run (start and end) | - |",
+        "| detect images/s, FLOPs/image | `python benchmarks/run.py --only detect [--quick]` | "
+        "`python benchmarks/detect_speed.py [--quick]` |",
+        "| train samples/s, FLOPs/sample | `python benchmarks/run.py --only train [--quick]` | "
+        "`python benchmarks/train_speed.py [--quick]` (more configurations) |",
+        "| extract cells/s, FLOPs/cell | `python benchmarks/run.py --only extract [--quick]` | - |",
+        "| evaluate seconds | `python benchmarks/run.py --only evaluate [--quick]` | "
+        "`python benchmarks/evaluate_speed.py` |",
+        "| peak memory of detect and extract | `python benchmarks/run.py --only memory [--quick]` | the `aecfe` "
+        "commands above |",
+        "",
+        "## Parts of this run",
+        "",
+        "| part | status | seconds | load average (1 min) at start / end |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name in ("machine", *PARTS, "peak_end"):
+        part = results.get(name)
+        if part is None:
+            continue
+        status = "ok" if part.get("ok") else f"FAILED: {part.get('error', '?')}"
+        start = part["load_start"][0] if part.get("load_start") else "-"
+        end = part["load_end"][0] if part.get("load_end") else "-"
+        lines.append(f"| {name} | {status} | {part.get('seconds', '-')} | {start} / {end} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions (< 5 min)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"markdown report (default {DEFAULT_OUT.relative_to(ROOT)}; with --only: none)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
+    parser.add_argument("--only", default=None, help=f"comma-separated parts to run: {', '.join(SELECTABLE)}")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                        help="folder for the memory part's synthetic images, reused between runs")
+    args = parser.parse_args()
+    selected = list(SELECTABLE)
+    if args.only:
+        selected = [part.strip() for part in args.only.split(",") if part.strip()]
+        unknown = sorted(set(selected) - set(SELECTABLE))
+        if unknown:
+            parser.error(f"unknown part(s) {unknown}; choose from {', '.join(SELECTABLE)}")
+    out = args.out if args.out is not None else (None if args.only else DEFAULT_OUT)
+    settings = {**SETTINGS["quick" if args.quick else "full"], "quick": args.quick}
+
+    started = time.perf_counter()
+    meta = {"quick": args.quick, "started": now_utc(), "load_start": load_average(),
+            "command": "python benchmarks/run.py" + (" --quick" if args.quick else "")
+            + (f" --only {','.join(selected)}" if args.only else "")}
+    say(f"aecfe benchmarks ({'quick' if args.quick else 'full'}), {meta['started']}, load average "
+        f"{', '.join(map(str, meta['load_start']))}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    results: dict = {}
+    run_part("machine", machine_info, results)
+    run_part("peak", matmul_peak, results, settings["matmul_reps"])
+    functions = {"detect": bench_detect, "train": bench_train, "extract": bench_extract, "evaluate": bench_evaluate}
+    for name in SELECTABLE:
+        if name not in selected:
+            continue
+        if name == "memory":
+            run_part(name, bench_memory, results, settings, args.cache)
+        else:
+            run_part(name, functions[name], results, settings)
+    run_part("peak_end", matmul_peak, results, settings["matmul_reps"])
+    meta.update({"finished": now_utc(), "load_end": load_average(), "wall_seconds": time.perf_counter() - started})
+
+    text = markdown(results, meta)
+    say("\n" + text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        say(f"wrote {out}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"meta": meta, "settings": settings, "results": results, "derived": derived(results)}
+        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        say(f"wrote {args.json}")
+    say(f"total wall time {meta['wall_seconds']:.0f} s")
+    return 0 if all(part.get("ok") for part in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
