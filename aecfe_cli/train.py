@@ -108,15 +108,19 @@ def run_training(
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_identity_collate,
                                          pin_memory=device.type == "cuda")
     started = time.perf_counter()
-    cells_seen = 0
+    samples_seen = 0  # balanced batches re-draw small domains, so an epoch is more than len(dataset)
     if start_epoch:
         reporter.info(f"training: continuing from epoch {start_epoch} of {cfg.epochs} ({folder / 'model.pt'})")
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
-        with reporter.progress(f"epoch {epoch + 1}/{cfg.epochs}", len(dataset) // world_size, unit="samples") as bar:
+        with reporter.progress(f"epoch {epoch + 1}/{cfg.epochs}", len(sampler) * cfg.batch_size, unit="samples") as bar:
+            def on_batch(terms: dict, count: int) -> None:
+                nonlocal samples_seen
+                samples_seen += count
+                bar.advance(count, loss=terms["total"], align=terms["align"])
+
             terms = ae.train_one_epoch(model, loader, optimizer, device, cfg.align_weight, cfg.image_size,
-                                       on_batch=lambda t, n: bar.advance(n, loss=t["total"], align=t["align"]))
-        cells_seen += len(dataset)
+                                       on_batch=on_batch)
         history.append({"epoch": epoch + 1, **terms})
         if rank == 0:
             ae.save_checkpoint(folder / "model.pt", model, optimizer, epoch + 1,
@@ -143,7 +147,7 @@ def run_training(
         counts={"cells": len(dataset), "per_dataset": {n: int((dataset.domains == i).sum()) for i, n in enumerate(names)},
                 "epochs": cfg.epochs, "parameters": sum(p.numel() for p in core.parameters()), "world_size": world_size},
         timings={"seconds_this_run": round(seconds, 2),
-                 "samples_per_second": round(cells_seen / seconds, 1) if seconds > 0 and cells_seen else None},
+                 "samples_per_second": round(samples_seen / seconds, 1) if seconds > 0 and samples_seen else None},
         extra={"datasets": list(names), "anchor": names[0], "flops_per_sample": ae.count_flops(core),
                "final_loss": history[-1] if history else None},
     )
