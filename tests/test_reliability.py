@@ -212,3 +212,21 @@ def test_dataset_problems_exit_2(tmp_path, tiny_cells):
     assert result.returncode == 2
     result = run_cli("--config", "nope.yaml", "status", cwd=root)
     assert result.returncode == 2 and "nope.yaml" in result.stderr
+
+
+def test_concurrent_shards_merge_to_the_plain_result(tmp_path, tiny_cells):
+    root = _project(tmp_path, tiny_cells, domains=("lab_a",))
+    assert run_cli("detect", "--data", "lab_a", cwd=root).returncode == 0
+    folder = root / "aecfe-work/detect/lab_a"
+    names = ["instances.csv", "roi_features.npy", "crops.npy"]
+    reference = _digests(folder, names)
+    shutil.rmtree(folder)
+    workers = [_start(["detect", "--data", "lab_a", "--shard", f"{i}/2"], root) for i in range(2)]
+    outcomes = [worker.communicate(timeout=300) for worker in workers]
+    assert [w.returncode for w in workers] == [0, 0], outcomes
+    assert not (folder / "manifest.json").exists()
+    assert len(list((folder / "parts").glob("part_*.json"))) == 5  # 36 images in chunks of 8
+    merged = run_cli("detect", "--data", "lab_a", cwd=root)
+    assert merged.returncode == 0, merged.stderr
+    assert "resuming, 5 of 5 chunks already done" in merged.stderr
+    assert _digests(folder, names) == reference
