@@ -160,6 +160,7 @@ def datasets(
 ):
     """List registered datasets; with --data, validate one and count its cells per class."""
     from . import datasets as ds
+    from .config import env_root
     from .images import UnreadableImage, load_rgb
     from .workdir import Workdir
 
@@ -170,8 +171,6 @@ def datasets(
         rows = []
         for name in sorted({*ds.BUILTIN, *config.datasets, *known}):
             entry = config.datasets.get(name)
-            from .config import env_root
-
             root = env_root(name) or (entry.root if entry else None) or known.get(name, {}).get("root")
             layout_name = entry.layout if entry else ds.BUILTIN.get(name) or known[name]["layout"]
             where = "set datasets.<name>.root or AECFE_<NAME>_ROOT" if not root else root
