@@ -23,10 +23,13 @@ from .workdir import fingerprint, invalidate, output_digest, write_manifest
 ID_COLUMNS = ("instance_id", "image", "dataset", "label")
 
 
+def _inputs(detect_manifest: dict, train_manifest: dict) -> dict[str, str]:
+    return {"detections": output_digest(detect_manifest), "model": output_digest(train_manifest)}
+
+
 def extraction_fingerprint(detect_manifest: dict, train_manifest: dict, cfg: ExtractConfig) -> str:
     # The batch size changes speed, not values, so it does not make features stale.
-    inputs = {"detections": output_digest(detect_manifest), "model": output_digest(train_manifest)}
-    return fingerprint("extract", {}, None, inputs)
+    return fingerprint("extract", {}, None, _inputs(detect_manifest, train_manifest))
 
 
 def run_extraction(
@@ -65,7 +68,7 @@ def run_extraction(
         config=dataclasses.asdict(cfg),
         seed=None,
         device=str(device),
-        inputs={"detections": output_digest(detect_manifest), "model": output_digest(train_manifest)},
+        inputs=_inputs(detect_manifest, train_manifest),
         outputs=["features.npy", "features.csv"],
         counts={"cells": len(roi), "dimensions": latent_dim},
         timings={"seconds": round(seconds, 2), "cells_per_second": round(len(roi) / seconds, 1) if seconds > 0 else None},

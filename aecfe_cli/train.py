@@ -89,8 +89,8 @@ def run_training(
 ) -> Optional[dict]:
     """Train, or continue an interrupted training with the same inputs; returns the manifest (rank 0)."""
     dataset = CellArrays(detect_dirs)
-    for name, directory in zip(names, detect_dirs):
-        if not len(read_npy(Path(directory) / "roi_features.npy")):
+    for name, directory, features in zip(names, detect_dirs, dataset.features):
+        if not len(features):
             raise UserError(f"{directory}: dataset '{name}' has no detected cell to train on; check its detections")
     rank, world_size = _init_distributed(device)
     expected = training_fingerprint(detect_manifests, cfg, seed)

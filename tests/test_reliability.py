@@ -71,16 +71,23 @@ def test_bad_images_are_skipped_listed_and_strict_fails(tmp_path, tiny_cells):
     images = {row.split(",")[1] for row in (root / "aecfe-work/detect/lab_a/instances.csv").read_text().splitlines()[1:]}
     assert {"monocyte/grey16 é.tif", "monocyte/grey 8.tif", "monocyte/rgba ü.png"} <= images
     strict = run_cli("detect", "--data", "lab_a", "--strict", "--force", cwd=root)
-    assert strict.returncode == 2 and "truncated.png" in strict.stderr or "text.jpg" in strict.stderr
+    assert strict.returncode == 2 and ("truncated.png" in strict.stderr or "text.jpg" in strict.stderr)
     assert len(strict.stderr.strip().splitlines()) >= 1 and "Traceback" not in strict.stderr
 
 
-def test_killed_detection_resumes_to_the_same_result(tmp_path, tiny_cells):
+DETECT_FILES = ["instances.csv", "roi_features.npy", "crops.npy"]
+
+
+def _detected_once(tmp_path, tiny_cells):
+    """A lab_a project detected once: (root, detect folder, the reference bytes of its files)."""
     root = _project(tmp_path, tiny_cells, domains=("lab_a",))
     assert run_cli("detect", "--data", "lab_a", cwd=root).returncode == 0
     folder = root / "aecfe-work/detect/lab_a"
-    names = ["instances.csv", "roi_features.npy", "crops.npy"]
-    reference = _digests(folder, names)
+    return root, folder, _digests(folder, DETECT_FILES)
+
+
+def test_killed_detection_resumes_to_the_same_result(tmp_path, tiny_cells):
+    root, folder, reference = _detected_once(tmp_path, tiny_cells)
     process = _start(["detect", "--data", "lab_a", "--force"], root)
     # --force retrains the detector too: wait until it is rewritten and two chunks are done.
     _kill_when(process, lambda: len(list((folder / "parts").glob("part_*.json"))) >= 2 if (folder / "parts").is_dir() else False)
@@ -88,7 +95,7 @@ def test_killed_detection_resumes_to_the_same_result(tmp_path, tiny_cells):
     resumed = run_cli("detect", "--data", "lab_a", cwd=root)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
-    assert _digests(folder, names) == reference
+    assert _digests(folder, DETECT_FILES) == reference
     assert not list(folder.glob(".*.tmp"))
 
 
@@ -215,11 +222,7 @@ def test_dataset_problems_exit_2(tmp_path, tiny_cells):
 
 
 def test_concurrent_shards_merge_to_the_plain_result(tmp_path, tiny_cells):
-    root = _project(tmp_path, tiny_cells, domains=("lab_a",))
-    assert run_cli("detect", "--data", "lab_a", cwd=root).returncode == 0
-    folder = root / "aecfe-work/detect/lab_a"
-    names = ["instances.csv", "roi_features.npy", "crops.npy"]
-    reference = _digests(folder, names)
+    root, folder, reference = _detected_once(tmp_path, tiny_cells)
     shutil.rmtree(folder)
     workers = [_start(["detect", "--data", "lab_a", "--shard", f"{i}/2"], root) for i in range(2)]
     outcomes = [worker.communicate(timeout=300) for worker in workers]
@@ -229,4 +232,4 @@ def test_concurrent_shards_merge_to_the_plain_result(tmp_path, tiny_cells):
     merged = run_cli("detect", "--data", "lab_a", cwd=root)
     assert merged.returncode == 0, merged.stderr
     assert "resuming, 5 of 5 chunks already done" in merged.stderr
-    assert _digests(folder, names) == reference
+    assert _digests(folder, DETECT_FILES) == reference
