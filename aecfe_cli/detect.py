@@ -22,7 +22,7 @@ from .config import DetectConfig
 from .datasets import Dataset
 from .errors import StageError, UserError
 from .images import UnreadableImage, load_rgb
-from .io import atomic_path, read_json, read_npy, sha256_file, write_csv, write_json, write_npy
+from .io import npy_writer, read_json, read_npy, sha256_file, write_csv, write_json, write_npy
 from .reporting import Reporter
 from .workdir import fingerprint, invalidate, output_digest, read_manifest, state, write_manifest
 
@@ -274,13 +274,7 @@ def _merge(dataset, images_digest, parts, folder, expected, cfg, device, seconds
 
 
 def _stream_concatenate(sources: list[Path], target: Path, shape: tuple, dtype) -> None:
-    """Concatenate .npy chunks into one file through a memory map: peak memory is one chunk."""
-    with atomic_path(target) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        offset = 0
+    """Concatenate .npy chunks into one file: peak memory is one chunk, whatever the total."""
+    with npy_writer(target, shape, dtype) as append:
         for source in sources:
-            block = read_npy(source)
-            out[offset:offset + len(block)] = block
-            offset += len(block)
-        out.flush()
-        del out
+            append(read_npy(source, mmap=False))

@@ -1,13 +1,14 @@
 """Stage 3: encode every detected cell into a latent feature vector, written beside its ids.
 
-Cells are encoded in batches straight from the memory-mapped RoI features into a memory-mapped
-output, so peak memory does not grow with the dataset.
+Cells are read from the RoI features on disk, encoded and appended to both outputs one batch at a
+time, so peak memory does not grow with the dataset.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import time
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import torch
 
 from . import autoencoder as ae
 from .config import ExtractConfig
-from .io import atomic_path, read_csv, read_npy
+from .errors import UserError
+from .io import atomic_path, iter_npy_blocks, npy_header, npy_writer
 from .reporting import Reporter
 from .workdir import fingerprint, invalidate, output_digest, write_manifest
 
@@ -45,21 +47,40 @@ def run_extraction(
 ) -> dict:
     expected = extraction_fingerprint(detect_manifest, train_manifest, cfg)
     invalidate(folder)
-    roi = read_npy(Path(detect_dir) / "roi_features.npy")
-    instances = read_csv(Path(detect_dir) / "instances.csv")
+    roi_path, instances_path = Path(detect_dir) / "roi_features.npy", Path(detect_dir) / "instances.csv"
+    with open(roi_path, "rb") as handle:
+        cells = npy_header(handle)[0][0]
     latent_dim = model.model_args["latent_dim"]
+    header = [*ID_COLUMNS, *(f"f{i}" for i in range(latent_dim))]
     started = time.perf_counter()
-    with atomic_path(folder / "features.npy") as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(roi), latent_dim))
-        with reporter.progress(f"extracting {name}", len(roi), unit="cells") as bar, torch.inference_mode():
-            for start in range(0, len(roi), cfg.batch_size):
-                block = torch.from_numpy(np.array(roi[start:start + cfg.batch_size]))
-                features = ae.scale_features(block.to(device).float())
-                out[start:start + len(block)] = model.encode(features).cpu().numpy()
-                bar.advance(len(block))
-        out.flush()
-        _write_features_csv(folder / "features.csv", instances, out)
-        del out
+    # Cells stream from disk to both outputs one batch at a time: memory does not grow with the dataset.
+    with (
+        open(instances_path, newline="", encoding="utf-8") as instances_file,
+        npy_writer(folder / "features.npy", (cells, latent_dim), np.float32) as append_features,
+        atomic_path(folder / "features.csv") as table_tmp,
+        open(table_tmp, "w", encoding="utf-8", newline="") as table_file,
+        reporter.progress(f"extracting {name}", cells, unit="cells") as bar,
+        torch.inference_mode(),
+    ):
+        instances = csv.DictReader(instances_file)
+        table = csv.writer(table_file)
+        table.writerow(header)
+        rows = vectors = ()
+        for block in iter_npy_blocks(roi_path, cfg.batch_size):
+            features = ae.scale_features(torch.from_numpy(block).to(device).float())
+            vectors = model.encode(features).cpu().numpy()
+            append_features(vectors)
+            rows = list(itertools.islice(instances, len(vectors)))
+            if len(rows) < len(vectors):
+                break
+            for row, vector in zip(rows, vectors):
+                # repr-exact float32 text (9 significant digits) so the CSV round-trips the .npy.
+                table.writerow([row[c] for c in ID_COLUMNS] + [f"{v:.9g}" for v in vector.tolist()])
+            bar.advance(len(vectors))
+        # Any row short or left over: the two detect files are from different runs (nothing is kept).
+        if len(rows) < len(vectors) or next(instances, None) is not None:
+            raise UserError(f"{instances_path} does not list one row per cell of {roi_path} ({cells}): "
+                            f"re-run `aecfe detect --data {name} --force`")
     seconds = time.perf_counter() - started
     return write_manifest(
         folder,
@@ -70,18 +91,7 @@ def run_extraction(
         device=str(device),
         inputs=_inputs(detect_manifest, train_manifest),
         outputs=["features.npy", "features.csv"],
-        counts={"cells": len(roi), "dimensions": latent_dim},
-        timings={"seconds": round(seconds, 2), "cells_per_second": round(len(roi) / seconds, 1) if seconds > 0 else None},
+        counts={"cells": cells, "dimensions": latent_dim},
+        timings={"seconds": round(seconds, 2), "cells_per_second": round(cells / seconds, 1) if seconds > 0 else None},
         extra={"dataset": name},
     )
-
-
-def _write_features_csv(path: Path, instances: list[dict], features: np.ndarray) -> None:
-    header = [*ID_COLUMNS, *(f"f{i}" for i in range(features.shape[1]))]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            for row, vector in zip(instances, features):
-                # repr-exact float32 text (9 significant digits) so the CSV round-trips the .npy.
-                writer.writerow([row[c] for c in ID_COLUMNS] + [f"{v:.9g}" for v in vector.tolist()])

@@ -86,6 +86,58 @@ def read_npy(path: Path, mmap: bool = True) -> np.ndarray:
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
+# Streaming .npy access with plain reads and writes. A memory map would do the same with less code, but
+# every page it touches stays in the process's resident memory until it is unmapped, so a stage that
+# walks a 1 GB array through a map ends with 1 GB more resident memory than one that reads it in blocks.
+
+
+@contextlib.contextmanager
+def npy_writer(path: Path, shape: tuple, dtype) -> Iterator:
+    """Write an .npy of known ``shape`` block by block: yields ``append(block)``; rows are checked against
+    ``shape`` and the file is renamed into place only when all of them arrived."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(n) for n in shape)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    written = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+
+        def append(block: np.ndarray) -> None:
+            nonlocal written
+            block = np.asarray(block)
+            if block.shape[1:] != shape[1:] or written + len(block) > shape[0]:
+                raise ValueError(f"{path}: block {block.shape} does not fit rows {written}.. of {shape}")
+            handle.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
+            written += len(block)
+
+        yield append
+        if written != shape[0]:
+            raise ValueError(f"{path}: {written} of {shape[0]} rows written")
+
+
+def npy_header(handle) -> tuple[tuple, np.dtype]:
+    """Shape and dtype of the .npy open in ``handle``, which is left at the first data byte."""
+    version = np.lib.format.read_magic(handle)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(handle)
+    if dtype.hasobject or fortran_order:
+        raise ValueError("only C-ordered arrays of plain numbers are read (no object arrays)")
+    return shape, dtype
+
+
+def iter_npy_blocks(path: Path, rows: int) -> Iterator[np.ndarray]:
+    """The rows of an .npy file, ``rows`` at a time, read from disk (memory: one block)."""
+    with open(path, "rb") as handle:
+        shape, dtype = npy_header(handle)
+        row_items = int(np.prod(shape[1:], dtype=np.int64))
+        for start in range(0, shape[0] if shape else 0, rows):
+            count = min(rows, shape[0] - start)
+            block = np.fromfile(handle, dtype=dtype, count=count * row_items)
+            if block.size != count * row_items:
+                raise ValueError(f"{path} is truncated: expected {shape[0]} rows")
+            yield block.reshape(count, *shape[1:])
+
+
 def write_csv(path: Path, header: Sequence[str], rows) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:

@@ -1,0 +1,91 @@
+"""Streaming .npy files: what detect and extract write block by block is what numpy reads back."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from aecfe_cli import autoencoder as ae
+from aecfe_cli.config import ExtractConfig
+from aecfe_cli.errors import UserError
+from aecfe_cli.extract import run_extraction
+from aecfe_cli.io import iter_npy_blocks, npy_writer, write_npy
+from aecfe_cli.reporting import Reporter
+
+
+def test_blocks_written_and_read_back_match_numpy(tmp_path):
+    array = np.random.default_rng(0).standard_normal((23, 4, 3)).astype(np.float16)
+    path = tmp_path / "a.npy"
+    with npy_writer(path, array.shape, array.dtype) as append:
+        for start in range(0, 23, 5):
+            append(array[start:start + 5])
+    assert np.array_equal(np.load(path), array)
+    blocks = list(iter_npy_blocks(path, 5))
+    assert [len(b) for b in blocks] == [5, 5, 5, 5, 3]
+    assert np.array_equal(np.concatenate(blocks), array)
+    write_npy(tmp_path / "saved.npy", array)  # numpy's own writer: the same rows come back
+    assert np.array_equal(np.concatenate(list(iter_npy_blocks(tmp_path / "saved.npy", 7))), array)
+
+
+def test_incomplete_or_misshapen_writes_leave_no_file(tmp_path):
+    path = tmp_path / "a.npy"
+    with pytest.raises(ValueError, match="3 of 4 rows"):
+        with npy_writer(path, (4, 2), np.float32) as append:
+            append(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="does not fit"):
+        with npy_writer(path, (4, 2), np.float32) as append:
+            append(np.zeros((4, 3)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_and_object_arrays_are_refused(tmp_path):
+    path = tmp_path / "a.npy"
+    np.save(path, np.arange(40, dtype=np.int64).reshape(10, 4))
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        list(iter_npy_blocks(path, 4))
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="no object arrays"):
+        list(iter_npy_blocks(path, 4))
+
+
+def _detections(folder, cells, rows):
+    folder.mkdir()
+    roi = np.random.default_rng(1).standard_normal((cells, 256, 14, 14)).astype(np.float16)
+    write_npy(folder / "roi_features.npy", roi)
+    with open(folder / "instances.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["instance_id", "image", "dataset", "label"])
+        writer.writerows([[f"c{i}", f"img{i}.png", "lab", "NEU"] for i in range(rows)])
+    return roi
+
+
+def _extract(tmp_path, batch_size):
+    torch.manual_seed(0)
+    model = ae.AECFE(width=0.25, image_size=32)
+    return run_extraction("lab", tmp_path / "detect", {"outputs": {}}, model.eval(), {"outputs": {}},
+                          ExtractConfig(batch_size=batch_size), tmp_path / "extract", torch.device("cpu"),
+                          Reporter(quiet=True)), model
+
+
+def test_extract_streams_every_cell_beside_its_ids(tmp_path):
+    roi = _detections(tmp_path / "detect", 7, 7)
+    manifest, model = _extract(tmp_path, batch_size=3)
+    features = np.load(tmp_path / "extract" / "features.npy")
+    with torch.inference_mode():
+        expected = model.encode(ae.scale_features(torch.from_numpy(roi).float())).numpy()
+    assert features.shape == (7, 50) and np.allclose(features, expected, atol=1e-5)
+    with open(tmp_path / "extract" / "features.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["instance_id"] for row in table] == [f"c{i}" for i in range(7)]
+    assert np.array_equal(np.array([[row[f"f{i}"] for i in range(50)] for row in table], dtype=np.float32), features)
+    assert manifest["counts"] == {"cells": 7, "dimensions": 50}
+
+
+@pytest.mark.parametrize("rows", [6, 8])
+def test_extract_refuses_detect_files_that_disagree(tmp_path, rows):
+    _detections(tmp_path / "detect", 7, rows)
+    with pytest.raises(UserError, match="instances.csv does not list one row per cell"):
+        _extract(tmp_path, batch_size=3)
+    assert not any(p.suffix in (".npy", ".csv") for p in (tmp_path / "extract").iterdir())
