@@ -25,7 +25,7 @@ Parts (each isolated: one that fails is reported in the output and the others st
             1.2x the smaller. The detector (128 px) is trained once on 64 of the cells and cached.
 
 --quick (a before-and-after check of a change) finishes in under 5 minutes on a quiet 2-core machine;
-the full run takes up to about 40 minutes there (less once its 10,000 images are cached). The memory
+the full run takes about 20 minutes there (18 min with a cold cache on 2026-11-25). The memory
 part's synthetic images and detector are cached (default: a folder in the system temp dir, outside the
 repository; --cache DIR to choose) and reused by later runs.
 """
@@ -718,11 +718,13 @@ def markdown(results: dict, meta: dict) -> str:
             "",
             f"Requirement: peak RSS stays flat, ratio <= {FLAT_LIMIT}. Peak RSS (the figure of record) is measured with "
             f"{mem['tool']}, each stage in its own process, one fresh workdir per size, the same config for both "
-            "sizes. It counts touched pages of memory-mapped files and shared libraries (file-backed, which the kernel "
-            "can drop) as well as the process's own anonymous memory (heap, tensors); their separate peaks, sampled "
-            "from `/proc/PID/status` every 20 ms by `benchmarks/memory.py` (they need not add up to the peak RSS: "
-            "they peak at different moments), show where a growth comes from. One training "
-            "epoch (not measured) runs between detect and extract.",
+            "sizes. It counts the process's own anonymous memory (heap, tensors) and every touched page of a "
+            "memory-mapped file or shared library (file-backed); their separate peaks, sampled from "
+            "`/proc/PID/status` every 20 ms by `benchmarks/memory.py` (they need not add up to the peak RSS: they "
+            "peak at different moments), show where a growth comes from. Both stages read and write their arrays "
+            "with plain block reads and writes, not memory maps: a map keeps every page it touched resident, so "
+            "peak RSS would grow with the size of the 256x14x14 feature file (100 kB per cell). One training epoch "
+            "(not measured) runs between detect and extract.",
             "",
             "Images are seeded synthetic 128 px cells (`aecfe_cli.synth`, domain lab_a, cached between runs) and the "
             "detector works at 128 px so that 10,000 images are feasible on 2 cores: flatness is about streaming "
@@ -757,7 +759,7 @@ def markdown(results: dict, meta: dict) -> str:
         "",
         "## Commands",
         "",
-        "Everything (writes this file): `python benchmarks/run.py` (about 40 minutes on a quiet 2-core machine); "
+        "Everything (writes this file): `python benchmarks/run.py` (about 20 minutes on a quiet 2-core machine); "
         "`python benchmarks/run.py --quick` for a before-and-after check of a change (under 5 minutes). Add "
         "`--json PATH` for the raw numbers. One figure alone (does not rewrite this file unless `--out` is given):",
         "",
