@@ -25,7 +25,7 @@ Parts (each isolated: one that fails is reported in the output and the others st
             1.2x the smaller. The detector (128 px) is trained once on 64 of the cells and cached.
 
 --quick (a before-and-after check of a change) finishes in under 5 minutes on a quiet 2-core machine;
-the full run takes about 20 minutes there (18 min with a cold cache on 2026-11-25). The memory
+the full run about 20 minutes there (measured 2026-11-25: 18 min with a cold cache, 16 min warm). The memory
 part's synthetic images and detector are cached (default: a folder in the system temp dir, outside the
 repository; --cache DIR to choose) and reused by later runs.
 """
