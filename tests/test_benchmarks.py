@@ -1,0 +1,57 @@
+"""The benchmark scripts keep working: their memory probe sees memory, and run.py reports what it measured."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import memory  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# Touches 300 MB of its own memory (anonymous), then 200 MB of a mapped file (file-backed), then holds both.
+ALLOCATE = """
+import mmap, sys, time
+import numpy as np
+own = np.ones(300 * 2**20, dtype=np.uint8)
+with open(sys.argv[1], "wb") as handle:
+    handle.truncate(200 * 2**20)
+with open(sys.argv[1], "rb") as handle:
+    mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    total = sum(mapped[i] for i in range(0, len(mapped), 4096))
+time.sleep(0.3)
+"""
+
+
+@pytest.mark.parametrize("timer", [memory.gnu_time(), None], ids=["gnu-time", "getrusage"])
+def test_memory_probe_sees_anonymous_and_mapped_memory(tmp_path, timer):
+    result = memory.measure([sys.executable, "-c", ALLOCATE, str(tmp_path / "mapped.bin")],
+                            tmp_path / "probe.log", timer)
+    assert 500 <= result["peak_rss_mb"] < 800, result
+    assert 300 <= result["anon_mb"] < 450 and 200 <= result["file_mb"] < 300, result
+
+
+def test_memory_probe_names_a_failing_command(tmp_path):
+    with pytest.raises(RuntimeError, match="exited 3"):
+        memory.measure([sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path / "fail.log", None)
+
+
+def test_quick_run_reports_the_stages_it_measured(tmp_path):
+    out, raw = tmp_path / "benchmarks.md", tmp_path / "benchmarks.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only",
+                             "extract,evaluate", "--out", str(out), "--json", str(raw)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = json.loads(raw.read_text())
+    assert {name for name, part in payload["results"].items() if part["ok"]} == \
+        {"machine", "peak", "extract", "evaluate", "peak_end"}
+    extract = payload["results"]["extract"]
+    assert extract["default"]["rate"] > 0 and extract["paper"]["rate"] > 0
+    assert 0 < payload["derived"]["stages"]["extract"]["default_fraction"] < 1.5
+    text = out.read_text()
+    assert "| extract (cells/s) |" in text and "This is a `--quick` run" in text
+    assert "| detect | not run |" in text and "| memory | ok |" not in text  # parts not asked for: no figures
