@@ -42,6 +42,7 @@ class Dataset:
     root: Path
     records: list[ImageRecord]
     skipped: list[str] = field(default_factory=list)  # entries that are not usable images, with why
+    _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     def counts(self) -> list[tuple[str, str, str, int]]:
         """(original name, fine class or '-', coarse class, count) per class, sorted by original name."""
@@ -53,12 +54,15 @@ class Dataset:
         return rows
 
     def fingerprint(self) -> str:
-        """Digest of the image list (path, size, mtime): cheap to recompute, changes when files do."""
-        digest = hashlib.sha256()
-        for record in self.records:
-            stat = record.path.stat()
-            digest.update(f"{record.rel}\0{record.label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        return digest.hexdigest()
+        """Digest of the image list (path, size, mtime): changes when files do. It stats every file, so
+        it is computed once per command (the stages of one command ask for it several times)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for record in self.records:
+                stat = record.path.stat()
+                digest.update(f"{record.rel}\0{record.label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def spec(self) -> dict:
         """What it takes to resolve this dataset again in a later command (stored in the workdir)."""

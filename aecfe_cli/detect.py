@@ -50,10 +50,8 @@ def detector_fingerprint(cfg: DetectConfig, seed: int) -> str:
     return fingerprint("detector", _section(cfg, DETECTOR_KEYS), seed, inputs)
 
 
-def detections_fingerprint(dataset: Dataset, detector_manifest: dict, cfg: DetectConfig,
-                           images_digest: Optional[str] = None) -> str:
-    """``images_digest`` (``dataset.fingerprint()``) may be passed when already computed: it stats every file."""
-    inputs = {"images": images_digest or dataset.fingerprint(), "detector": output_digest(detector_manifest)}
+def detections_fingerprint(dataset: Dataset, detector_manifest: dict, cfg: DetectConfig) -> str:
+    inputs = {"images": dataset.fingerprint(), "detector": output_digest(detector_manifest)}
     return fingerprint("detect", _section(cfg, DETECTION_KEYS), None, inputs)
 
 
@@ -174,8 +172,7 @@ def run_detection(
     """Detect every image of this shard's chunks. Without a shard, merge the chunks into the final
     files and return the manifest; a shard worker returns None (a later plain run merges).
     ``on_ready`` is called once the chunk folder is set up, before the long work starts."""
-    images_digest = dataset.fingerprint()
-    expected = detections_fingerprint(dataset, detector_manifest, cfg, images_digest)
+    expected = detections_fingerprint(dataset, detector_manifest, cfg)
     invalidate(folder)
     parts = folder / "parts"
     _reset_parts_if_changed(parts, expected)
@@ -200,7 +197,7 @@ def run_detection(
     missing = [k for k in every if not (parts / f"part_{k:05d}.json").is_file()]
     if missing:  # another process removed or never finished them: a plain run does every chunk itself
         raise StageError(f"{parts}: chunks {missing[:5]} are missing after detection; run the command again")
-    return _merge(dataset, images_digest, parts, folder, expected, cfg, device, seconds, total)
+    return _merge(dataset, parts, folder, expected, cfg, device, seconds, total)
 
 
 def _reset_parts_if_changed(parts: Path, expected: str) -> None:
@@ -244,7 +241,7 @@ def _detect_chunk(dataset, k, model, cfg, parts, device, bar, strict) -> None:
     write_json(parts / f"part_{k:05d}.json", {"rows": rows, "unreadable": unreadable, "no_detection": missed})
 
 
-def _merge(dataset, images_digest, parts, folder, expected, cfg, device, seconds, images_done) -> dict:
+def _merge(dataset, parts, folder, expected, cfg, device, seconds, images_done) -> dict:
     metas = [read_json(p) for p in sorted(parts.glob("part_*.json"))]
     roi_parts = sorted(parts.glob("part_*_roi.npy"))
     crop_parts = sorted(parts.glob("part_*_crops.npy"))
@@ -261,7 +258,7 @@ def _merge(dataset, images_digest, parts, folder, expected, cfg, device, seconds
         config=dataclasses.asdict(cfg),
         seed=None,
         device=str(device),
-        inputs={"dataset": dataset.spec(), "images": images_digest},
+        inputs={"dataset": dataset.spec(), "images": dataset.fingerprint()},
         outputs=["instances.csv", "roi_features.npy", "crops.npy"],
         counts={"images": len(dataset.records), "cells": total, "no_detection": len(missed),
                 "unreadable": len(unreadable)},
