@@ -18,7 +18,7 @@ import torch
 from . import autoencoder as ae
 from .config import ExtractConfig
 from .errors import UserError
-from .io import atomic_path, iter_npy_blocks, npy_header, npy_writer
+from .io import iter_npy_blocks, npy_header, npy_writer, write_csv
 from .reporting import Reporter
 from .workdir import fingerprint, invalidate, output_digest, write_manifest
 
@@ -52,35 +52,34 @@ def run_extraction(
         cells = npy_header(handle)[0][0]
     latent_dim = model.model_args["latent_dim"]
     header = [*ID_COLUMNS, *(f"f{i}" for i in range(latent_dim))]
-    started = time.perf_counter()
-    # Cells stream from disk to both outputs one batch at a time: memory does not grow with the dataset.
-    with (
-        open(instances_path, newline="", encoding="utf-8") as instances_file,
-        npy_writer(folder / "features.npy", (cells, latent_dim), np.float32) as append_features,
-        atomic_path(folder / "features.csv") as table_tmp,
-        open(table_tmp, "w", encoding="utf-8", newline="") as table_file,
-        reporter.progress(f"extracting {name}", cells, unit="cells") as bar,
-        torch.inference_mode(),
-    ):
-        instances = csv.DictReader(instances_file)
-        table = csv.writer(table_file)
-        table.writerow(header)
-        rows = vectors = ()
+    mismatch = UserError(f"{instances_path} does not list one row per cell of {roi_path} ({cells}): "
+                         f"re-run `aecfe detect --data {name} --force`")
+
+    def table_rows(instances, append_features, bar):
+        """Encode batch by batch: each batch's vectors go to features.npy, its rows to the CSV writer."""
         for block in iter_npy_blocks(roi_path, cfg.batch_size):
-            features = ae.scale_features(torch.from_numpy(block).to(device).float())
-            vectors = model.encode(features).cpu().numpy()
+            vectors = model.encode(ae.scale_features(torch.from_numpy(block).to(device).float())).cpu().numpy()
             append_features(vectors)
             rows = list(itertools.islice(instances, len(vectors)))
             if len(rows) < len(vectors):
-                break
+                raise mismatch
             for row, vector in zip(rows, vectors):
                 # repr-exact float32 text (9 significant digits) so the CSV round-trips the .npy.
-                table.writerow([row[c] for c in ID_COLUMNS] + [f"{v:.9g}" for v in vector.tolist()])
+                yield [row[c] for c in ID_COLUMNS] + [f"{v:.9g}" for v in vector.tolist()]
             bar.advance(len(vectors))
-        # Any row short or left over: the two detect files are from different runs (nothing is kept).
-        if len(rows) < len(vectors) or next(instances, None) is not None:
-            raise UserError(f"{instances_path} does not list one row per cell of {roi_path} ({cells}): "
-                            f"re-run `aecfe detect --data {name} --force`")
+        if next(instances, None) is not None:
+            raise mismatch
+
+    started = time.perf_counter()
+    # Cells stream from disk to both outputs one batch at a time: memory does not grow with the dataset.
+    # An error anywhere (rows that disagree included) keeps neither output.
+    with (
+        open(instances_path, newline="", encoding="utf-8") as instances_file,
+        npy_writer(folder / "features.npy", (cells, latent_dim), np.float32) as append_features,
+        reporter.progress(f"extracting {name}", cells, unit="cells") as bar,
+        torch.inference_mode(),
+    ):
+        write_csv(folder / "features.csv", header, table_rows(csv.DictReader(instances_file), append_features, bar))
     seconds = time.perf_counter() - started
     return write_manifest(
         folder,
