@@ -563,7 +563,7 @@ def pseudo_instances(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if not masks:
         return np.zeros((0, 4), np.float32), np.zeros((0, height, width), bool)
     stacked = np.stack(masks)
-    return np.stack([_mask_box(m) for m in stacked]).astype(np.float32), stacked
+    return np.stack([mask_box(m) for m in stacked]).astype(np.float32), stacked
 
 
 def pseudo_samples(image_paths: Sequence[Path]) -> list[TrainSample]:
@@ -582,7 +582,7 @@ def pseudo_samples(image_paths: Sequence[Path]) -> list[TrainSample]:
         masks = np.stack([_resize_mask(c.mask, image.shape[:2]) for c in candidates])
         if not all(m.any() for m in masks):
             continue
-        boxes = np.stack([_mask_box(m) for m in masks]).astype(np.float32)
+        boxes = np.stack([mask_box(m) for m in masks]).astype(np.float32)
         samples.append(TrainSample(Path(path), boxes, masks))
     return samples
 
@@ -738,7 +738,7 @@ def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized) > 127
 
 
-def _mask_box(mask: np.ndarray) -> np.ndarray:
+def mask_box(mask: np.ndarray) -> np.ndarray:
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
@@ -760,7 +760,7 @@ def _mask_from_box(image: np.ndarray, box: np.ndarray) -> np.ndarray:
     box_in_crop = np.array([x0 - cx0, y0 - cy0, x1 - cx0, y1 - cy0], np.float32)
     for candidate in candidates:
         cell = _resize_mask(candidate.mask, crop.shape[:2])
-        if cell.any() and candidate.plausible and _box_iou(_mask_box(cell), box_in_crop) >= 0.7:
+        if cell.any() and candidate.plausible and box_iou(mask_box(cell), box_in_crop) >= 0.7:
             mask[cy0:cy1, cx0:cx1] = cell
             mask[:, :x0] = mask[:, x1:] = False
             mask[:y0] = mask[y1:] = False
@@ -771,12 +771,17 @@ def _mask_from_box(image: np.ndarray, box: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return float(inter / union) if union > 0 else 0.0
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aecfe_cli import detector as net  # noqa: E402
+from aecfe_cli.detector import box_iou, mask_box, mask_iou  # noqa: E402
 from aecfe_cli.images import load_rgb  # noqa: E402
 from aecfe_cli.io import write_json  # noqa: E402
 
@@ -186,7 +187,7 @@ def part_b(args) -> dict:
             box_ious.append(0.0)
             continue
         ious.append(mask_iou(central.mask, truth))
-        box_ious.append(box_iou(central.box, _mask_box(truth)))
+        box_ious.append(box_iou(central.box, mask_box(truth)))
     ious, box_ious = np.array(ious), np.array(box_ious)
     detected = box_ious >= 0.5
     return {
@@ -216,11 +217,6 @@ def _central_index(boxes: np.ndarray, shape) -> int | None:
         return None
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     return int(np.argmin(np.hypot(centres[:, 0] - shape[1] / 2, centres[:, 1] - shape[0] / 2)))
-
-
-def _mask_box(mask: np.ndarray) -> np.ndarray:
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,19 +293,6 @@ def average_precision(truth_boxes, detections, iou_threshold: float) -> float:
     precision = np.maximum.accumulate(precision[::-1])[::-1]
     steps = np.flatnonzero(recall[1:] != recall[:-1])
     return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
-
-
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 def print_table(results: dict) -> None:

@@ -16,7 +16,9 @@ from PIL import Image
 from aecfe_cli import detector as net
 from aecfe_cli import synth
 from aecfe_cli.errors import UserError
+from aecfe_cli.detector import mask_iou
 from aecfe_cli.images import load_rgb
+from conftest import CreatesMarkerWhenUnpickled
 
 FIELD_SIZE = (160, 120)  # (width, height)
 TINY = {"min_size": 96, "max_size": 128}
@@ -58,10 +60,6 @@ def trained(samples):
     losses = net.train_detector(model, samples, epochs=1, batch_size=2, lr=1e-3, device="cpu", seed=0,
                                 train_size=96, on_step=lambda step, total, terms: calls.append((step, total, terms)))
     return model, losses, calls
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.logical_and(a, b).sum() / max(np.logical_or(a, b).sum(), 1))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,20 +200,10 @@ def test_save_and_load_give_identical_detections(trained, images, tmp_path):
             assert np.array_equal(a.mask, b.mask) and np.array_equal(a.roi_feature, b.roi_feature)
 
 
-class _CreatesMarker:
-    """Unpickling this calls open(marker, "w"): a stand-in for code execution hidden in a weights file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_a_pickled_payload_is_refused_and_never_executed(tmp_path):
     marker = tmp_path / "executed.txt"
     path = tmp_path / "evil.pt"
-    torch.save({"state_dict": {"weight": torch.zeros(1)}, "payload": _CreatesMarker(marker)}, path)
+    torch.save({"state_dict": {"weight": torch.zeros(1)}, "payload": CreatesMarkerWhenUnpickled(marker)}, path)
     assert not marker.exists()
     with pytest.raises(UserError, match="evil.pt"):
         net.load_detector(path, "cpu")
