@@ -12,6 +12,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class CreatesMarkerWhenUnpickled:
+    """Unpickling this calls open(marker, "w"): a stand-in for code hidden in a checkpoint or weights file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m aecfe_cli ARGS`` in a subprocess: real exit codes, real stdout/stderr."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}

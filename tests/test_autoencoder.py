@@ -27,6 +27,7 @@ from aecfe_cli.autoencoder import (
     train_one_epoch,
 )
 from aecfe_cli.errors import StageError, UserError
+from conftest import CreatesMarkerWhenUnpickled
 
 TINY = {"width": 0.25, "image_size": 32}
 
@@ -261,18 +262,10 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
 
 
-class _CreatesMarkerWhenUnpickled:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_load_checkpoint_refuses_pickled_code(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pt"
-    torch.save({"format": "aecfe-autoencoder/1", "payload": _CreatesMarkerWhenUnpickled(marker)}, path)
+    torch.save({"format": "aecfe-autoencoder/1", "payload": CreatesMarkerWhenUnpickled(marker)}, path)
     assert not marker.exists()
     with pytest.raises(UserError, match="not an aecfe autoencoder checkpoint"):
         load_checkpoint(path, "cpu")

@@ -46,6 +46,13 @@ def _copy(project, tmp_path):
     return target
 
 
+def _copy_with_config_edit(project, tmp_path, old, new):
+    root = _copy(project, tmp_path)
+    config = root / "aecfe.yaml"
+    config.write_text(config.read_text().replace(old, new))
+    return root
+
+
 def test_run_writes_consistent_interface_files(finished_project):
     root, result = finished_project
     work = root / "aecfe-work"
@@ -84,9 +91,7 @@ def test_second_run_reuses_everything_and_says_so(finished_project, tmp_path):
 
 
 def test_touching_a_train_key_recomputes_train_and_after_only(finished_project, tmp_path):
-    root = _copy(finished_project[0], tmp_path)
-    config = root / "aecfe.yaml"
-    config.write_text(config.read_text().replace("epochs: 2", "epochs: 3"))
+    root = _copy_with_config_edit(finished_project[0], tmp_path, "epochs: 2", "epochs: 3")
     status = _status(root)
     assert status[("detector", "-")] == "done" and status[("detect", "lab_a")] == "done"
     assert status[("train", "lab_a, lab_b")] == "stale"
@@ -100,9 +105,7 @@ def test_touching_a_train_key_recomputes_train_and_after_only(finished_project, 
 
 
 def test_touching_a_detect_key_recomputes_detections_not_the_detector(finished_project, tmp_path):
-    root = _copy(finished_project[0], tmp_path)
-    config = root / "aecfe.yaml"
-    config.write_text(config.read_text().replace("crop_size: 32", "crop_size: 40"))
+    root = _copy_with_config_edit(finished_project[0], tmp_path, "crop_size: 32", "crop_size: 40")
     status = _status(root)
     assert status[("detector", "-")] == "done" and status[("detect", "lab_b")] == "stale"
     result = run_cli("detect", "--data", "lab_b", cwd=root)
