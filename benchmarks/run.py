@@ -10,7 +10,7 @@ Parts (each isolated: one that fails is reported in the output and the others st
 * detect    images/s of ``detector.detect`` on synthetic 360x363 cells (the PBC size), CPU default
             (``build_detector()``: ResNet-18-FPN at 256 px) against the paper's configuration (torchvision
             ResNet-50-FPN at 900 px), in interleaved rounds; FLOPs per image (= per cell: one cell per
-            image) from ``detector_flops``. Same method as benchmarks/detect_speed.py.
+            image) from ``detector_flops``. benchmarks/detect_speed.py runs it alone, on PBC images if present.
 * train     samples/s of one Adam step per batch, CPU default (image 32, width 0.5, batch 128) against the
             paper's (image 128, width 1, batch 500, or the largest batch that fits), with
             ``benchmarks/train_speed.py``'s ``measure()``; fraction of peak counts 3x the forward FLOPs.
@@ -263,13 +263,15 @@ def synthetic_pbc_images(count: int) -> list[np.ndarray]:
     return images
 
 
-def bench_detect(settings: dict) -> dict:
+def bench_detect(settings: dict, images: list[np.ndarray] | None = None) -> dict:
+    """Both detectors on ``images`` (default: synthetic cells at the PBC size) in interleaved rounds."""
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
     from aecfe_cli import detector as net
 
     torch.manual_seed(0)
-    images = synthetic_pbc_images(max(settings["detect_default"], settings["detect_paper"]))
+    if images is None:
+        images = synthetic_pbc_images(max(settings["detect_default"], settings["detect_paper"]))
     paper = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, min_size=900, max_size=900)
     configs = {
         "default": {"label": "build_detector(): ResNet-18-FPN at 256 px", "model": net.build_detector(),
