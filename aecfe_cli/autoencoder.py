@@ -458,37 +458,27 @@ def build_model(checkpoint: dict, expected: Optional[dict] = None) -> AECFE:
     return model
 
 
-def _conv_macs(module: nn.Module, channels: int, side: int) -> tuple[int, int]:
-    """Multiply-adds of one (transposed) convolution on a ``side``-square input, and its output side."""
-    kernel, stride, padding, dilation = module.kernel_size[0], module.stride[0], module.padding[0], module.dilation[0]
-    per_position = kernel * kernel * (module.out_channels if isinstance(module, nn.ConvTranspose2d) else channels) // module.groups
-    if isinstance(module, nn.ConvTranspose2d):
-        # Every input position scatters a kernel-sized patch into each output channel.
-        out_side = (side - 1) * stride - 2 * padding + dilation * (kernel - 1) + module.output_padding[0] + 1
-        return channels * side * side * per_position, out_side
-    out_side = (side + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    return module.out_channels * out_side * out_side * per_position, out_side
-
-
 def count_flops(model: nn.Module, batch: int = 1) -> dict[str, float]:
-    """Forward FLOPs (2 x multiply-adds of the convolutions) of ``batch`` samples, per part and in total.
+    """Forward FLOPs (2 x multiply-adds of the convolutions) of ``batch`` samples, per part and in total,
+    counted by torch's FlopCounterMode on one forward pass of zeros.
 
     Norms, activations and biases add well under 1 % and are not counted.
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     core = _unwrap(model)
+    parameter = next(core.parameters())
+    features = torch.zeros(batch, core.in_channels, FEATURE_SIZE, FEATURE_SIZE, device=parameter.device)
     parts = {
-        "encoder": (core.encoder, core.in_channels, FEATURE_SIZE),
-        "feature_decoder": (core.feature_decoder, core.latent_dim, 1),
-        "image_decoder": (core.image_decoder, core.in_channels, FEATURE_SIZE),
+        "encoder": (core.encoder, features),
+        "feature_decoder": (core.feature_decoder, torch.zeros(batch, core.latent_dim, device=parameter.device)),
+        "image_decoder": (core.image_decoder, features),
     }
     flops: dict[str, float] = {}
-    for name, (network, channels, side) in parts.items():
-        macs = 0
-        for module in network:
-            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-                layer_macs, side = _conv_macs(module, channels, side)
-                macs += layer_macs
-                channels = module.out_channels
-        flops[name] = 2.0 * macs * batch
+    with torch.no_grad():
+        for name, (network, inputs) in parts.items():
+            with FlopCounterMode(display=False) as counter:
+                network(inputs.to(parameter.dtype))
+            flops[name] = float(counter.get_total_flops())
     flops["total"] = sum(flops.values())
     return flops

@@ -1123,22 +1123,12 @@ def crop_cell(image: np.ndarray, box, size: int = 128, margin=(10, 20), referenc
 
 
 def detector_flops(model, image_hw) -> float:
-    """Forward FLOPs (2 x multiply-accumulates of every convolution and linear layer) for one image of
-    ``image_hw`` pixels carrying one cell: exactly one detection reaches the mask branch, as in a
-    single-cell dataset, whatever the weights."""
+    """Forward FLOPs (2 x multiply-accumulates of every convolution and linear layer, counted by torch's
+    FlopCounterMode) for one image of ``image_hw`` pixels carrying one cell: exactly one detection
+    reaches the mask branch, as in a single-cell dataset, whatever the weights."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     height, width = (int(v) for v in image_hw)
-    macs = [0]
-
-    def count(module, inputs, output):
-        if isinstance(module, nn.Conv2d):
-            macs[0] += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
-        elif isinstance(module, nn.ConvTranspose2d):
-            macs[0] += inputs[0].numel() * (module.out_channels // module.groups) * math.prod(module.kernel_size)
-        elif isinstance(module, nn.Linear):
-            macs[0] += output.numel() * module.in_features
-
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
-    hooks = [layer.register_forward_hook(count) for layer in layers]
     heads = model.roi_heads
     saved = (heads.score_thresh, heads.detections_per_img, model.training)
     heads.score_thresh, heads.detections_per_img = 0.0, 1
@@ -1146,12 +1136,9 @@ def detector_flops(model, image_hw) -> float:
     dummy = torch.rand((3, height, width), generator=torch.Generator().manual_seed(0))
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             model([dummy.to(parameter.device, parameter.dtype)])
     finally:
         heads.score_thresh, heads.detections_per_img = saved[0], saved[1]
         model.train(saved[2])
-        for hook in hooks:
-            hook.remove()
-    return 2.0 * macs[0]
-
+    return float(counter.get_total_flops())
