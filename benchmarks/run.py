@@ -324,7 +324,7 @@ def bench_train(settings: dict) -> dict:
     runs["paper"].append(train_speed.measure(p["image_size"], p["width"], paper_batch, 1, device))
     if settings["train_sandwich"]:  # default again after the paper: both sides of the long paper batch
         runs["default"].append(train_speed.measure(d["image_size"], d["width"], d["batch"], settings["train_timed"], device))
-    out = {}
+    out = {"memory_fraction": train_speed.MEMORY_FRACTION}
     for key, config, asked in (("default", d, d["batch"]), ("paper", p, paper_batch)):
         measured = runs[key]
         rate = statistics.mean(m["median_samples_per_s"] for m in measured)
@@ -670,7 +670,8 @@ def markdown(results: dict, meta: dict) -> str:
     tr = results.get("train", {})
     if tr.get("ok"):
         pb = tr["paper"]
-        ran = (f"ran at batch {pb['batch_run']}, the largest whose activations fit (batch {pb['batch_asked']} needs "
+        ran = (f"ran at batch {pb['batch_run']}, the largest whose saved activations fit in "
+               f"{tr['memory_fraction']:.0%} of the available memory (batch {pb['batch_asked']} needs "
                f"~{pb['activation_gb_at_batch']:.0f} GB)" if pb["batch_run"] < pb["batch_asked"] else f"batch {pb['batch_run']}")
         quick_note = f" (--quick: batch {pb['batch_asked']} instead of the paper's {PAPER_TRAIN['batch']})" if quick else ""
         lines.append(
