@@ -47,7 +47,11 @@ class DetectConfig:
     all_cells: bool = False  # keep every cell of a smear field instead of the central one
     chunk_images: int = 256  # images per resumable shard written to disk
     train_images: int = 1000  # images (split evenly over the datasets) a label-free detector learns from
-    train_epochs: int = 1
+    train_epochs: int = 1  # passes over the training images, unless train_steps asks for more
+    # The least number of optimisation steps, whatever the dataset size: a lab with fifty images repeats
+    # them as fresh augmented views until the budget is spent (one epoch of 48 images is 12 steps, too few
+    # to learn anything from random weights). 240 steps is one epoch of about 1,000 images at batch 4.
+    train_steps: int = 240
     train_batch_size: int = 4
     train_lr: float = 0.001
     weights: Optional[str] = None  # a Mask R-CNN state dict to use instead of training one

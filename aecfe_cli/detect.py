@@ -17,7 +17,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from . import annotations, pseudo_labels
 from . import detector as net
+from . import detector_training as training
 from .config import DetectConfig
 from .datasets import Dataset
 from .errors import StageError, UserError
@@ -29,7 +31,7 @@ from .workdir import fingerprint, invalidate, output_digest, read_manifest, stat
 INSTANCE_COLUMNS = ("instance_id", "image", "dataset", "label", "x0", "y0", "x1", "y1", "score", "mask_area")
 FEATURE_SHAPE = (256, 14, 14)
 # Keys that decide how the detector is built and trained; the rest only affect detection.
-DETECTOR_KEYS = ("backbone", "min_size", "max_size", "train_images", "train_epochs", "train_batch_size", "train_lr")
+DETECTOR_KEYS = ("backbone", "min_size", "max_size", "train_images", "train_epochs", "train_steps", "train_batch_size", "train_lr")
 DETECTION_KEYS = ("score_threshold", "crop_size", "all_cells", "chunk_images")
 
 
@@ -83,19 +85,20 @@ def obtain_detector(
         else:
             paths = _pseudo_training_images(datasets, cfg.train_images, seed)
             reporter.info(f"detector: making pseudo-masks from {len(paths)} images (stain segmentation, no labels)")
-            samples = net.pseudo_samples(paths)
+            samples = pseudo_labels.pseudo_samples(paths)
             how = {"how": "pseudo_masks", "trained_on": [d.name for d in datasets], "images": len(paths)}
         if not samples:
             raise UserError("no training images for the detector: no cell was found; pass --annotations or --weights")
         torch.manual_seed(seed)  # the random initial weights are part of what the seed fixes
         model = net.build_detector(cfg.backbone, min_size=cfg.min_size, max_size=cfg.max_size)
         model.to(device)
-        steps = cfg.train_epochs * -(-len(samples) // cfg.train_batch_size)
+        steps = training.training_steps(len(samples), cfg.train_epochs, cfg.train_batch_size, cfg.train_steps)
         with reporter.progress(f"training detector on {len(samples)} images", steps, unit="step") as bar:
-            losses = net.train_detector(
+            losses = training.train_detector(
                 model,
                 samples,
                 epochs=cfg.train_epochs,
+                min_steps=cfg.train_steps,
                 batch_size=cfg.train_batch_size,
                 lr=cfg.train_lr,
                 device=device,
@@ -125,11 +128,11 @@ def obtain_detector(
 
 def _annotated_samples(path: Path, mask_dir: Optional[str]) -> list:
     if path.is_file() and path.suffix.lower() == ".json":
-        return net.read_coco(path)
+        return annotations.read_coco(path)
     if (path / "Annotations").is_dir():
-        return net.read_voc(path, mask_dir=Path(mask_dir) if mask_dir else None)
+        return annotations.read_voc(path, mask_dir=Path(mask_dir) if mask_dir else None)
     if (path / "annotations.json").is_file():
-        return net.read_coco(path / "annotations.json")
+        return annotations.read_coco(path / "annotations.json")
     raise UserError(f"{path}: not a VOC folder (Annotations/) or a COCO JSON file; fix --annotations")
 
 

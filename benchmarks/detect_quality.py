@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aecfe_cli import detector as net  # noqa: E402
-from aecfe_cli.detector import box_iou, mask_box, mask_iou  # noqa: E402
+from aecfe_cli import annotations, pseudo_labels  # noqa: E402
+from aecfe_cli import detector_training as training  # noqa: E402
+from aecfe_cli.masks import box_iou, mask_box, mask_iou  # noqa: E402
 from aecfe_cli.images import load_rgb  # noqa: E402
 from aecfe_cli.io import write_json  # noqa: E402
 
@@ -97,8 +99,8 @@ def main() -> int:
 def part_a(args) -> dict:
     voc = DATA / "bccd" / "voc"
     mask_dir = DATA / "bccd" / "wbc_masks"
-    train = net.read_voc(voc, ["train", "val"], mask_dir=mask_dir)
-    test = net.read_voc(voc, ["test"], mask_dir=None)
+    train = annotations.read_voc(voc, ["train", "val"], mask_dir=mask_dir)
+    test = annotations.read_voc(voc, ["test"], mask_dir=None)
     model, training = train_model(args, train, args.epochs_a, "a")
     images = [load_rgb(s.image_path) for s in test]
     started = time.perf_counter()
@@ -162,7 +164,7 @@ def part_b(args) -> dict:
     random.Random(args.seed).shuffle(pbc)
     chosen = pbc[: (24 if args.quick else args.pbc_images)]
     started = time.perf_counter()
-    samples = net.pseudo_samples(chosen)
+    samples = pseudo_labels.pseudo_samples(chosen)
     pseudo_seconds = time.perf_counter() - started
     zheng_dir = DATA / "zheng_tecom" / "images_and_masks"
     zheng_images = sorted(zheng_dir.glob("*.bmp"))
@@ -170,7 +172,7 @@ def part_b(args) -> dict:
     images = [load_rgb(p) for p in zheng_images]
     pseudo_ious = []
     for image, truth in zip(images, truths):
-        boxes, masks = net.pseudo_instances(image)
+        boxes, masks = pseudo_labels.pseudo_instances(image)
         central = _central_index(boxes, image.shape)
         pseudo_ious.append(mask_iou(masks[central], truth) if central is not None else 0.0)
 
@@ -243,7 +245,7 @@ def train_model(args, samples, epochs: float, part: str):
                   + " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in terms.items())
                   + f"  {elapsed:.0f}s", flush=True)
 
-    losses = net.train_detector(model, subset, epochs=whole_epochs, batch_size=args.batch_size, lr=args.lr,
+    losses = training.train_detector(model, subset, epochs=whole_epochs, batch_size=args.batch_size, lr=args.lr,
                                 device="cpu", seed=args.seed, train_size=args.train_size, on_step=report)
     seconds = time.perf_counter() - started
     if args.save_models:
@@ -257,7 +259,7 @@ def train_model(args, samples, epochs: float, part: str):
         "steps": total,
         "lr": args.lr,
         "optimizer": "AdamW wd 1e-4, warm-up + cosine, grad-norm clip 10",
-        "scale_jitter": list(net.SCALE_JITTER),
+        "scale_jitter": list(training.SCALE_JITTER),
         "seed": args.seed,
         "seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / max(1, len(losses)), 2),

@@ -97,12 +97,13 @@ SETTINGS = {
 # run. A detector trained for a few steps only scores every cell near 0, so at the default score
 # threshold it finds nothing, and at threshold 0 every image sends its 50 proposals through the mask head:
 # a per-image cost unlike real use that makes 10,000 images infeasible on 2 cores.
-DETECTOR_TRAINING = {"per_class": 11, "train_images": 64, "train_epochs": 2}
+DETECTOR_TRAINING = {"per_class": 11, "train_images": 64, "train_epochs": 2, "train_steps": 0}
 
 
 def detector_training_config() -> str:
     return (f"detect:\n  min_size: {MEMORY_IMAGE_SIZE}\n  max_size: {MEMORY_IMAGE_SIZE}\n"
             f"  train_images: {DETECTOR_TRAINING['train_images']}\n  train_epochs: {DETECTOR_TRAINING['train_epochs']}\n"
+            f"  train_steps: {DETECTOR_TRAINING['train_steps']}\n"
             f"runtime:\n  seed: {MEMORY_SEED}\n")
 
 

@@ -52,6 +52,7 @@ detect:
   score_threshold: 0.0
   train_images: 8
   train_epochs: 1
+  train_steps: 0
   train_batch_size: 4
   train_lr: 0.001
   chunk_images: 8

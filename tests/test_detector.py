@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from aecfe_cli import annotations, pseudo_labels, synth
 from aecfe_cli import detector as net
-from aecfe_cli import synth
+from aecfe_cli import detector_training as training
 from aecfe_cli.errors import UserError
-from aecfe_cli.detector import mask_iou
+from aecfe_cli.masks import mask_iou
 from aecfe_cli.images import load_rgb
 from conftest import CreatesMarkerWhenUnpickled
 
@@ -42,8 +43,8 @@ def fields(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def samples(fields) -> list[net.TrainSample]:
-    return net.read_coco(fields / "annotations.json")
+def samples(fields) -> list[annotations.TrainSample]:
+    return annotations.read_coco(fields / "annotations.json")
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +58,26 @@ def trained(samples):
     torch.manual_seed(0)
     model = net.build_detector("resnet18_fpn", **TINY)
     calls = []
-    losses = net.train_detector(model, samples, epochs=1, batch_size=2, lr=1e-3, device="cpu", seed=0,
-                                train_size=96, on_step=lambda step, total, terms: calls.append((step, total, terms)))
+    losses = training.train_detector(model, samples, epochs=1, batch_size=2, lr=1e-3, device="cpu", seed=0,
+                                     train_size=96, on_step=lambda step, total, terms: calls.append((step, total, terms)))
     return model, losses, calls
 
 
 # ---------------------------------------------------------------------------------------------------
 # Building and training
+
+
+def test_a_small_training_set_still_gets_the_step_budget(samples):
+    """Two images at batch 2 are one step an epoch; a budget of 3 steps repeats them as new views."""
+    assert training.training_steps(2, epochs=1, batch_size=2, min_steps=3) == 3
+    assert training.training_steps(1000, epochs=1, batch_size=4, min_steps=240) == 250
+    torch.manual_seed(0)
+    model = net.build_detector("resnet18_fpn", **TINY)
+    calls = []
+    losses = training.train_detector(model, samples[:2], epochs=1, batch_size=2, lr=1e-3, device="cpu", seed=0,
+                                     min_steps=3, train_size=64,
+                                     on_step=lambda step, total, terms: calls.append((step, total)))
+    assert len(losses) == 3 and calls == [(1, 3), (2, 3), (3, 3)]
 
 
 def test_build_detector_is_a_two_class_mask_rcnn_with_recorded_arguments():
@@ -97,7 +111,7 @@ def test_training_is_seeded(samples):
     def run() -> list[float]:
         torch.manual_seed(123)  # the weights' initialisation is the caller's; training's own randomness is seeded
         model = net.build_detector("resnet18_fpn", **TINY)
-        return net.train_detector(model, samples[:2], epochs=1, batch_size=2, lr=1e-3, device="cpu", seed=7,
+        return training.train_detector(model, samples[:2], epochs=1, batch_size=2, lr=1e-3, device="cpu", seed=7,
                                   train_size=64)
 
     assert run() == run()
@@ -268,7 +282,7 @@ def drawn_cell(size: int = 160) -> tuple[np.ndarray, np.ndarray]:
 
 def test_pseudo_instances_find_a_drawn_cell():
     image, cell = drawn_cell()
-    boxes, masks = net.pseudo_instances(image)
+    boxes, masks = pseudo_labels.pseudo_instances(image)
     assert len(boxes) == 1 and masks.shape == (1, *cell.shape) and masks.dtype == bool
     assert mask_iou(masks[0], cell) > 0.8
     rows, cols = np.nonzero(cell)
@@ -277,14 +291,14 @@ def test_pseudo_instances_find_a_drawn_cell():
 
 def test_pseudo_instances_find_the_synthetic_fields_cells(samples, images):
     for sample, image in zip(samples, images):
-        boxes, masks = net.pseudo_instances(image)
+        boxes, masks = pseudo_labels.pseudo_instances(image)
         for truth in sample.masks:
             assert max((mask_iou(m, truth) for m in masks), default=0.0) > 0.8
 
 
 def test_pseudo_instances_find_nothing_in_an_empty_slide():
     blank = np.random.default_rng(0).normal(225, 3, (120, 160, 3)).clip(0, 255).astype(np.uint8)
-    boxes, masks = net.pseudo_instances(blank)
+    boxes, masks = pseudo_labels.pseudo_instances(blank)
     assert boxes.shape == (0, 4) and masks.shape == (0, 120, 160)
 
 
@@ -293,7 +307,7 @@ def test_pseudo_samples_keep_images_with_cells_and_drop_empty_ones(tmp_path):
     Image.fromarray(image).save(tmp_path / "cell.png")
     Image.fromarray(np.full((80, 80, 3), 230, np.uint8)).save(tmp_path / "empty.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    found = net.pseudo_samples([tmp_path / "cell.png", tmp_path / "empty.png", tmp_path / "broken.png"])
+    found = pseudo_labels.pseudo_samples([tmp_path / "cell.png", tmp_path / "empty.png", tmp_path / "broken.png"])
     assert [s.image_path.name for s in found] == ["cell.png"]
     assert found[0].boxes.shape == (1, 4) and found[0].masks.shape == (1, 160, 160)
 
@@ -326,12 +340,12 @@ def test_read_voc_reads_white_cells_drops_degenerate_boxes_and_cuts_masks(tmp_pa
     semantic[8:28, 12:38] = 255  # the white cell
     semantic[12:28, 52:68] = 128  # outside every WBC box: must not enter the instance
     Image.fromarray(semantic).save(masks / "Blood_Mask_00001.png")
-    [sample] = net.read_voc(tmp_path, ["train"], mask_dir=masks)
+    [sample] = annotations.read_voc(tmp_path, ["train"], mask_dir=masks)
     assert sample.image_path == tmp_path / "JPEGImages" / "Blood_00001.jpg"
     assert np.array_equal(sample.boxes, [[10, 5, 40, 30]])  # 1-based inclusive VOC -> 0-based half-open
     assert sample.masks.shape == (1, 60, 80)
     assert np.array_equal(sample.masks[0], semantic == 255)
-    [without_masks] = net.read_voc(tmp_path)
+    [without_masks] = annotations.read_voc(tmp_path)
     assert without_masks.masks is None
 
 
@@ -339,7 +353,7 @@ def test_read_voc_names_a_malformed_file(tmp_path):
     write_voc(tmp_path, [("WBC", (11, 6, 40, 30))])
     (tmp_path / "Annotations" / "Blood_00001.xml").write_text("<annotation><object><name>WBC</name>")
     with pytest.raises(UserError, match="Blood_00001.xml"):
-        net.read_voc(tmp_path, ["train"])
+        annotations.read_voc(tmp_path, ["train"])
 
 
 def encode_compressed_rle(mask: np.ndarray) -> str:
@@ -386,7 +400,7 @@ def test_read_coco_decodes_polygons_and_both_rle_forms(tmp_path):
         ],
     }
     (tmp_path / "instances.json").write_text(json.dumps(data))
-    [sample] = net.read_coco(tmp_path / "instances.json", category="wbc")
+    [sample] = annotations.read_coco(tmp_path / "instances.json", category="wbc")
     assert np.array_equal(sample.boxes[0], [2, 2, 12, 12]) and len(sample.boxes) == 3
     square = np.zeros((40, 50), bool)
     square[2:13, 2:13] = True  # PIL fills the polygon including its outline
@@ -407,7 +421,7 @@ def test_read_coco_names_the_missing_category(tmp_path):
     (tmp_path / "instances.json").write_text(json.dumps({"images": [], "annotations": [],
                                                           "categories": [{"id": 1, "name": "cell"}]}))
     with pytest.raises(UserError, match="'wbc'.*cell"):
-        net.read_coco(tmp_path / "instances.json")
+        annotations.read_coco(tmp_path / "instances.json")
 
 
 def test_box_only_samples_get_masks_derived_inside_their_boxes(tmp_path):
@@ -415,6 +429,6 @@ def test_box_only_samples_get_masks_derived_inside_their_boxes(tmp_path):
     Image.fromarray(image).save(tmp_path / "cell.png")
     rows, cols = np.nonzero(cell)
     box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], np.float32)
-    derived = net._mask_from_box(image, box)
+    derived = pseudo_labels.mask_from_box(image, box)
     assert mask_iou(derived, cell) > 0.8
     assert not derived[:, : int(box[0])].any() and not derived[: int(box[1])].any()
