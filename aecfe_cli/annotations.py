@@ -21,6 +21,7 @@ class TrainSample:
     image_path: Path
     boxes: np.ndarray  # (K, 4) float x0, y0, x1, y1 in pixels
     masks: Optional[np.ndarray]  # (K, H, W) bool, or None: masks are then derived from the boxes
+    stain: Optional[np.ndarray] = None  # (2, 3) LAB statistics of the image's dataset (stain normalisation)
 
 
 def read_voc(

@@ -34,6 +34,9 @@ FEATURE_SIZE = 14  # side of the RoIAlign feature map the encoder expects
 IMAGE_SIZES = (32, 64, 128)
 ANCHOR_DOMAIN = 0  # the first dataset; every other domain is aligned to it
 LOSS_TERMS = ("feature", "image", "align", "total")
+FEATURE_SCALINGS = ("sample", "channel")  # the paper's per-sample min-max, or per-channel standardisation
+IMAGE_LOSSES = ("ssim", "ssim_l1")
+ALIGNMENTS = ("paper", "normalised")
 
 # (out_channels, kernel, stride) of the paper's layers; the last layer of each part is added separately
 # because its channel count is not a hidden one (latent, feature or RGB) and it has no norm after it.
@@ -62,14 +65,24 @@ def _norm_groups(channels: int) -> int:
 
 
 def _hidden_layers(
-    convolution: type[nn.Module], in_channels: int, specs: Sequence[tuple[int, int, int]], width: float
+    convolution: type[nn.Module], in_channels: int, specs: Sequence[tuple[int, int, int]], width: float,
+    norm_first: bool,
 ) -> tuple[list[nn.Module], int]:
-    """(Transposed) convolution, ReLU, GroupNorm per ``(channels, kernel, stride)``; channels scaled by
-    ``width``. Returns the layers and the channel count of the last one."""
+    """(Transposed) convolution, ReLU and GroupNorm per ``(channels, kernel, stride)``; channels scaled by
+    ``width``. Returns the layers and the channel count of the last one.
+
+    The paper's order is ReLU then GroupNorm. On sparse maps (the decoders' first layers see a 1x1
+    latent spread over 5x5) GroupNorm after ReLU rescales a group by the few activations that survived,
+    which plants a fixed high-contrast spot that the image decoder's sigmoid saturates: the "droplet"
+    StyleGAN2 traced to normalising sparse activations. ``norm_first`` normalises before the ReLU, the
+    usual order, which removes the spot.
+    """
     layers: list[nn.Module] = []
     for channels, kernel, stride in specs:
         scaled = max(1, round(channels * width))
-        layers += [convolution(in_channels, scaled, kernel, stride), nn.ReLU(inplace=True), nn.GroupNorm(_norm_groups(scaled), scaled)]
+        norm = nn.GroupNorm(_norm_groups(scaled), scaled)
+        pair = [norm, nn.ReLU(inplace=True)] if norm_first else [nn.ReLU(inplace=True), norm]
+        layers += [convolution(in_channels, scaled, kernel, stride), *pair]
         in_channels = scaled
     return layers, in_channels
 
@@ -77,7 +90,8 @@ def _hidden_layers(
 class AECFE(nn.Module):
     """Feature encoder, feature decoder and image decoder of AE-CFE (about 4 M parameters at width 1)."""
 
-    def __init__(self, in_channels: int = 256, latent_dim: int = 50, image_size: int = 128, width: float = 1.0):
+    def __init__(self, in_channels: int = 256, latent_dim: int = 50, image_size: int = 128, width: float = 1.0,
+                 feature_scaling: str = "sample", norm_first: bool = False):
         super().__init__()
         if image_size not in IMAGE_SIZES:
             raise UserError(f"image_size {image_size} is not supported; choose one of {', '.join(map(str, IMAGE_SIZES))}")
@@ -85,31 +99,72 @@ class AECFE(nn.Module):
             raise UserError(f"width must be positive, got {width}")
         if in_channels < 1 or latent_dim < 1:
             raise UserError(f"in_channels and latent_dim must be positive, got {in_channels} and {latent_dim}")
+        if feature_scaling not in FEATURE_SCALINGS:
+            raise UserError(f"feature_scaling '{feature_scaling}': choose one of {', '.join(FEATURE_SCALINGS)}")
         self.model_args = {
             "in_channels": int(in_channels),
             "latent_dim": int(latent_dim),
             "image_size": int(image_size),
             "width": float(width),
+            "feature_scaling": feature_scaling,
+            "norm_first": bool(norm_first),
         }
+        self.feature_scaling = feature_scaling
+        if feature_scaling == "channel":
+            # Fitted on the training cells by fit_feature_scaling and saved with the weights, so extraction
+            # scales every later cell exactly as training did.
+            self.register_buffer("feature_mean", torch.zeros(in_channels))
+            self.register_buffer("feature_std", torch.ones(in_channels))
         self.in_channels = in_channels
         self.latent_dim = latent_dim
         self.image_size = image_size
 
-        layers, last = _hidden_layers(nn.Conv2d, in_channels, ENCODER_HIDDEN, width)
+        layers, last = _hidden_layers(nn.Conv2d, in_channels, ENCODER_HIDDEN, width, norm_first)
         self.encoder = nn.Sequential(*layers, nn.Conv2d(last, latent_dim, 1), nn.Tanh(), nn.Flatten())
 
-        layers, last = _hidden_layers(nn.ConvTranspose2d, latent_dim, FEATURE_DECODER_HIDDEN, width)
+        layers, last = _hidden_layers(nn.ConvTranspose2d, latent_dim, FEATURE_DECODER_HIDDEN, width, norm_first)
+        # Min-max scaled features lie in [-1, 1] (Tanh); standardised ones are unbounded (linear output).
+        output = nn.Tanh() if feature_scaling == "sample" else nn.Identity()
         self.feature_decoder = nn.Sequential(
-            nn.Unflatten(1, (latent_dim, 1, 1)), *layers, nn.ConvTranspose2d(last, in_channels, 3), nn.Tanh()
+            nn.Unflatten(1, (latent_dim, 1, 1)), *layers, nn.ConvTranspose2d(last, in_channels, 3), output
         )
 
         # 14 -> 31 -> 63 -> 127 per stride-2 stage, so 32/64/128 keep the first 1/2/3 stages of the paper.
         upsampling = IMAGE_DECODER_UPSAMPLING[: IMAGE_SIZES.index(image_size) + 1]
-        layers, last = _hidden_layers(nn.ConvTranspose2d, in_channels, (*upsampling, IMAGE_DECODER_TAIL), width)
+        layers, last = _hidden_layers(nn.ConvTranspose2d, in_channels, (*upsampling, IMAGE_DECODER_TAIL), width,
+                                      norm_first)
         self.image_decoder = nn.Sequential(*layers, nn.ConvTranspose2d(last, 3, 1), nn.Sigmoid())
 
+    def scale(self, features: Tensor) -> Tensor:
+        """RoI features as the encoder expects them: min-max per sample, or standardised per channel."""
+        if self.feature_scaling == "sample":
+            return scale_features(features)
+        return (features - self.feature_mean.view(1, -1, 1, 1)) / self.feature_std.view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def fit_feature_scaling(self, blocks) -> None:
+        """Per-channel mean and standard deviation over every cell and position of ``blocks``
+        (an iterable of (N, C, 14, 14) arrays or tensors); a no-op for per-sample scaling."""
+        if self.feature_scaling == "sample":
+            return
+        total = torch.zeros(self.in_channels, dtype=torch.float64)
+        squares = torch.zeros(self.in_channels, dtype=torch.float64)
+        count = 0
+        for block in blocks:
+            values = torch.as_tensor(block).double().transpose(0, 1).reshape(self.in_channels, -1)
+            total += values.sum(dim=1)
+            squares += (values**2).sum(dim=1)
+            count += values.shape[1]
+        if count == 0:
+            raise UserError("no cells to fit the feature scaling on")
+        mean = total / count
+        std = (squares / count - mean**2).clamp_min(0).sqrt()
+        # A channel that never varies (dead in the detector) is left unscaled rather than divided by zero.
+        self.feature_mean.copy_(mean.float())
+        self.feature_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)).float())
+
     def encode(self, features: Tensor) -> Tensor:
-        """Latent codes ``(N, latent_dim)`` of features already scaled by :func:`scale_features`."""
+        """Latent codes ``(N, latent_dim)`` of features already scaled by :meth:`scale`."""
         expected = (self.in_channels, FEATURE_SIZE, FEATURE_SIZE)
         if tuple(features.shape[1:]) != expected:
             raise UserError(f"features have shape {tuple(features.shape[1:])} per cell; the autoencoder expects {expected}")
@@ -140,8 +195,11 @@ def scale_features(x: Tensor) -> Tensor:
     return torch.where(constant, torch.zeros_like(flat), scaled).reshape(x.shape)
 
 
-def prepare_batch(features: Tensor, crops: Tensor, image_size: int, device: Device) -> tuple[Tensor, Tensor]:
-    """Move a stored batch to ``device``: scaled float32 features and [0, 1] images of side ``image_size``.
+def prepare_batch(
+    features: Tensor, crops: Tensor, image_size: int, device: Device, scale: Callable[[Tensor], Tensor] = scale_features
+) -> tuple[Tensor, Tensor]:
+    """Move a stored batch to ``device``: float32 features scaled by ``scale`` (the model's
+    :meth:`AECFE.scale`) and [0, 1] images of side ``image_size``.
 
     Features may be float16 on disk and crops uint8; both travel in their compact dtype and are widened
     on the device. Area interpolation averages whole pixels, the right filter for shrinking a crop.
@@ -151,7 +209,7 @@ def prepare_batch(features: Tensor, crops: Tensor, image_size: int, device: Devi
             f"expected features (N, C, 14, 14) and crops (N, 3, S, S) with the same N, "
             f"got {tuple(features.shape)} and {tuple(crops.shape)}"
         )
-    features = scale_features(features.to(device, non_blocking=True).float())
+    features = scale(features.to(device, non_blocking=True).float())
     images = crops.to(device, non_blocking=True).float()
     if crops.dtype == torch.uint8:
         images = images / 255.0
@@ -166,16 +224,21 @@ def _gaussian_window(window: int, sigma: float, device: torch.device, dtype: tor
     return weights / weights.sum()
 
 
-def ssim(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
+def ssim(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5, padded: bool = False) -> Tensor:
     """Mean structural similarity of two image batches in [0, 1] (Wang et al. 2004, 'valid' windows).
 
     The paper names a window of 10; an odd window (11, the usual choice) has a centre pixel, so each
     SSIM value describes the pixel it is centred on instead of a point half a pixel off the grid.
+    ``padded`` reflects the borders first, so the outer window/2 pixels are scored too: with 'valid'
+    windows they count far less than the centre (a 32-px image loses 10 of its 32 rows) and drift.
     """
     if a.shape != b.shape or a.ndim != 4:
         raise ValueError(f"ssim needs two (N, C, H, W) batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if window % 2 == 0 or window > min(a.shape[-2:]):
         raise ValueError(f"ssim window must be odd and fit the image, got {window} for {tuple(a.shape[-2:])}")
+    if padded:
+        a = F.pad(a, (window // 2,) * 4, mode="reflect")
+        b = F.pad(b, (window // 2,) * 4, mode="reflect")
     channels = a.shape[1]
     weights = _gaussian_window(window, sigma, a.device, a.dtype)
     # One grouped, separable blur over the five moment maps instead of five separate 2-D convolutions.
@@ -218,11 +281,28 @@ def aecfe_loss(
     images: Tensor,
     domains: Tensor,
     align_weight: float = 5.0,
+    image_loss: str = "ssim",
+    alignment: str = "paper",
 ) -> dict[str, Tensor]:
-    """The paper's loss terms and their weighted total; ``align`` is 0 for a single-domain batch."""
+    """The paper's loss terms and their weighted total; ``align`` is 0 for a single-domain batch.
+
+    ``image_loss`` "ssim" is the paper's 1 - SSIM; "ssim_l1" scores the borders too (padded SSIM) and adds
+    the mean absolute pixel error, which SSIM alone leaves free (it ignores a uniform colour offset).
+    ``alignment`` "normalised" measures the domain distance on latents divided by the batch's per-dimension
+    standard deviation (held constant): with the paper's distance the cheapest way to align is to shrink
+    every latent towards 0, which also erases what separates the classes.
+    """
+    if image_loss not in IMAGE_LOSSES or alignment not in ALIGNMENTS:
+        raise UserError(f"image_loss must be one of {IMAGE_LOSSES} and alignment one of {ALIGNMENTS}, "
+                        f"got {image_loss!r} and {alignment!r}")
     z, feature_recon, image_recon = model_outputs
     feature_term = F.mse_loss(feature_recon, features)
-    image_term = 1 - ssim(image_recon, images)
+    if image_loss == "ssim":
+        image_term = 1 - ssim(image_recon, images)
+    else:
+        image_term = 1 - ssim(image_recon, images, padded=True) + F.l1_loss(image_recon, images)
+    if alignment == "normalised":
+        z = z / z.detach().std(dim=0, keepdim=True).clamp_min(1e-3)
     align_term = z.new_zeros(())
     present = torch.unique(domains).tolist()
     if len(present) > 1:
@@ -328,6 +408,8 @@ def train_one_epoch(
     align_weight: float,
     image_size: int,
     on_batch: Optional[Callable[[dict[str, float], int], None]] = None,
+    image_loss: str = "ssim",
+    alignment: str = "paper",
 ) -> dict[str, float]:
     """Train one pass over ``loader`` (yielding ``(features, crops, domain_ids)``); return the
     sample-weighted mean of every loss term, averaged over all ranks under DDP."""
@@ -338,10 +420,10 @@ def train_one_epoch(
     model.train()
     sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64)  # the loss terms, then the sample count
     for batch_index, (features, crops, domains) in enumerate(loader):
-        features, images = prepare_batch(features, crops, image_size, device)
+        features, images = prepare_batch(features, crops, image_size, device, core.scale)
         domains = domains.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        terms = aecfe_loss(model(features), features, images, domains, align_weight)
+        terms = aecfe_loss(model(features), features, images, domains, align_weight, image_loss, alignment)
         # Backward runs even for a NaN loss: under DDP every rank must join the gradient all-reduce,
         # and the averaged gradient then carries any rank's NaN, so all ranks stop at the same batch.
         terms["total"].backward()

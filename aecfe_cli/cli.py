@@ -33,7 +33,7 @@ DEMO_WORKDIR = "aecfe-demo"
 class Options:
     """Global options, shared by every command through the Typer context."""
 
-    def __init__(self, workdir, config, device, seed, quiet, debug):
+    def __init__(self, workdir, config, device, seed, quiet, debug, preset=None):
         self.workdir_given = workdir is not None
         self.workdir = Path(workdir or DEFAULT_WORKDIR)
         self.config = config
@@ -41,6 +41,7 @@ class Options:
         self.seed = seed
         self.quiet = quiet
         self.debug = debug
+        self.preset = preset
 
 
 def _fail(message: str, code: int) -> None:
@@ -85,20 +86,22 @@ def main_options(
     ctx: typer.Context,
     workdir: Optional[Path] = typer.Option(None, envvar="AECFE_WORKDIR", help="Working directory [default: ./aecfe-work]."),
     config: Optional[Path] = typer.Option(None, help="YAML config [default: ./aecfe.yaml when present]."),
+    preset: Optional[str] = typer.Option(None, help="Start from named settings below the YAML: 'paper' is the "
+                                         "exact configuration of Salehi et al. 2022."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
     seed: Optional[int] = typer.Option(None, help="Random seed of every stage."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print results only."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ):
-    ctx.obj = Options(workdir, config, device, seed, quiet, debug)
+    ctx.obj = Options(workdir, config, device, seed, quiet, debug, preset)
 
 
 def _config(options: Options, sections: Optional[dict] = None):
     """Defaults < YAML < flags; returns the resolved Config."""
     from .config import apply_overrides, default_config_path, load_config
 
-    config = load_config(options.config or default_config_path())
+    config = load_config(options.config or default_config_path(), options.preset)
     apply_overrides(config, "runtime", device=options.device, seed=options.seed)
     for section, values in (sections or {}).items():
         apply_overrides(config, section, **values)

@@ -68,3 +68,75 @@ def _rotate_hue(pixels: np.ndarray, angle: float, saturation: float) -> np.ndarr
     grey = pixels.mean(axis=2, keepdims=True)
     rotated = pixels @ rotation.T
     return grey + (rotated - grey) * saturation
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stain normalisation (Reinhard et al. 2001): each dataset's CIELAB channel means and standard deviations
+# are mapped onto one fixed reference. Romanowsky stains (MGG, Wright, rapid stains) are not H&E, so
+# stain-vector methods built for H&E may not fit; LAB statistics make no assumption about the stain.
+
+# The reference: rounded statistics of 40 images of the PBC sample (CellaVision, May-Grunwald-Giemsa).
+# Any fixed target would do: what matters is that every dataset is mapped onto the same one.
+REFERENCE_LAB = np.array([[80.0, 11.0, 8.0], [16.0, 9.0, 14.0]], np.float32)  # rows: mean, std of L, a, b
+STAIN_NORMS = ("none", "dataset", "image")
+_D65_WHITE = np.array([0.95047, 1.0, 1.08883], np.float32)
+_RGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
+                        [0.2126729, 0.7151522, 0.0721750],
+                        [0.0193339, 0.1191920, 0.9503041]], np.float32)
+_XYZ_TO_RGB = np.linalg.inv(_RGB_TO_XYZ).astype(np.float32)
+_LAB_EPSILON = (6 / 29) ** 3
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB (uint8, or float in [0, 1]) to CIELAB (D65), float32 (..., 3): L in [0, 100]."""
+    pixels = rgb.astype(np.float32) / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float32)
+    linear = np.where(pixels <= 0.04045, pixels / 12.92, ((pixels + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ _RGB_TO_XYZ.T / _D65_WHITE
+    f = np.where(xyz > _LAB_EPSILON, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) to sRGB uint8, clipped to the gamut."""
+    fy = (lab[..., 0] + 16) / 116
+    f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], axis=-1)
+    xyz = np.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * _D65_WHITE
+    linear = np.clip(xyz @ _XYZ_TO_RGB.T, 0, 1)
+    pixels = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * np.power(linear, 1 / 2.4) - 0.055)
+    return np.clip(np.round(pixels * 255), 0, 255).astype(np.uint8)
+
+
+def lab_statistics(images) -> np.ndarray:
+    """(2, 3) mean and standard deviation of L, a, b over every pixel of ``images`` (RGB arrays)."""
+    total = np.zeros(3, np.float64)
+    squares = np.zeros(3, np.float64)
+    count = 0
+    for image in images:
+        lab = rgb_to_lab(image).reshape(-1, 3).astype(np.float64)
+        total += lab.sum(axis=0)
+        squares += (lab**2).sum(axis=0)
+        count += len(lab)
+    if count == 0:
+        raise ValueError("lab_statistics needs at least one image")
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 1e-6))
+    return np.stack([mean, std]).astype(np.float32)
+
+
+def normalise_stain(image: np.ndarray, statistics: np.ndarray, reference: np.ndarray = REFERENCE_LAB) -> np.ndarray:
+    """Map an RGB uint8 image whose pixels follow ``statistics`` (e.g. its dataset's) onto ``reference``."""
+    lab = rgb_to_lab(image)
+    mean, std = statistics
+    lab = (lab - mean) / np.maximum(std, 1e-3) * reference[1] + reference[0]
+    return lab_to_rgb(lab)
+
+
+def stain_normalised(image: np.ndarray, mode: str, dataset_statistics: np.ndarray | None) -> np.ndarray:
+    """``image`` under a ``STAIN_NORMS`` mode: as it is, by its dataset's statistics, or by its own."""
+    if mode == "none":
+        return image
+    if mode == "image":
+        return normalise_stain(image, lab_statistics([image]))
+    if dataset_statistics is None:
+        raise ValueError("stain normalisation by dataset needs the dataset's LAB statistics")
+    return normalise_stain(image, dataset_statistics)

@@ -54,6 +54,10 @@ class DetectConfig:
     train_steps: int = 240
     train_batch_size: int = 4
     train_lr: float = 0.001
+    # Stain normalisation before the detector, for training, RoI features and crops alike: "dataset" maps
+    # each dataset's CIELAB means and deviations onto one reference (Reinhard), "image" each image's own,
+    # "none" keeps the colours.
+    stain_norm: str = "dataset"
     weights: Optional[str] = None  # a Mask R-CNN state dict to use instead of training one
     annotations: Optional[str] = None  # VOC folder or COCO JSON to train the detector on
     annotation_masks: Optional[str] = None  # VOC only: folder of whole-cell mask PNGs (else masks from boxes)
@@ -69,6 +73,12 @@ class TrainConfig:
     batch_size: int = 128  # the paper uses 500
     lr: float = 0.001
     sample_every: int = 5  # write a reconstruction grid every K epochs
+    # What the encoder sees: "channel" standardises each RoI channel with statistics of the training cells
+    # (kept with the model), "sample" is the paper's per-sample min-max, where one outlier sets a cell's scale.
+    feature_scaling: str = "channel"
+    norm_first: bool = True  # GroupNorm before ReLU; the paper's ReLU-then-norm plants a spot in every image
+    image_loss: str = "ssim_l1"  # ssim (the paper) | ssim_l1 (padded SSIM + L1: borders and colour count)
+    alignment: str = "normalised"  # paper | normalised (distance of latents in batch-std units: no shrinking)
 
 
 @dataclass
@@ -92,6 +102,19 @@ class RuntimeConfig:
     strict: bool = False  # an unreadable image is an error instead of being skipped and listed
 
 
+# Named starting points below the YAML file: default < preset < YAML < flag. "paper" is the exact
+# configuration of Salehi et al. (MICCAI 2022) for reproduction; it is slow on a CPU (see docs/benchmarks.md).
+PRESETS: dict[str, dict] = {
+    "paper": {
+        "detect": {"backbone": "resnet101_fpn", "min_size": 900, "max_size": 1024, "score_threshold": 0.7,
+                   "stain_norm": "none"},
+        "train": {"image_size": 128, "width": 1.0, "epochs": 150, "batch_size": 500, "lr": 0.001,
+                  "align_weight": 5.0, "feature_scaling": "sample", "norm_first": False, "image_loss": "ssim",
+                  "alignment": "paper"},
+        "evaluate": {"classifier": "random_forest"},
+    },
+}
+
 SECTIONS: dict[str, type] = {
     "detect": DetectConfig,
     "train": TrainConfig,
@@ -109,6 +132,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    preset: Optional[str] = None  # the named preset the sections started from (see PRESETS)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,11 +181,15 @@ def config_from_dict(data: dict, source: str) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{source}: the config must be a mapping of sections (datasets, detect, train, ...)")
-    valid = {"datasets", *SECTIONS}
-    config = Config()
-    for key, value in data.items():
+    valid = {"datasets", "preset", *SECTIONS}
+    for key in data:
         if key not in valid:
             raise UserError(f"{source}: unknown section '{key}'{_closest(str(key), valid)}")
+    data = with_preset(data, data.get("preset"), f"{source}: preset")
+    config = Config(preset=data.get("preset"))
+    for key, value in data.items():
+        if key == "preset":
+            continue
         if key == "datasets":
             if not isinstance(value, dict):
                 raise UserError(f"{source}: datasets: expected a mapping of name -> settings")
@@ -174,12 +202,28 @@ def config_from_dict(data: dict, source: str) -> Config:
     return config
 
 
-def load_config(path: Optional[Path]) -> Config:
+def with_preset(data: dict, preset: Optional[str], where: str) -> dict:
+    """``data`` (parsed YAML) over the sections of a named preset: the YAML's own keys win."""
+    if preset is None:
+        return data
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise UserError(f"{where}: unknown preset '{preset}'{_closest(str(preset), PRESETS)}")
+    merged = {section: dict(values) for section, values in PRESETS[preset].items()}
+    for section, values in data.items():
+        if section in merged and isinstance(values, dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    merged["preset"] = preset
+    return merged
+
+
+def load_config(path: Optional[Path], preset: Optional[str] = None) -> Config:
     """Read a YAML config with ``yaml.safe_load`` (Python tags are refused), or the defaults."""
     import yaml
 
     if path is None:
-        return Config()
+        return config_from_dict({"preset": preset} if preset else {}, "--preset")
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found; pass an existing file to --config")
@@ -190,6 +234,10 @@ def load_config(path: Optional[Path]) -> Config:
         raise UserError(f"{path}: not valid YAML ({first}); fix the file or see example_config.yaml") from exc
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not a text file; pass a YAML config to --config") from exc
+    if preset is not None:
+        if data is not None and not isinstance(data, dict):
+            raise UserError(f"{path}: the config must be a mapping of sections (datasets, detect, train, ...)")
+        data = {**(data or {}), "preset": preset}  # the flag wins over the file's preset
     config = config_from_dict(data, str(path))
     # Relative dataset roots are relative to the config file, so a config travels with its data.
     for entry in config.datasets.values():

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import annotations, pseudo_labels
+from . import annotations, colour, pseudo_labels
 from . import detector as net
 from . import detector_training as training
 from .config import DetectConfig
@@ -31,8 +31,12 @@ from .workdir import fingerprint, invalidate, output_digest, read_manifest, stat
 INSTANCE_COLUMNS = ("instance_id", "image", "dataset", "label", "x0", "y0", "x1", "y1", "score", "mask_area")
 FEATURE_SHAPE = (256, 14, 14)
 # Keys that decide how the detector is built and trained; the rest only affect detection.
-DETECTOR_KEYS = ("backbone", "min_size", "max_size", "train_images", "train_epochs", "train_steps", "train_batch_size", "train_lr")
-DETECTION_KEYS = ("score_threshold", "crop_size", "all_cells", "chunk_images")
+DETECTOR_KEYS = ("backbone", "min_size", "max_size", "train_images", "train_epochs", "train_steps", "train_batch_size",
+                 "train_lr", "stain_norm")
+DETECTION_KEYS = ("score_threshold", "crop_size", "all_cells", "chunk_images", "stain_norm")
+# Images a dataset's stain statistics are measured on: evenly spaced over the dataset, so every process
+# of a sharded run measures the same ones; 64 images hold millions of pixels, plenty for 6 numbers.
+STAIN_SAMPLE_IMAGES = 64
 
 
 def _section(cfg: DetectConfig, keys: Sequence[str]) -> dict:
@@ -81,12 +85,18 @@ def obtain_detector(
     else:
         if cfg.annotations:
             samples = _annotated_samples(Path(cfg.annotations), cfg.annotation_masks)
+            _set_stain(samples, stain_statistics([s.image_path for s in samples], cfg.stain_norm))
             how = {"how": "annotations", "annotations": str(cfg.annotations)}
         else:
-            paths = _pseudo_training_images(datasets, cfg.train_images, seed)
-            reporter.info(f"detector: making pseudo-masks from {len(paths)} images (stain segmentation, no labels)")
-            samples = pseudo_labels.pseudo_samples(paths)
-            how = {"how": "pseudo_masks", "trained_on": [d.name for d in datasets], "images": len(paths)}
+            per_dataset = _pseudo_training_images(datasets, cfg.train_images, seed)
+            count = sum(len(paths) for paths in per_dataset)
+            reporter.info(f"detector: making pseudo-masks from {count} images (stain segmentation, no labels)")
+            samples = []
+            for dataset, paths in zip(datasets, per_dataset):
+                found = pseudo_labels.pseudo_samples(paths)
+                _set_stain(found, stain_statistics([r.path for r in dataset.records], cfg.stain_norm))
+                samples += found
+            how = {"how": "pseudo_masks", "trained_on": [d.name for d in datasets], "images": count}
         if not samples:
             raise UserError("no training images for the detector: no cell was found; pass --annotations or --weights")
         torch.manual_seed(seed)  # the random initial weights are part of what the seed fixes
@@ -99,6 +109,7 @@ def obtain_detector(
                 samples,
                 epochs=cfg.train_epochs,
                 min_steps=cfg.train_steps,
+                stain_norm=cfg.stain_norm,
                 batch_size=cfg.train_batch_size,
                 lr=cfg.train_lr,
                 device=device,
@@ -136,16 +147,37 @@ def _annotated_samples(path: Path, mask_dir: Optional[str]) -> list:
     raise UserError(f"{path}: not a VOC folder (Annotations/) or a COCO JSON file; fix --annotations")
 
 
-def _pseudo_training_images(datasets: Sequence[Dataset], limit: int, seed: int) -> list[Path]:
-    """An even, seeded sample across datasets, so every lab's stain is seen by the detector."""
+def _pseudo_training_images(datasets: Sequence[Dataset], limit: int, seed: int) -> list[list[Path]]:
+    """An even, seeded sample of each dataset, so every lab's stain is seen by the detector."""
     rng = random.Random(seed)
     per_dataset = max(1, limit // max(1, len(datasets)))
-    paths: list[Path] = []
+    chosen = []
     for dataset in datasets:
         records = list(dataset.records)
         rng.shuffle(records)
-        paths.extend(r.path for r in records[:per_dataset])
-    return paths
+        chosen.append([r.path for r in records[:per_dataset]])
+    return chosen
+
+
+def stain_statistics(paths: Sequence[Path], mode: str) -> Optional[np.ndarray]:
+    """The (2, 3) CIELAB statistics a dataset is normalised by (``mode`` "dataset"), else None."""
+    if mode not in colour.STAIN_NORMS:
+        raise UserError(f"detect.stain_norm '{mode}': choose one of {', '.join(colour.STAIN_NORMS)}")
+    if mode != "dataset" or not paths:
+        return None
+    step = max(1, len(paths) // STAIN_SAMPLE_IMAGES)
+    images = []
+    for path in list(paths)[::step][:STAIN_SAMPLE_IMAGES]:
+        try:
+            images.append(load_rgb(path))
+        except UnreadableImage:
+            continue  # counted and reported by detection itself
+    return colour.lab_statistics(images) if images else None
+
+
+def _set_stain(samples: Sequence, statistics: Optional[np.ndarray]) -> None:
+    for sample in samples:
+        sample.stain = statistics
 
 
 def parse_shard(text: Optional[str]) -> tuple[int, int]:
@@ -187,10 +219,11 @@ def run_detection(
     if len(todo) < len(chunks):
         reporter.info(f"{dataset.name}: resuming, {len(chunks) - len(todo)} of {len(chunks)} chunks already done")
     started = time.perf_counter()
+    stain = stain_statistics([r.path for r in dataset.records], cfg.stain_norm)
     total = sum(len(dataset.records[k * chunk:(k + 1) * chunk]) for k in todo)
     with reporter.progress(f"detecting {dataset.name}", total, unit="img") as bar:
         for k in todo:
-            _detect_chunk(dataset, k, model, cfg, parts, device, bar, strict)
+            _detect_chunk(dataset, k, model, cfg, stain, parts, device, bar, strict)
     seconds = time.perf_counter() - started
     every = range(-(-len(dataset.records) // chunk))
     if shard != (0, 1):
@@ -200,7 +233,7 @@ def run_detection(
     missing = [k for k in every if not (parts / f"part_{k:05d}.json").is_file()]
     if missing:  # another process removed or never finished them: a plain run does every chunk itself
         raise StageError(f"{parts}: chunks {missing[:5]} are missing after detection; run the command again")
-    return _merge(dataset, parts, folder, expected, cfg, device, seconds, total)
+    return _merge(dataset, parts, folder, expected, cfg, stain, device, seconds, total)
 
 
 def _reset_parts_if_changed(parts: Path, expected: str) -> None:
@@ -212,14 +245,14 @@ def _reset_parts_if_changed(parts: Path, expected: str) -> None:
     marker.write_text(expected)
 
 
-def _detect_chunk(dataset, k, model, cfg, parts, device, bar, strict) -> None:
+def _detect_chunk(dataset, k, model, cfg, stain, parts, device, bar, strict) -> None:
     records = dataset.records[k * cfg.chunk_images:(k + 1) * cfg.chunk_images]
     rows, features, crops, unreadable, missed = [], [], [], [], []
     for start in range(0, len(records), cfg.batch_size):
         batch, images = [], []
         for record in records[start:start + cfg.batch_size]:
             try:
-                images.append(load_rgb(record.path))
+                images.append(colour.stain_normalised(load_rgb(record.path), cfg.stain_norm, stain))
                 batch.append(record)
             except UnreadableImage as exc:
                 if strict:
@@ -244,7 +277,7 @@ def _detect_chunk(dataset, k, model, cfg, parts, device, bar, strict) -> None:
     write_json(parts / f"part_{k:05d}.json", {"rows": rows, "unreadable": unreadable, "no_detection": missed})
 
 
-def _merge(dataset, parts, folder, expected, cfg, device, seconds, images_done) -> dict:
+def _merge(dataset, parts, folder, expected, cfg, stain, device, seconds, images_done) -> dict:
     metas = [read_json(p) for p in sorted(parts.glob("part_*.json"))]
     roi_parts = sorted(parts.glob("part_*_roi.npy"))
     crop_parts = sorted(parts.glob("part_*_crops.npy"))
@@ -267,7 +300,9 @@ def _merge(dataset, parts, folder, expected, cfg, device, seconds, images_done) 
                 "unreadable": len(unreadable)},
         timings={"seconds": round(seconds, 2),
                  "images_per_second": round(images_done / seconds, 2) if seconds > 0 and images_done else None},
-        extra={"no_detection": missed, "unreadable": unreadable, "skipped": dataset.skipped},
+        extra={"no_detection": missed, "unreadable": unreadable, "skipped": dataset.skipped,
+               "stain_norm": cfg.stain_norm,
+               "lab_statistics": None if stain is None else np.round(stain, 3).tolist()},
     )
     shutil.rmtree(parts, ignore_errors=True)
     return manifest

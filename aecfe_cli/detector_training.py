@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from .annotations import TrainSample
-from .colour import background_colour, stain_jitter, white_balance_pixels
+from .colour import background_colour, stain_jitter, stain_normalised, white_balance_pixels
 from .detector import detector_args
 from .errors import StageError, UserError
 from .images import UnreadableImage, load_rgb
@@ -41,6 +41,7 @@ def train_detector(
     device,
     seed: int,
     min_steps: int = 0,
+    stain_norm: str = "none",
     train_size: Optional[int] = None,
     on_step: Optional[Callable[[int, int, dict], None]] = None,
 ) -> list[float]:
@@ -50,6 +51,8 @@ def train_detector(
     around a random cell at the scale ``detect`` will use, zoomed by a log-uniform factor in
     ``SCALE_JITTER``, flipped and rotated by multiples of 90 degrees, with stain strength, lamp colour,
     hue, saturation, focus blur, resolution and noise jitter, then white-balanced like detection input.
+    Images are first stain-normalised by ``stain_norm`` (see ``colour.stain_normalised``) with each
+    sample's ``stain`` statistics, as ``detect`` normalises its input.
     Crops at detection scale cost less than whole images while the cells keep their detection size.
 
     AdamW (weight decay 1e-4), linear warm-up then cosine decay, gradients clipped at norm 10: from
@@ -68,7 +71,7 @@ def train_detector(
         raise UserError(f"detector train size must be at least 32 pixels, got {canvas}")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    prepared = [_prepare(sample, args) for sample in samples]
+    prepared = [_prepare(sample, args, stain_norm) for sample in samples]
     total_steps = training_steps(len(prepared), epochs, batch_size, min_steps)
     device = torch.device(device)
     model.to(device)
@@ -123,7 +126,7 @@ def training_steps(samples: int, epochs: int, batch_size: int, min_steps: int) -
     return max(epochs * math.ceil(samples / batch_size), min_steps)
 
 
-def _prepare(sample: TrainSample, args: dict) -> _Prepared:
+def _prepare(sample: TrainSample, args: dict, stain_norm: str) -> _Prepared:
     try:
         image = load_rgb(sample.image_path)
     except UnreadableImage as exc:
@@ -139,6 +142,9 @@ def _prepare(sample: TrainSample, args: dict) -> _Prepared:
             np.zeros((0, *image.shape[:2]), bool)
     keep = masks.reshape(len(masks), -1).any(axis=1) if len(masks) else np.zeros(0, bool)
     boxes, masks = boxes[keep], masks[keep]
+    # Masks come from the original colours (the segmentation measures stain against the slide); the
+    # network sees the normalised ones, as detection will.
+    image = stain_normalised(image, stain_norm, sample.stain)
     height, width = image.shape[:2]
     # Huge fields are kept at the largest resolution training can use (the biggest zoom).
     detect_scale = min(args["min_size"] / min(height, width), args["max_size"] / max(height, width))

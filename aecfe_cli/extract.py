@@ -58,7 +58,7 @@ def run_extraction(
     def table_rows(instances, append_features, bar):
         """Encode batch by batch: each batch's vectors go to features.npy, its rows to the CSV writer."""
         for block in iter_npy_blocks(roi_path, cfg.batch_size):
-            vectors = model.encode(ae.scale_features(torch.from_numpy(block).to(device).float())).cpu().numpy()
+            vectors = model.encode(model.scale(torch.from_numpy(block).to(device).float())).cpu().numpy()
             append_features(vectors)
             rows = list(itertools.islice(instances, len(vectors)))
             if len(rows) < len(vectors):

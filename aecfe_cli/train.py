@@ -97,7 +97,10 @@ def run_training(
     # Epochs are left out of the resume key so that raising them continues a finished run.
     resume_key = fingerprint("train-resume", {**dataclasses.asdict(cfg), "epochs": None}, seed, _inputs(detect_manifests))
     torch.manual_seed(seed)
-    model = ae.AECFE(FEATURE_CHANNELS, cfg.latent_dim, cfg.image_size, cfg.width).to(device)
+    model = ae.AECFE(FEATURE_CHANNELS, cfg.latent_dim, cfg.image_size, cfg.width, cfg.feature_scaling,
+                     cfg.norm_first)
+    model.fit_feature_scaling(block for features in dataset.features for block in _blocks(features))
+    model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start_epoch, history = _restore(folder / "model.pt", resume_key, model, optimizer, device, require_resume, reporter)
     if rank == 0:
@@ -120,7 +123,7 @@ def run_training(
                 bar.advance(count, loss=terms["total"], align=terms["align"])
 
             terms = ae.train_one_epoch(model, loader, optimizer, device, cfg.align_weight, cfg.image_size,
-                                       on_batch=on_batch)
+                                       on_batch=on_batch, image_loss=cfg.image_loss, alignment=cfg.alignment)
         history.append({"epoch": epoch + 1, **terms})
         if rank == 0:
             ae.save_checkpoint(folder / "model.pt", model, optimizer, epoch + 1,
@@ -151,6 +154,12 @@ def run_training(
         extra={"datasets": list(names), "anchor": names[0], "flops_per_sample": ae.count_flops(core),
                "final_loss": history[-1] if history else None},
     )
+
+
+def _blocks(array: np.ndarray, rows: int = 512):
+    """A memory-mapped array in blocks of ``rows`` cells, read one at a time."""
+    for start in range(0, len(array), rows):
+        yield np.asarray(array[start:start + rows], np.float32)
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int]:
@@ -211,7 +220,7 @@ def _write_reconstructions(path: Path, model, dataset: CellArrays, cfg: TrainCon
     indices = [int(dataset.offsets[d]) + int(i) for d in range(len(dataset.features))
                for i in np.unique(np.linspace(0, len(dataset.features[d]) - 1, SAMPLES_PER_DOMAIN).astype(int))]
     features, crops, _ = dataset._gather(indices)
-    features, images = ae.prepare_batch(features, crops, cfg.image_size, device)
+    features, images = ae.prepare_batch(features, crops, cfg.image_size, device, core.scale)
     was_training = core.training
     core.eval()
     _, _, reconstructed = core(features)

@@ -71,7 +71,8 @@ def test_paper_settings_have_about_four_million_parameters():
     model = AECFE()
     parameters = sum(p.numel() for p in model.parameters())
     assert 3.8e6 < parameters < 4.2e6, parameters
-    assert model.model_args == {"in_channels": 256, "latent_dim": 50, "image_size": 128, "width": 1.0}
+    assert model.model_args == {"in_channels": 256, "latent_dim": 50, "image_size": 128, "width": 1.0,
+                                "feature_scaling": "sample", "norm_first": False}
     # The method notes about 5.5 GFLOP per sample for the image decoder at 128x128.
     assert count_flops(model)["image_decoder"] == pytest.approx(5.5e9, rel=0.02)
 
@@ -117,6 +118,46 @@ def test_prepare_batch_widens_and_resizes_with_area_interpolation():
     assert torch.allclose(images, expected, atol=1e-6)
     with pytest.raises(UserError):
         prepare_batch(features, crops[:1], 32, "cpu")
+
+
+def test_channel_scaling_is_fitted_on_training_cells_and_travels_with_the_checkpoint(tmp_path):
+    """Per-channel standardisation keeps activation strength (per-sample min-max would map a cell and
+    the same cell at half strength to one input) and extraction scales exactly as training did."""
+    torch.manual_seed(0)
+    cells = torch.randn(40, 256, 14, 14) * torch.linspace(0.1, 5, 256).view(1, -1, 1, 1) + 3
+    model = AECFE(**TINY, feature_scaling="channel")
+    model.fit_feature_scaling([cells[:25], cells[25:]])
+    scaled = model.scale(cells)
+    assert scaled.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert torch.allclose(scaled.std(dim=(0, 2, 3), unbiased=False), torch.ones(256), atol=1e-3)
+    assert not torch.allclose(model.scale(cells[:1] / 2), model.scale(cells[:1]))
+    assert torch.allclose(scale_features(cells[:1] / 2), scale_features(cells[:1]), atol=1e-6)
+    save_checkpoint(tmp_path / "model.pt", model, None, 1, {})
+    restored = build_model(load_checkpoint(tmp_path / "model.pt", "cpu"))
+    assert torch.equal(restored.scale(cells), scaled)
+    with pytest.raises(UserError, match="feature_scaling 'minmax'"):
+        AECFE(**TINY, feature_scaling="minmax")
+
+
+def test_padded_ssim_scores_the_border_that_valid_windows_ignore():
+    image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    damaged = image.clone()
+    damaged[..., :3, :] = 0.5  # only the top three rows differ
+    assert ssim(image, damaged).item() > ssim(image, damaged, padded=True).item() + 0.02
+
+
+def test_normalised_alignment_cannot_be_lowered_by_shrinking_the_latent():
+    torch.manual_seed(0)
+    z = torch.cat([torch.randn(16, 8), torch.randn(16, 8) + 1.5])
+    domains = torch.arange(32) // 16
+    features, images = torch.zeros(32, 1), torch.rand(32, 3, 16, 16)
+
+    def align(scale: float, alignment: str) -> float:
+        outputs = (z * scale, features, images)
+        return aecfe_loss(outputs, features, images, domains, image_loss="ssim", alignment=alignment)["align"].item()
+
+    assert align(0.05, "paper") < 0.01 * align(1.0, "paper")
+    assert align(0.05, "normalised") == pytest.approx(align(1.0, "normalised"), rel=1e-3)
 
 
 def test_ssim_is_one_for_identical_images_and_falls_with_noise():

@@ -15,6 +15,9 @@ def test_example_config_loads_and_documents_every_key():
     for section, values in defaults.items():
         if section == "datasets":
             continue
+        if section == "preset":
+            assert "\npreset: null" in text and config.preset is None
+            continue
         for key, value in values.items():
             assert f"  {key}:" in text, f"{section}.{key} is not documented in example_config.yaml"
             assert getattr(getattr(config, section), key) == value, f"{section}.{key} differs from the default"
@@ -58,3 +61,17 @@ def test_relative_dataset_root_is_relative_to_the_config(tmp_path):
     path = tmp_path / "sub" / "c.yaml"
     path.write_text("datasets:\n  mine:\n    root: ../data\n")
     assert load_config(path).datasets["mine"].root == str((tmp_path / "data").resolve())
+
+
+def test_paper_preset_sits_below_the_yaml_and_the_flag(tmp_path):
+    paper = load_config(None, "paper")
+    assert (paper.preset, paper.train.image_size, paper.train.batch_size, paper.train.feature_scaling) == \
+        ("paper", 128, 500, "sample")
+    assert paper.detect.backbone == "resnet101_fpn" and paper.detect.stain_norm == "none"
+    path = tmp_path / "cfg.yaml"
+    path.write_text("preset: paper\ntrain:\n  epochs: 3\n")
+    config = load_config(path)
+    assert config.train.epochs == 3 and config.train.batch_size == 500
+    assert load_config(path, "paper").train.epochs == 3
+    with pytest.raises(UserError, match="unknown preset 'papr'; did you mean 'paper'"):
+        load_config(None, "papr")
