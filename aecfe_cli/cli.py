@@ -237,6 +237,9 @@ def detect(
     data: List[str] = typer.Option(..., "--data", help="Registered dataset name or dataset path (repeatable)."),
     layout: Optional[str] = LayoutOption,
     weights: Optional[Path] = typer.Option(None, "--weights", help="Mask R-CNN state dict to use."),
+    init_weights: Optional[Path] = typer.Option(
+        None, "--init-weights", help="Start detector training from this state dict (a torchvision COCO Mask "
+        "R-CNN or an ImageNet ResNet); the class heads are replaced."),
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="VOC folder or COCO JSON to train on."),
     annotation_masks: Optional[Path] = typer.Option(None, "--annotation-masks", help="VOC: folder of mask PNGs."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="resnet18_fpn, resnet34_fpn, resnet50_fpn, resnet101_fpn."),
@@ -249,10 +252,11 @@ def detect(
     from . import detect as detect_stage
     from . import pipeline
 
-    for path, flag in ((weights, "--weights"), (annotations, "--annotations")):
+    for path, flag in ((weights, "--weights"), (init_weights, "--init-weights"), (annotations, "--annotations")):
         if path is not None and not path.exists():
             raise UserError(f"{path}: not found; pass an existing file to {flag}")
     overrides = {"detect": {"weights": str(weights) if weights else None,
+                            "init_weights": str(init_weights) if init_weights else None,
                             "annotations": str(annotations) if annotations else None,
                             "annotation_masks": str(annotation_masks) if annotation_masks else None,
                             "backbone": backbone, "all_cells": all_cells}}

@@ -59,6 +59,7 @@ class DetectConfig:
     # "none" keeps the colours.
     stain_norm: str = "dataset"
     weights: Optional[str] = None  # a Mask R-CNN state dict to use instead of training one
+    init_weights: Optional[str] = None  # a torchvision COCO Mask R-CNN or ImageNet ResNet to fine-tune from
     annotations: Optional[str] = None  # VOC folder or COCO JSON to train the detector on
     annotation_masks: Optional[str] = None  # VOC only: folder of whole-cell mask PNGs (else masks from boxes)
 

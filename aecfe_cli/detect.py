@@ -48,8 +48,9 @@ def detector_fingerprint(cfg: DetectConfig, seed: int) -> str:
     """The datasets a pseudo-mask detector learnt from are recorded but not fingerprinted: detecting a
     second dataset reuses the detector instead of retraining it and making the first one stale."""
     inputs = {}
-    if cfg.weights:
-        inputs["weights"] = sha256_file(Path(cfg.weights))
+    for key in ("weights", "init_weights"):
+        if getattr(cfg, key):
+            inputs[key] = sha256_file(Path(getattr(cfg, key)))
     if cfg.annotations:
         inputs["annotations"] = str(Path(cfg.annotations).resolve())
         inputs["annotation_masks"] = str(cfg.annotation_masks)
@@ -100,7 +101,17 @@ def obtain_detector(
         if not samples:
             raise UserError("no training images for the detector: no cell was found; pass --annotations or --weights")
         torch.manual_seed(seed)  # the random initial weights are part of what the seed fixes
-        model = net.build_detector(cfg.backbone, min_size=cfg.min_size, max_size=cfg.max_size)
+        if cfg.init_weights:
+            model, how["initial_weights"] = net.detector_from_initial_weights(
+                Path(cfg.init_weights), min_size=cfg.min_size, max_size=cfg.max_size)
+            start = how["initial_weights"]
+            unused = start["not_used"]
+            reporter.info(f"detector: starting from {cfg.init_weights} ({start['backbone']}, {start['loaded']} "
+                          f"tensors loaded, {start['new']} new); not used: "
+                          + (f"{len(unused)}: {', '.join(unused[:4])}" + (" ..." if len(unused) > 4 else "")
+                             if unused else "none"))
+        else:
+            model = net.build_detector(cfg.backbone, min_size=cfg.min_size, max_size=cfg.max_size)
         model.to(device)
         steps = training.training_steps(len(samples), cfg.train_epochs, cfg.train_batch_size, cfg.train_steps)
         with reporter.progress(f"training detector on {len(samples)} images", steps, unit="step") as bar:

@@ -197,6 +197,42 @@ def load_detector(path: Path, device, backbone_hint: Optional[str] = None):
     return model.to(device).eval()
 
 
+def detector_from_initial_weights(path: Path, **build_kw) -> tuple[nn.Module, dict]:
+    """A 2-class detector to fine-tune from weights made elsewhere, as torchvision's fine-tuning recipe
+    does: every tensor of ``path`` whose name and shape fit is loaded, the class-specific predictor heads
+    (e.g. COCO's 91 classes) stay new. ``path`` may hold a torchvision Mask R-CNN or Faster R-CNN state
+    dict of any class count, or an ImageNet ResNet (it becomes the FPN's body; its ``fc`` is dropped).
+    The backbone depth is taken from the file; BatchNorm statistics in it select ``norm="batch"``.
+
+    Returns the model (train mode) and what happened: backbone, norm, tensors loaded, tensors of the file
+    not used (with the reason) and the model's tensors that start from random values.
+    """
+    path = Path(path)
+    state = _bare_state_dict(_read_weights(path), path)
+    if not any(key.startswith("backbone.") for key in state):  # a classification ResNet
+        state = {f"backbone.body.{key}": value for key, value in state.items() if not key.startswith("fc.")}
+    norm = "batch" if any(key.endswith(".running_mean") for key in state) else "group"
+    fits = []
+    for backbone in BACKBONES:
+        args = {**build_kw, "backbone": backbone, "norm": norm}
+        expected = _expected_shapes(tuple(sorted(args.items())))
+        usable = [k for k, v in state.items() if k in expected and tuple(v.shape) == expected[k]]
+        body = [k for k in expected if k.startswith("backbone.body.") and not k.endswith(".num_batches_tracked")]
+        fits.append((sum(k in usable for k in body) / len(body), backbone, usable, expected))
+    coverage, backbone, usable, expected = max(fits, key=lambda fit: fit[0])
+    if coverage < 0.95:
+        raise UserError(f"{path}: not a torchvision ResNet or R-CNN state dict: at best {coverage:.0%} of a "
+                        f"{backbone} backbone's tensors fit; pass weights of one of {', '.join(BACKBONES)}")
+    model = build_detector(**{**build_kw, "backbone": backbone, "norm": norm})
+    model.load_state_dict({key: state[key] for key in usable}, strict=False)
+    not_used = [f"{key} (file {list(value.shape)}, model {list(expected[key])})" if key in expected
+                else f"{key} (not in a {backbone} Mask R-CNN)" for key, value in state.items() if key not in usable]
+    loaded = set(usable)
+    fresh = [key for key in expected if key not in loaded and not key.endswith(".num_batches_tracked")]
+    return model.train(), {"backbone": backbone, "norm": norm, "loaded": len(usable), "not_used": not_used,
+                           "new": len(fresh)}
+
+
 def _read_weights(path: Path):
     if not path.is_file():
         raise UserError(f"{path}: no such weights file; check the path given to --weights")

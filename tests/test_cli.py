@@ -1,5 +1,6 @@
 """The command line as users and scripts meet it: help, version, exit codes, one-line errors."""
 
+import json
 import subprocess
 import sys
 
@@ -95,3 +96,18 @@ def test_acevedo_sample_counts_when_present(tmp_path):
     for subtype, count in (("PMY", 37), ("MY ", 59), ("MMY", 45), ("IG ", 9)):
         line = next(l for l in result.stdout.splitlines() if f" {subtype}" in l)
         assert str(count) in line
+
+
+@pytest.mark.slow
+def test_detector_training_starts_from_imagenet_weights(tiny_project):
+    import torch
+    from torchvision.models import resnet18
+
+    torch.save(resnet18(weights=None).state_dict(), tiny_project / "resnet18.pt")
+    done = run_cli("detect", "--data", "lab_a", "--init-weights", "resnet18.pt", cwd=tiny_project)
+    assert done.returncode == 0, done.stderr
+    assert "starting from resnet18.pt (resnet18_fpn, 120 tensors loaded" in done.stderr
+    manifest = json.loads((tiny_project / "aecfe-work" / "detector" / "manifest.json").read_text())
+    assert manifest["obtained"]["initial_weights"]["backbone"] == "resnet18_fpn"
+    _one_line_error(run_cli("detect", "--data", "lab_a", "--init-weights", "missing.pt", cwd=tiny_project),
+                    "missing.pt: not found", "--init-weights")

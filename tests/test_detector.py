@@ -238,6 +238,42 @@ def test_a_coco_91_class_state_dict_is_refused_naming_the_difference(tmp_path):
     assert "needs [2, 1024]" in message
 
 
+def test_coco_weights_start_training_with_new_two_class_heads(tmp_path):
+    """torchvision's fine-tuning recipe: a 91-class COCO Mask R-CNN gives every tensor but the class
+    heads; what could not be used is named, and the result trains as a 2-class detector."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    coco = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    path = tmp_path / "coco.pt"
+    torch.save(coco.state_dict(), path)
+    model, report = net.detector_from_initial_weights(path, **TINY)
+    assert (report["backbone"], report["norm"]) == ("resnet50_fpn", "batch")
+    assert sorted(name.split(" ")[0] for name in report["not_used"]) == sorted(
+        f"roi_heads.{head}.{kind}" for head in ("box_predictor.cls_score", "box_predictor.bbox_pred",
+                                                 "mask_predictor.mask_fcn_logits") for kind in ("weight", "bias"))
+    assert "roi_heads.box_predictor.cls_score.weight (file [91, 1024], model [2, 1024])" in report["not_used"]
+    assert report["loaded"] == len(coco.state_dict()) - 6 and report["new"] == 6
+    own = model.state_dict()
+    assert torch.equal(own["backbone.body.layer4.2.conv3.weight"], coco.state_dict()["backbone.body.layer4.2.conv3.weight"])
+    assert own["roi_heads.box_predictor.cls_score.weight"].shape == (2, 1024)
+
+
+def test_imagenet_resnet_weights_become_the_backbone_body(tmp_path):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    classifier = resnet18(weights=None)
+    path = tmp_path / "resnet18.pt"
+    torch.save({"model": classifier.state_dict()}, path)  # wrapped, as training scripts often save
+    model, report = net.detector_from_initial_weights(path, **TINY)
+    assert report["backbone"] == "resnet18_fpn" and report["not_used"] == [] and report["loaded"] == 120
+    assert torch.equal(model.state_dict()["backbone.body.conv1.weight"], classifier.state_dict()["conv1.weight"])
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="other.pt: not a torchvision ResNet or R-CNN state dict"):
+        net.detector_from_initial_weights(tmp_path / "other.pt", **TINY)
+
+
 def test_a_bare_two_class_torchvision_state_dict_loads_with_its_backbone_inferred(tmp_path):
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 

@@ -1,0 +1,373 @@
+"""Cross-lab accuracy of aecfe: the whole pipeline, from an empty workdir, per variant and seed.
+
+Suites (each a set of labs trained on together, label-free, then scored source -> every other lab):
+
+* ``real``       the triangle in ``../shared/data``: PBC (Acevedo-20 sample, Barcelona, MGG), Zheng
+                 (Jiangxi Tecom, rapid stain) and BCCD (smear fields with one WBC type per field: the
+                 field is cut to a window twice the size of its annotated WBC box, so the detector still
+                 has to find the cell; fields with no type or mixed types are left out).
+* ``synthetic``  three synthetic labs (``aecfe synth --domain lab_a|lab_b|lab_c``).
+
+Every (variant, seed) runs ``aecfe train`` (which detects first), ``extract`` and ``evaluate`` for each
+source, as a user would, in its own workdir; variants that differ only after detection share the
+detections of an identical detector (copied, so every run still starts from its own workdir). Rows hold
+balanced accuracy, accuracy and macro-F1 of the learned features and of every baseline of the same run,
+in-domain (the 20 % split, and 5-fold stratified cross-validation repeated twice on all cells, which
+has less variance) and for every cross-lab direction, with the wall time of each stage.
+
+Results accumulate in a JSON file (one entry per suite, variant and seed; reruns replace their entry)
+and the Markdown report is rebuilt from all of it: ``docs/accuracy.json`` and ``docs/accuracy.md``.
+``--quick`` (a before-and-after check in a few minutes: small subsets, short training) writes to
+``accuracy-quick/`` in the current folder instead, never to the committed reference.
+
+    python benchmarks/accuracy.py [--suite real|synthetic] [--variants NAME,...] [--seeds 0,1,2] [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/run.py: idle threads must sleep
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import xml.etree.ElementTree as ElementTree  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from aecfe_cli.io import read_json, write_json, write_text  # noqa: E402
+
+DATA = ROOT / ".." / "shared" / "data"
+
+# Each lever alone against the settings before this benchmark existed ("before"), then all together.
+BEFORE = {
+    "detect": {"stain_norm": "none"},
+    "train": {"feature_scaling": "sample", "norm_first": False, "image_loss": "ssim", "alignment": "paper"},
+}
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "before": BEFORE,
+    "before+stain_norm": {**BEFORE, "detect": {"stain_norm": "dataset"}},
+    "before+channel_scaling": {**BEFORE, "train": {**BEFORE["train"], "feature_scaling": "channel"}},
+    "before+norm_first": {**BEFORE, "train": {**BEFORE["train"], "norm_first": True}},
+    "before+ssim_l1": {**BEFORE, "train": {**BEFORE["train"], "image_loss": "ssim_l1"}},
+    "before+normalised_alignment": {**BEFORE, "train": {**BEFORE["train"], "alignment": "normalised"}},
+    "default+image64": {"train": {"image_size": 64}},
+    "default+stain_image": {"detect": {"stain_norm": "image"}},
+}
+QUICK = {"detect": {"train_steps": 30, "train_images": 120}, "train": {"epochs": 4}}
+CV_FOLDS, CV_REPEATS = 5, 2
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=("real", "synthetic"), default="real")
+    parser.add_argument("--variants", default="default", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated pipeline seeds")
+    parser.add_argument("--per-class", type=int, default=0, help="use at most N images per class of each lab (0: all)")
+    parser.add_argument("--quick", action="store_true", help="small subsets and short training; writes accuracy-quick/")
+    parser.add_argument("--out", type=Path, default=None, help="folder of accuracy.json/.md (default docs/)")
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/aecfe-accuracy"), help="workdirs and prepared data")
+    args = parser.parse_args()
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.suite == "real" and not DATA.is_dir():
+        print(f"skipped: {DATA} is absent (see shared/data/README.md)")
+        return 0
+    out = args.out or (Path("accuracy-quick") if args.quick else ROOT / "docs")
+    per_class = args.per_class or (20 if args.quick else 0)
+    results_path = out / "accuracy.json"
+    results = read_json(results_path) if results_path.is_file() else {"runs": []}
+    labs = prepare_labs(args.suite, args.scratch / "data", per_class)
+    for variant in args.variants.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            entry = run_variant(args.suite, variant, seed, labs, args.scratch, args.quick, per_class)
+            results["runs"] = [r for r in results["runs"] if (r["suite"], r["variant"], r["seed"], r["quick"]) !=
+                               (args.suite, variant, seed, args.quick)] + [entry]
+            write_json(results_path, results)
+            write_text(out / "accuracy.md", markdown(results))
+            print(summary_line(entry), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Labs
+
+
+def prepare_labs(suite: str, folder: Path, per_class: int) -> dict[str, dict]:
+    """Dataset entries for the config (name -> settings), with lists written under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if suite == "synthetic":
+        labs = {}
+        for domain in ("lab_a", "lab_b", "lab_c"):
+            target = folder / domain
+            if not target.is_dir():
+                run([*aecfe(), "synth", "--out", str(target), "--domain", domain, "--per-class", str(per_class or 60)])
+            labs[domain] = {"layout": "folder", "root": str(target)}
+        return labs
+    pbc_root = DATA / "pbc" / "PBC_dataset_normal_DIB"
+    pbc = [(str(p), c.name) for c in sorted(pbc_root.iterdir()) if c.is_dir() for p in sorted(c.glob("*.jpg"))]
+    with open(DATA / "zheng_tecom" / "labels.csv", newline="") as handle:
+        names = {"1": "neutrophil", "2": "lymphocyte", "3": "monocyte", "4": "eosinophil", "5": "basophil"}
+        zheng = [(str(DATA / "zheng_tecom" / "images_and_masks" / f"{int(r['image ID']):03d}.bmp"),
+                  names[r["class label"]]) for r in csv.DictReader(handle)]
+    bccd = bccd_cells(folder / "bccd_cells")
+    labs = {}
+    for name, rows in (("pbc", pbc), ("zheng", zheng), ("bccd", bccd)):
+        rows = _at_most_per_class(rows, per_class)
+        list_path = folder / f"{name}_{per_class or 'all'}.csv"
+        with open(list_path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label"])
+            writer.writerows(rows)
+        labs[name] = {"layout": "csv", "root": str(list_path)}
+    # PBC's subtypes come from its file names; the csv layout keeps its folder names (coarse classes).
+    return labs
+
+
+def _at_most_per_class(rows, per_class: int):
+    if not per_class:
+        return rows
+    kept, seen = [], {}
+    for index in np.random.default_rng(0).permutation(len(rows)):
+        path, label = rows[index]
+        if seen.get(label, 0) < per_class:
+            seen[label] = seen.get(label, 0) + 1
+            kept.append((path, label))
+    return sorted(kept)
+
+
+def bccd_cells(folder: Path) -> list[tuple[str, str]]:
+    """BCCD fields with one WBC type, cut to a square twice the WBC box (largest WBC box of the field)."""
+    voc = DATA / "bccd" / "voc"
+    rows = []
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(DATA / "bccd" / "wbc_type_per_image.csv", newline="") as handle:
+        for record in csv.DictReader(handle):
+            types = {t.strip().lower() for t in (record["Category"] or "").split(",") if t.strip()}
+            xml_path = voc / "Annotations" / f"BloodImage_{int(record['Image']):05d}.xml"
+            if len(types) != 1 or not xml_path.is_file():
+                continue
+            boxes = [[float(o.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+                     for o in ElementTree.parse(xml_path).getroot().iter("object") if o.findtext("name") == "WBC"]
+            boxes = [b for b in boxes if b[2] - b[0] > 8 and b[3] - b[1] > 8]
+            if not boxes:
+                continue
+            x0, y0, x1, y1 = max(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+            target = folder / f"{xml_path.stem}.png"
+            if not target.is_file():
+                image = Image.open(voc / "JPEGImages" / f"{xml_path.stem}.jpg").convert("RGB")
+                side = 2 * max(x1 - x0, y1 - y0)
+                cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+                box = (max(0, round(cx - side / 2)), max(0, round(cy - side / 2)),
+                       min(image.width, round(cx + side / 2)), min(image.height, round(cy + side / 2)))
+                image.crop(box).save(target)
+            rows.append((str(target), types.pop()))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs
+
+
+def aecfe() -> list[str]:
+    return [sys.executable, "-m", "aecfe_cli", "--quiet"]
+
+
+def run(command: list[str]) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def config_text(labs: dict, variant: dict, quick: bool) -> str:
+    sections: dict[str, dict] = {"datasets": labs}
+    for extra in (QUICK if quick else {}, variant):
+        for section, values in extra.items():
+            sections.setdefault(section, {}).update(values)
+    return json.dumps(sections, indent=1)  # JSON is YAML
+
+
+def run_variant(suite: str, variant: str, seed: int, labs: dict, scratch: Path, quick: bool, per_class: int) -> dict:
+    settings = VARIANTS[variant]
+    workdir = scratch / f"{suite}-{'quick-' if quick else ''}{per_class}-{variant}-seed{seed}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    config = workdir / "aecfe.yaml"
+    config.write_text(config_text(labs, settings, quick))
+    _reuse_detections(scratch, workdir, config.read_text(), seed)
+    base = [*aecfe(), "--workdir", str(workdir / "work"), "--config", str(config), "--seed", str(seed)]
+    names = list(labs)
+    started = time.perf_counter()
+    run([*base, "train", *(a for n in names for a in ("--data", n))])
+    run([*base, "extract"])
+    reports = {}
+    for source in names:
+        targets = [a for n in names if n != source for a in ("--target", n)]
+        reports[source] = json.loads(run([*base, "evaluate", "--source", source, *targets, "--json"]))
+    wall = time.perf_counter() - started
+    work = workdir / "work"
+    return {
+        "suite": suite, "variant": variant, "seed": seed, "quick": quick, "per_class": per_class,
+        "settings": settings, "wall_seconds": round(wall, 1),
+        "stage_seconds": stage_seconds(work, names),
+        "cells": {n: read_json(work / "detect" / n / "manifest.json")["counts"] for n in names},
+        "reports": {source: compact(report) for source, report in reports.items()},
+        "cross_validation": {n: cross_validated(work, n, seed) for n in names},
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def _reuse_detections(scratch: Path, workdir: Path, config: str, seed: int) -> None:
+    """Copy detector and detections from an earlier run whose detect section and seed were identical."""
+    detect_key = json.dumps(json.loads(config).get("detect", {}), sort_keys=True) + f"|{seed}|" + \
+        json.dumps(json.loads(config)["datasets"], sort_keys=True)
+    for earlier in sorted(scratch.glob("*/detect_key.txt")):
+        if earlier.read_text() == detect_key and (earlier.parent / "work" / "detector" / "manifest.json").is_file():
+            (workdir / "work").mkdir()
+            for part in ("detector", "detect", "datasets.json"):
+                source = earlier.parent / "work" / part
+                if source.is_dir():
+                    shutil.copytree(source, workdir / "work" / part)
+                elif source.is_file():
+                    shutil.copy2(source, workdir / "work" / part)
+            break
+    (workdir / "detect_key.txt").write_text(detect_key)
+
+
+def stage_seconds(work: Path, names: list[str]) -> dict:
+    def seconds(folder: Path, key: str = "seconds"):
+        manifest = read_json(folder / "manifest.json")
+        return manifest["timings"].get(key)
+
+    return {
+        "detector": seconds(work / "detector"),
+        "detect": {n: seconds(work / "detect" / n) for n in names},
+        "train": seconds(work / "train", "seconds_this_run"),
+        "extract": {n: seconds(work / "extract" / n) for n in names},
+    }
+
+
+def compact(report: dict) -> dict:
+    """Per method and scored set: balanced accuracy, accuracy, macro-F1 and n."""
+    def metrics(m: dict) -> dict:
+        return {k: m.get(k) for k in ("n", "balanced_accuracy", "accuracy", "macro_f1")}
+
+    methods = {"aecfe": {"in_domain": metrics(report["in_domain"]),
+                         **{t: metrics(m) for t, m in report["targets"].items()}}}
+    for name, baseline in report.get("baselines", {}).items():
+        methods[name] = {"in_domain": metrics(baseline["in_domain"]),
+                         **{t: metrics(m) for t, m in baseline.get("targets", {}).items()}}
+    return {"labels": report.get("labels"), "classes": report.get("classes"), "methods": methods}
+
+
+def cross_validated(work: Path, name: str, seed: int) -> dict:
+    """In-domain balanced accuracy of the random forest by repeated stratified k-fold on all cells."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score
+
+    features = np.load(work / "extract" / name / "features.npy")
+    with open(work / "extract" / name / "features.csv", newline="") as handle:
+        labels = np.array([row["label"] for row in csv.DictReader(handle)])
+    keep = np.isin(labels, [c for c in np.unique(labels) if (labels == c).sum() >= CV_FOLDS])
+    folds = RepeatedStratifiedKFold(n_splits=CV_FOLDS, n_repeats=CV_REPEATS, random_state=seed)
+    forest = RandomForestClassifier(n_estimators=100, max_depth=16, random_state=0, n_jobs=-1)
+    scores = cross_val_score(forest, features[keep], labels[keep], cv=folds, scoring="balanced_accuracy")
+    return {"mean": round(float(scores.mean()), 4), "std": round(float(scores.std()), 4), "folds": len(scores)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def summary_line(entry: dict) -> str:
+    parts = [f"{entry['suite']} {entry['variant']} seed {entry['seed']}:"]
+    for source, report in entry["reports"].items():
+        for target, m in report["methods"]["aecfe"].items():
+            parts.append(f"{source}->{target} {m['balanced_accuracy']}")
+    return " ".join(parts) + f" ({entry['wall_seconds']} s)"
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Cross-lab accuracy", "",
+             "Written by `benchmarks/accuracy.py` (see its docstring for the suites and the protocol). "
+             "Balanced accuracy (accuracy / macro-F1 in the JSON beside this file). `in` is the 20 % "
+             "in-domain split of evaluate; `cv` is 5-fold stratified cross-validation, repeated twice, "
+             "on all cells of the lab. Baselines come from the same run.", ""]
+    runs = sorted(results["runs"], key=lambda r: (r["suite"], r["quick"], r["variant"], r["seed"]))
+    for suite in sorted({r["suite"] for r in runs}):
+        lines += [f"## Suite `{suite}`", ""]
+        lines += _mean_table([r for r in runs if r["suite"] == suite])
+        lines += ["", "### Every run", ""]
+        for entry in (r for r in runs if r["suite"] == suite):
+            lines += _run_table(entry)
+    return "\n".join(lines) + "\n"
+
+
+def _directions(entry: dict) -> list[tuple[str, str]]:
+    return [(s, t) for s, report in entry["reports"].items() for t in report["methods"]["aecfe"]]
+
+
+def _value(entry: dict, source: str, target: str, method: str = "aecfe"):
+    scored = entry["reports"][source]["methods"].get(method, {}).get(target)
+    return None if scored is None else scored["balanced_accuracy"]
+
+
+def _mean_table(runs: list[dict]) -> list[str]:
+    groups: dict[tuple, list[dict]] = {}
+    for entry in runs:
+        groups.setdefault((entry["variant"], entry["quick"], entry["per_class"]), []).append(entry)
+    directions = _directions(runs[0])
+    header = ["variant", "seeds", *(f"{s}→{'in' if t == 'in_domain' else t}" for s, t in directions), "best baseline→cross (mean)"]
+    lines = ["Learned features, mean ± standard deviation over seeds:", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (variant, quick, per_class), entries in sorted(groups.items()):
+        cells = []
+        for source, target in directions:
+            values = [v for v in (_value(e, source, target) for e in entries) if v is not None]
+            cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "-")
+        cross = [(s, t) for s, t in directions if t != "in_domain"]
+        best = [max((v for m in e["reports"][s]["methods"] if m != "aecfe"
+                     for v in [_value(e, s, t, m)] if v is not None), default=np.nan)
+                for e in entries for s, t in cross]
+        label = variant + (" (quick)" if quick else "") + (f", {per_class}/class" if per_class else "")
+        lines.append("| " + " | ".join([label, str(len(entries)), *cells, f"{np.nanmean(best):.3f}"]) + " |")
+    return lines
+
+
+def _run_table(entry: dict) -> list[str]:
+    methods = list(next(iter(entry["reports"].values()))["methods"])
+    lines = [f"**{entry['variant']}**, seed {entry['seed']}{' (quick)' if entry['quick'] else ''}: "
+             f"settings `{json.dumps(entry['settings'])}`, cells {json.dumps({n: c['cells'] for n, c in entry['cells'].items()})}, "
+             f"wall {entry['wall_seconds']} s (stages: `{json.dumps(entry['stage_seconds'])}`), {entry['machine']}, "
+             f"{entry['finished']}", "",
+             "| direction | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
+    for source, target in _directions(entry):
+        cells = []
+        for method in methods:
+            scored = entry["reports"][source]["methods"].get(method, {}).get(target)
+            cells.append("-" if scored is None else
+                         f"{scored['balanced_accuracy']:.3f} / {scored['accuracy']:.3f} / {scored['macro_f1']:.3f}")
+        lines.append(f"| {source}→{'in' if target == 'in_domain' else target} | " + " | ".join(cells) + " |")
+    cv = ", ".join(f"{n} {c['mean']:.3f} ± {c['std']:.3f}" for n, c in entry["cross_validation"].items())
+    lines += ["", f"In-domain cross-validated balanced accuracy (learned features): {cv}. "
+              "Cells: balanced accuracy / accuracy / macro-F1.", ""]
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
