@@ -385,7 +385,7 @@ def _evaluate_pairs(session, source: str, targets: List[str]) -> dict:
 def _print_report(report: dict, folder: Path, as_json: bool) -> None:
     import json
 
-    from .evaluate import render_summary_rows
+    from .evaluate_report import render_summary_rows
 
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -433,7 +433,7 @@ def demo(
     """Run the whole pipeline on synthetic labs (./aecfe-demo unless --workdir is given)."""
     from . import demo as demo_stage
     from . import pipeline
-    from .evaluate import render_summary_rows
+    from .evaluate_report import render_summary_rows
 
     options: Options = ctx.obj
     if not options.workdir_given:

@@ -91,7 +91,7 @@ class ExtractConfig:
 class EvaluateConfig:
     classifier: str = "random_forest"  # random_forest | logistic_regression | knn | linear_svm
     labels: str = "auto"  # fine | coarse | auto
-    baselines: bool = True  # score raw-pixel and colour-histogram baselines on the same splits
+    baselines: bool = True  # score raw-pixel, colour-histogram and stain-normalised histogram baselines on the same splits
     split_seed: int = 42
 
 

@@ -10,3 +10,11 @@ class UserError(Exception):
 
 class StageError(Exception):
     """A failure while working on valid input (exit code 1)."""
+
+
+def did_you_mean(name: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.4)
+    return f" (did you mean '{close[0]}'?)" if close else ""

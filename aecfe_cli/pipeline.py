@@ -174,6 +174,7 @@ def evaluation_fingerprint(session: Session, targets: Sequence[str], inputs: dic
 
 def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset]) -> dict:
     from . import evaluate
+    from .feature_sets import load_feature_set
 
     if any(t.name == source.name for t in targets):
         raise UserError(f"--target {source.name}: the source is scored in-domain already; name other datasets")
@@ -190,8 +191,8 @@ def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset])
 
     started = time.perf_counter()
     report = evaluate.run_evaluation(
-        evaluate.load_feature_set(session.workdir.root, source.name),
-        [evaluate.load_feature_set(session.workdir.root, t.name) for t in targets],
+        load_feature_set(session.workdir.root, source.name),
+        [load_feature_set(session.workdir.root, t.name) for t in targets],
         folder,
         labels_mode=cfg.labels,
         classifier=cfg.classifier,

@@ -20,7 +20,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aecfe_cli.evaluate import FeatureSet, make_classifier, run_evaluation, stratified_split  # noqa: E402
+from aecfe_cli.classify import make_classifier  # noqa: E402
+from aecfe_cli.evaluate import run_evaluation  # noqa: E402
+from aecfe_cli.feature_sets import FeatureSet, stratified_split  # noqa: E402
 from aecfe_cli.labels import FINE_CLASSES  # noqa: E402
 
 DIMENSION = 50

@@ -9,21 +9,11 @@ import numpy as np
 import pytest
 
 from aecfe_cli.errors import UserError
-from aecfe_cli.evaluate import (
-    CLASSIFIERS,
-    FeatureSet,
-    baseline_features,
-    domain_mixing,
-    load_feature_set,
-    load_split,
-    make_classifier,
-    render_summary_rows,
-    resolve_labels,
-    run_evaluation,
-    save_split,
-    score,
-    stratified_split,
-)
+from aecfe_cli.classify import CLASSIFIERS, make_classifier, score
+from aecfe_cli.evaluate import run_evaluation
+from aecfe_cli.evaluate_report import render_summary_rows
+from aecfe_cli.feature_sets import FeatureSet, load_feature_set, load_split, resolve_labels, save_split, stratified_split
+from aecfe_cli.mixing import domain_mixing
 from aecfe_cli.io import write_csv, write_npy
 
 DIMENSION = 8
@@ -90,7 +80,7 @@ def test_run_evaluation_writes_every_artefact_with_the_schema(tmp_path: Path) ->
     metrics = [on_disk["in_domain"], on_disk["targets"]["acevedo"]]
     metrics += [entry[split] for entry in on_disk["baselines"].values() for split in ("in_domain",)]
     metrics += [entry["targets"]["acevedo"] for entry in on_disk["baselines"].values()]
-    assert set(on_disk["baselines"]) == {"raw_pixels", "color_histogram"}
+    assert set(on_disk["baselines"]) == {"raw_pixels", "color_histogram", "stain_normalized_histogram"}
     for entry in metrics:
         for name in ("accuracy", "balanced_accuracy", "macro_f1"):
             assert 0.0 <= entry[name] <= 1.0
@@ -99,7 +89,7 @@ def test_run_evaluation_writes_every_artefact_with_the_schema(tmp_path: Path) ->
         assert set(entry["per_class"]) == set(entry["classes"])
     assert on_disk["targets"]["acevedo"]["n"] == 200
     assert on_disk["in_domain"]["n"] == on_disk["split"]["n_test"] == 48
-    for method in ("aecfe", "raw_pixels", "color_histogram"):
+    for method in ("aecfe", "raw_pixels", "color_histogram", "stain_normalized_histogram"):
         assert on_disk["domain_mixing"]["methods"][method]["chance"] == 0.5
     assert "lower is better" in on_disk["domain_mixing"]["direction"]
 
@@ -110,7 +100,7 @@ def test_run_evaluation_writes_every_artefact_with_the_schema(tmp_path: Path) ->
     assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left behind"
 
     rows = render_summary_rows(report)
-    assert len(rows) == 2 * 3  # (in-domain, acevedo) x (AE-CFE, two baselines)
+    assert len(rows) == 2 * 4  # (in-domain, acevedo) x (AE-CFE, three baselines)
     assert rows[0] == (
         "AE-CFE",
         "in-domain",
@@ -273,27 +263,6 @@ def test_score_counts_predictions_of_unscored_classes_as_errors() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ baselines
-
-
-def test_baseline_features_are_the_same_in_any_chunk_size_and_from_a_memmap(tmp_path: Path) -> None:
-    crops = np.random.default_rng(0).integers(0, 256, size=(23, 3, 32, 32), dtype=np.uint8)
-    np.save(tmp_path / "crops.npy", crops)
-    mapped = np.load(tmp_path / "crops.npy", mmap_mode="r")
-    pixels = baseline_features(crops, "raw_pixels")
-    assert pixels.shape == (23, 3 * 16 * 16)
-    assert np.allclose(pixels, baseline_features(mapped, "raw_pixels", chunk_size=5))
-    # Block means of 2x2 pixels, scaled to [0, 1], for the first and the last crop.
-    assert pixels[0, 0] == pytest.approx(crops[0, 0, :2, :2].mean() / 255.0)
-    assert pixels[-1, -1] == pytest.approx(crops[-1, 2, -2:, -2:].mean() / 255.0)
-
-    histograms = baseline_features(crops, "color_histogram")
-    assert histograms.shape == (23, 6 * 16)
-    assert np.allclose(histograms, baseline_features(mapped, "color_histogram", chunk_size=4))
-    assert np.allclose(histograms.reshape(23, 6, 16).sum(axis=2), 1.0)
-    red_counts, _ = np.histogram(crops[-1, 0], bins=16, range=(0, 256))
-    assert np.allclose(histograms[-1, :16], red_counts / (32 * 32))
-    with pytest.raises(UserError, match="raw_pixels"):
-        baseline_features(crops, "raw_pixel")
 
 
 def test_baselines_are_skipped_with_a_note_when_a_dataset_has_no_crops(tmp_path: Path) -> None:

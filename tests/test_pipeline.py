@@ -71,7 +71,7 @@ def test_run_writes_consistent_interface_files(finished_project):
         assert manifest["counts"]["images"] == 36 and manifest["outputs"]["roi_features.npy"]["sha256"]
     report = json.loads((work / "evaluate" / "lab_a" / "report.json").read_text())
     assert report["source"] == "lab_a" and "lab_b" in report["targets"]
-    assert set(report["baselines"]) == {"raw_pixels", "color_histogram"}
+    assert set(report["baselines"]) == {"raw_pixels", "color_histogram", "stain_normalized_histogram"}
     for file in ("report.md", "embedding.png", "confusion_lab_b.png", "manifest.json"):
         assert (work / "evaluate" / "lab_a" / file).is_file()
     for file in ("model.pt", "history.csv", "loss.png", "manifest.json"):
