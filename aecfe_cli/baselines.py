@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 from sklearn.decomposition import PCA
 
+from . import colour
 from .errors import UserError, did_you_mean
 
 BASELINES = {
@@ -31,15 +32,6 @@ BASELINES = {
         "mapped onto the source's"
     ),
 }
-# sRGB (D65) -> CIE XYZ, and the D65 white point (IEC 61966-2-1; Lindbloom's tables).
-_RGB_TO_XYZ = np.array(
-    [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
-)
-_XYZ_TO_RGB = np.linalg.inv(_RGB_TO_XYZ)
-_WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
-_LAB_EPSILON = 6.0 / 29.0
-# Lightness histogram resolution of the per-crop Otsu threshold (L runs 0..100).
-_OTSU_BINS = 64
 
 
 def baseline_features(
@@ -145,75 +137,12 @@ def fit_projection(train_descriptors: np.ndarray, n_components: int, seed: int) 
 # ---------------------------------------------------------------------------------- stain normalisation
 
 
-def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB values 0..255 (any shape ending in 3) -> CIELAB (L 0..100, a, b), D65 white, float32."""
-    linear = np.asarray(rgb, dtype=np.float32) / 255.0
-    linear = np.where(linear <= 0.04045, linear / 12.92, ((linear + 0.055) / 1.055) ** 2.4)
-    xyz = linear @ (_RGB_TO_XYZ / _WHITE_D65[:, None]).T.astype(np.float32)
-    f = np.where(xyz > _LAB_EPSILON**3, np.cbrt(xyz), xyz / (3 * _LAB_EPSILON**2) + 4.0 / 29.0)
-    return np.stack(
-        [116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], axis=-1
-    ).astype(np.float32)
-
-
-def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
-    """CIELAB (any shape ending in 3) -> sRGB 0..255 as float32; colours outside sRGB are clipped."""
-    lab = np.asarray(lab, dtype=np.float32)
-    fy = (lab[..., 0] + 16.0) / 116.0
-    f = np.stack([fy + lab[..., 1] / 500.0, fy, fy - lab[..., 2] / 200.0], axis=-1)
-    xyz = np.where(f > _LAB_EPSILON, f**3, 3 * _LAB_EPSILON**2 * (f - 4.0 / 29.0)) * _WHITE_D65.astype(np.float32)
-    linear = np.clip(xyz @ _XYZ_TO_RGB.T.astype(np.float32), 0.0, 1.0)
-    srgb = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
-    return (255.0 * srgb).astype(np.float32)
-
-
 def lab_statistics(crops: np.ndarray, chunk_size: int = 128) -> np.ndarray:
-    """(2, 3) float64: mean and standard deviation of L, a, b over the stained pixels of all ``crops``.
-
-    Stained = at or below each crop's Otsu threshold on lightness; when no crop has any (blank crops), every
-    pixel counts.
-    """
-    total, squares, count = np.zeros(3), np.zeros(3), 0
-    every_total, every_squares, every_count = np.zeros(3), np.zeros(3), 0
-    for _, chunk in _chunks(crops, chunk_size):
-        lab = rgb_to_lab(np.moveaxis(chunk, 1, -1)).reshape(len(chunk), -1, 3).astype(np.float64)
-        stained = lab[_stained_pixels(lab[..., 0])]
-        total += stained.sum(axis=0)
-        squares += (stained**2).sum(axis=0)
-        count += len(stained)
-        every_total += lab.sum(axis=(0, 1))
-        every_squares += (lab**2).sum(axis=(0, 1))
-        every_count += lab.shape[0] * lab.shape[1]
-    if count == 0:
-        total, squares, count = every_total, every_squares, every_count
-    if count == 0:
-        raise ValueError("no crops to take stain statistics from")
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
-    return np.stack([mean, std])
-
-
-def _stained_pixels(lightness: np.ndarray) -> np.ndarray:
-    """(n, pixels) L -> boolean mask of the pixels at or below each row's Otsu threshold."""
-    n_crops = len(lightness)
-    bins = np.clip((lightness * (_OTSU_BINS / 100.0)).astype(np.int64), 0, _OTSU_BINS - 1)
-    offsets = (np.arange(n_crops) * _OTSU_BINS)[:, None]
-    counts = np.bincount((bins + offsets).ravel(), minlength=n_crops * _OTSU_BINS).reshape(n_crops, _OTSU_BINS)
-    share = counts / counts.sum(axis=1, keepdims=True)
-    below = np.cumsum(share, axis=1)  # share of pixels at or below each bin
-    below_mean = np.cumsum(share * np.arange(_OTSU_BINS), axis=1)
-    overall_mean = below_mean[:, -1:]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (overall_mean * below - below_mean) ** 2 / (below * (1.0 - below))
-    threshold = np.argmax(np.nan_to_num(between, nan=-1.0, posinf=-1.0), axis=1)
-    return bins <= threshold[:, None]
+    """(2, 3): mean and standard deviation of L, a, b over the stained pixels of all (N, 3, S, S) ``crops``."""
+    return colour.lab_statistics(np.moveaxis(chunk, 1, -1) for _, chunk in _chunks(crops, chunk_size))
 
 
 def normalise_stain(chunk: np.ndarray, statistics: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """(n, 3, S, S) uint8 crops whose CIELAB channels follow ``statistics`` -> crops following ``reference``."""
-    lab = rgb_to_lab(np.moveaxis(chunk, 1, -1))
-    mean, std = statistics.astype(np.float32)
-    reference_mean, reference_std = reference.astype(np.float32)
-    mapped = (lab - mean) / np.maximum(std, 1e-6) * reference_std + reference_mean
-    rgb = np.clip(np.rint(lab_to_rgb(mapped)), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(np.moveaxis(rgb, -1, 1))
+    moved = colour.normalise_stain(np.moveaxis(chunk, 1, -1), statistics, reference)
+    return np.ascontiguousarray(np.moveaxis(moved, -1, 1))

@@ -7,13 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aecfe_cli.baselines import (
-    baseline_features,
-    lab_statistics,
-    lab_to_rgb,
-    normalise_stain,
-    rgb_to_lab,
-)
+from aecfe_cli.baselines import baseline_features, lab_statistics, normalise_stain
+from aecfe_cli.colour import lab_to_rgb, rgb_to_lab
 from aecfe_cli.errors import UserError
 from aecfe_cli.evaluate import run_evaluation
 from aecfe_cli.feature_sets import FeatureSet
@@ -38,27 +33,7 @@ def blob_crops(labels: list[str], seed: int, size: int = 32) -> np.ndarray:
 def restain(crops: np.ndarray, scale=(0.85, 0.7, 1.2), shift=(6.0, -5.0, 9.0)) -> np.ndarray:
     """Another lab's colours: a per-channel affine change of the crops' CIELAB values."""
     lab = rgb_to_lab(np.moveaxis(crops, 1, -1)) * np.array(scale, np.float32) + np.array(shift, np.float32)
-    return np.moveaxis(np.clip(np.rint(lab_to_rgb(lab)), 0, 255).astype(np.uint8), -1, 1)
-
-
-@pytest.mark.parametrize(
-    "rgb, lab",
-    [
-        ((255, 255, 255), (100.0, 0.0, 0.0)),
-        ((0, 0, 0), (0.0, 0.0, 0.0)),
-        ((128, 128, 128), (53.585, 0.0, 0.0)),
-        ((255, 0, 0), (53.241, 80.092, 67.203)),
-        ((0, 255, 0), (87.735, -86.183, 83.179)),
-        ((0, 0, 255), (32.297, 79.188, -107.860)),
-    ],
-)
-def test_rgb_to_lab_gives_the_published_values(rgb, lab) -> None:
-    assert rgb_to_lab(np.array(rgb, np.uint8)) == pytest.approx(lab, abs=0.02)
-
-
-def test_lab_to_rgb_inverts_rgb_to_lab() -> None:
-    colours = np.random.default_rng(0).integers(0, 256, size=(5000, 3), dtype=np.uint8)
-    assert np.abs(lab_to_rgb(rgb_to_lab(colours)) - colours).max() < 0.05
+    return np.moveaxis(lab_to_rgb(lab), -1, 1)
 
 
 def test_stain_statistics_use_the_stained_pixels_not_the_slide() -> None:
