@@ -16,6 +16,7 @@ from sklearn.svm import LinearSVC
 from .errors import UserError, did_you_mean
 
 CLASSIFIERS = ("random_forest", "logistic_regression", "knn", "linear_svm")
+FEATURE_NORMS = ("none", "dataset")
 DIGITS = 6
 
 
@@ -33,6 +34,20 @@ def make_classifier(name: str, seed: int) -> BaseEstimator:
     raise UserError(
         f"unknown classifier '{name}'{did_you_mean(name, CLASSIFIERS)}; choose one of {', '.join(CLASSIFIERS)}"
     )
+
+
+def normalise_features(features: np.ndarray, mode: str) -> np.ndarray:
+    """``mode`` "dataset": standardise each dimension with this dataset's own mean and standard deviation
+    over all its cells (label-free, like AdaBN re-estimating batch statistics in a new domain), so a shift
+    or rescaling of the whole lab in feature space does not move its cells across the classifier's
+    boundaries. Call it once per dataset; "none" returns the features as they are."""
+    if mode not in FEATURE_NORMS:
+        raise UserError(f"evaluate.feature_norm '{mode}': choose one of {', '.join(FEATURE_NORMS)}")
+    if mode == "none":
+        return features
+    features = np.asarray(features, np.float64)
+    std = features.std(axis=0)
+    return ((features - features.mean(axis=0)) / np.where(std > 1e-12, std, 1.0)).astype(np.float32)
 
 
 def score(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) -> dict:

@@ -93,6 +93,9 @@ class EvaluateConfig:
     labels: str = "auto"  # fine | coarse | auto
     baselines: bool = True  # score raw-pixel, colour-histogram and stain-normalised histogram baselines on the same splits
     split_seed: int = 42
+    # "dataset": standardise the learned features of each dataset with its own statistics before the
+    # classifier (label-free, AdaBN-like); "none" uses them as extracted.
+    feature_norm: str = "none"
 
 
 @dataclass

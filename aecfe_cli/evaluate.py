@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import BASELINES, baseline_features, fit_projection, lab_statistics
-from .classify import make_classifier, score
+from .classify import make_classifier, normalise_features, score
 from .errors import UserError
 from .evaluate_report import plot_confusion, plot_embedding, render_markdown
 from .feature_sets import FeatureSet, load_split, map_labels, resolve_labels, save_split, stratified_split
@@ -53,6 +53,7 @@ def run_evaluation(
     seed: int = 0,
     split_seed: int = 42,
     baselines: bool = True,
+    feature_norm: str = "none",
 ) -> dict:
     """Run the protocol, write report.json/.md, split.csv and the figures into ``out_dir``; return the report.
 
@@ -60,10 +61,12 @@ def run_evaluation(
     classifier is trained on), ``in_domain`` and ``targets`` (metrics as :func:`score`), ``baselines``
     (``{kind: {"description", "dimension", "in_domain", "targets"}}``, empty with ``baselines_note`` when
     skipped), ``domain_mixing``, ``classes_per_target`` (compared and dropped classes), ``cells_per_class``
-    (per dataset), ``split``, ``files``, ``classifier``, ``seed``.
+    (per dataset), ``split``, ``files``, ``classifier``, ``seed``, ``feature_norm`` (how the learned features
+    were normalised per dataset before the classifier: :func:`classify.normalise_features`).
     """
     out_dir = Path(out_dir)
     make_classifier(classifier, seed)  # fail on a bad name before any work
+    normalise_features(np.zeros((1, 1)), feature_norm)  # likewise for the normalisation
     _check_target_names(source, targets)
     level, to_class = resolve_labels(source.labels, [target.labels for target in targets], labels_mode)
     source_y = map_labels(source.labels, to_class)
@@ -79,7 +82,8 @@ def run_evaluation(
     }
 
     train_idx, test_idx, split_info = _source_split(source, source_y, out_dir, split_seed)
-    methods = [_Method("aecfe", source.features, {target.name: target.features for target in targets})]
+    methods = [_Method("aecfe", normalise_features(source.features, feature_norm),
+                       {target.name: normalise_features(target.features, feature_norm) for target in targets})]
     baselines_note = "skipped: not requested"
     if baselines:
         baseline_methods, baselines_note = _baseline_methods(source, targets, train_idx, seed)
@@ -119,6 +123,7 @@ def run_evaluation(
         },
         "classifier": classifier,
         "seed": seed,
+        "feature_norm": feature_norm,
     }
     if baselines_note:
         report["baselines_note"] = baselines_note

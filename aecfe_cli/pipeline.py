@@ -199,6 +199,7 @@ def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset])
         seed=session.seed,
         split_seed=cfg.split_seed,
         baselines=cfg.baselines,
+        feature_norm=cfg.feature_norm,
     )
     files = report["files"]
     outputs = ["report.json", files["report"], files["split"], files["embedding"], *files["confusion"].values()]

@@ -63,6 +63,8 @@ VARIANTS: dict[str, dict] = {
     "before+norm_first": {**BEFORE, "train": {**BEFORE["train"], "norm_first": True}},
     "before+ssim_l1": {**BEFORE, "train": {**BEFORE["train"], "image_loss": "ssim_l1"}},
     "before+normalised_alignment": {**BEFORE, "train": {**BEFORE["train"], "alignment": "normalised"}},
+    "default+feature_norm": {"evaluate": {"feature_norm": "dataset"}},
+    "before+feature_norm": {**BEFORE, "evaluate": {"feature_norm": "dataset"}},
     "default+image64": {"train": {"image_size": 64}},
     "default+stain_image": {"detect": {"stain_norm": "image"}},
 }
@@ -208,7 +210,7 @@ def run_variant(suite: str, variant: str, seed: int, labs: dict, scratch: Path, 
     workdir.mkdir(parents=True)
     config = workdir / "aecfe.yaml"
     config.write_text(config_text(labs, settings, quick))
-    _reuse_detections(scratch, workdir, config.read_text(), seed)
+    _reuse_earlier_stages(scratch, workdir, config.read_text(), seed)
     base = [*aecfe(), "--workdir", str(workdir / "work"), "--config", str(config), "--seed", str(seed)]
     names = list(labs)
     started = time.perf_counter()
@@ -232,21 +234,29 @@ def run_variant(suite: str, variant: str, seed: int, labs: dict, scratch: Path, 
     }
 
 
-def _reuse_detections(scratch: Path, workdir: Path, config: str, seed: int) -> None:
-    """Copy detector and detections from an earlier run whose detect section and seed were identical."""
-    detect_key = json.dumps(json.loads(config).get("detect", {}), sort_keys=True) + f"|{seed}|" + \
-        json.dumps(json.loads(config)["datasets"], sort_keys=True)
-    for earlier in sorted(scratch.glob("*/detect_key.txt")):
-        if earlier.read_text() == detect_key and (earlier.parent / "work" / "detector" / "manifest.json").is_file():
+def _reuse_earlier_stages(scratch: Path, workdir: Path, config: str, seed: int) -> None:
+    """Copy the finished stages of an earlier run whose settings up to them, data and seed were identical:
+    detector and detections, and the trained model and features too when the train section also agrees.
+    aecfe itself then judges them up to date (or not) from their fingerprints, as in any workdir."""
+    settings = json.loads(config)
+    detect_key = json.dumps([settings["datasets"], settings.get("detect", {}), seed], sort_keys=True)
+    train_key = json.dumps([detect_key, settings.get("train", {})], sort_keys=True)
+    keys = {"detect": detect_key, "train": train_key}
+    for stage, marker, parts in (("train", "train", ("detector", "detect", "train", "extract", "datasets.json")),
+                                 ("detect", "detector", ("detector", "detect", "datasets.json"))):
+        earlier = [p.parent for p in sorted(scratch.glob(f"*/{stage}_key.txt"))
+                   if p.read_text() == keys[stage] and (p.parent / "work" / marker / "manifest.json").is_file()]
+        if earlier:
             (workdir / "work").mkdir()
-            for part in ("detector", "detect", "datasets.json"):
-                source = earlier.parent / "work" / part
+            for part in parts:
+                source = earlier[0] / "work" / part
                 if source.is_dir():
                     shutil.copytree(source, workdir / "work" / part)
                 elif source.is_file():
                     shutil.copy2(source, workdir / "work" / part)
             break
-    (workdir / "detect_key.txt").write_text(detect_key)
+    for stage, key in keys.items():
+        (workdir / f"{stage}_key.txt").write_text(key)
 
 
 def stage_seconds(work: Path, names: list[str]) -> dict:

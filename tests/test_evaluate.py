@@ -346,3 +346,16 @@ def test_load_feature_set_refuses_files_of_different_lengths(tmp_path: Path) -> 
     write_npy(tmp_path / "detect" / "matek" / "crops.npy", cells.crops[:-2])
     with pytest.raises(UserError, match="crops.npy"):
         load_feature_set(tmp_path, "matek")
+
+
+def test_per_dataset_feature_norm_undoes_a_whole_lab_shift(tmp_path: Path) -> None:
+    """A target lab shifted as a whole in feature space is misclassified as it is; standardised with its
+    own statistics (label-free) it lands on the source's classes again."""
+    source = make_set("lab_a", FINE_FOUR, per_class=40)
+    target = make_set("lab_b", FINE_FOUR, per_class=40, shift=12.0, seed=1)
+    plain = run_evaluation(source, [target], tmp_path / "plain", baselines=False)
+    normalised = run_evaluation(source, [target], tmp_path / "dataset", baselines=False, feature_norm="dataset")
+    assert plain["targets"]["lab_b"]["balanced_accuracy"] < 0.6
+    assert normalised["targets"]["lab_b"]["balanced_accuracy"] > 0.9 and normalised["feature_norm"] == "dataset"
+    with pytest.raises(UserError, match="feature_norm 'batch'"):
+        run_evaluation(source, [target], tmp_path / "bad", baselines=False, feature_norm="batch")
