@@ -206,11 +206,15 @@ def config_text(labs: dict, variant: dict, quick: bool) -> str:
 def run_variant(suite: str, variant: str, seed: int, labs: dict, scratch: Path, quick: bool, per_class: int) -> dict:
     settings = VARIANTS[variant]
     workdir = scratch / f"{suite}-{'quick-' if quick else ''}{per_class}-{variant}-seed{seed}"
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
     config = workdir / "aecfe.yaml"
-    config.write_text(config_text(labs, settings, quick))
-    _reuse_earlier_stages(scratch, workdir, config.read_text(), seed)
+    text = config_text(labs, settings, quick)
+    # An interrupted run of the same settings resumes (aecfe keeps finished stages); anything else restarts.
+    resumed = config.is_file() and config.read_text() == text
+    if not resumed:
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        config.write_text(text)
+        _reuse_earlier_stages(scratch, workdir, text, seed)
     base = [*aecfe(), "--workdir", str(workdir / "work"), "--config", str(config), "--seed", str(seed)]
     names = list(labs)
     started = time.perf_counter()
@@ -224,7 +228,7 @@ def run_variant(suite: str, variant: str, seed: int, labs: dict, scratch: Path, 
     work = workdir / "work"
     return {
         "suite": suite, "variant": variant, "seed": seed, "quick": quick, "per_class": per_class,
-        "settings": settings, "wall_seconds": round(wall, 1),
+        "settings": settings, "wall_seconds": round(wall, 1), "resumed": resumed,
         "stage_seconds": stage_seconds(work, names),
         "cells": {n: read_json(work / "detect" / n / "manifest.json")["counts"] for n in names},
         "reports": {source: compact(report) for source, report in reports.items()},
