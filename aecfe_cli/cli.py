@@ -148,7 +148,9 @@ def _print_table(title: str, columns: List[str], rows) -> None:
 DataOption = typer.Option(None, "--data", help="Registered dataset name or dataset path (repeatable).")
 LayoutOption = typer.Option(None, "--layout", help="matek, acevedo, int20, folder or csv [default: detected].")
 ForceOption = typer.Option(False, "--force", help="Recompute even when up to date.")
-StrictOption = typer.Option(None, "--strict/--no-strict", help="Fail on an unreadable image instead of skipping it.")
+StrictOption = typer.Option(None, "--strict/--no-strict",
+                            help="Fail on an unreadable image instead of skipping it (exit 2), and when more than "
+                                 "detect.max_missing_fraction of the images have no detection (exit 1).")
 
 
 @app.command()

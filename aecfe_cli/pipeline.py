@@ -240,7 +240,7 @@ def status_rows(session: Session) -> list[tuple[str, str, str, list[str], str]]:
     def add(stage: str, name: str, folder: Path, expected: Optional[str], upstream: Sequence[str], detail: str) -> None:
         current, changed = _judge(folder, expected, [label for label in upstream if label not in done])
         if current == "done":
-            done.add(stage if name == "-" or stage == "train" else f"{stage} {name}")
+            done.add(stage if stage in ("detector", "train") else f"{stage} {name}")
         rows.append((stage, name, current, changed, detail))
 
     detector_manifest = read_manifest(wd.detector)

@@ -54,3 +54,18 @@ def test_an_output_changed_on_disk_is_named(tmp_path):
     (folder / "out.bin").write_bytes(b"truncated")
     expected = fingerprint("train", config, 0, {})
     assert state(folder, expected) == "stale" and what_changed(folder, expected) == ["out.bin changed on disk"]
+
+
+def test_status_reads_a_saved_config_another_version_wrote_as_the_defaults(tmp_path):
+    from conftest import run_cli
+
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "datasets.json").write_text("{}")
+    (work / "config.yaml").write_text("detect:\n  a_key_of_another_version: 3\n")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in work.iterdir())
+    result = run_cli("--workdir", "w", "status", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "unknown key 'a_key_of_another_version'" in result.stderr and "built-in defaults" in result.stderr
+    assert {(r["stage"], r["state"]) for r in json.loads(result.stdout)} == {("detector", "missing"), ("train", "missing")}
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in work.iterdir()) == before
