@@ -97,11 +97,11 @@ def main_options(
     ctx.obj = Options(workdir, config, device, seed, quiet, debug, preset)
 
 
-def _config(options: Options, sections: Optional[dict] = None):
-    """Defaults < YAML < flags; returns the resolved Config."""
+def _config(options: Options, sections: Optional[dict] = None, fallback: Optional[Path] = None):
+    """Defaults < YAML (--config, else ./aecfe.yaml, else ``fallback``) < flags; returns the resolved Config."""
     from .config import apply_overrides, default_config_path, load_config
 
-    config = load_config(options.config or default_config_path(), options.preset)
+    config = load_config(options.config or default_config_path() or fallback, options.preset)
     apply_overrides(config, "runtime", device=options.device, seed=options.seed)
     for section, values in (sections or {}).items():
         apply_overrides(config, section, **values)
@@ -151,7 +151,9 @@ def _print_table(title: str, columns: List[str], rows) -> None:
 DataOption = typer.Option(None, "--data", help="Registered dataset name or dataset path (repeatable).")
 LayoutOption = typer.Option(None, "--layout", help="matek, acevedo, int20, folder or csv [default: detected].")
 ForceOption = typer.Option(False, "--force", help="Recompute even when up to date.")
-StrictOption = typer.Option(None, "--strict/--no-strict", help="Fail on an unreadable image instead of skipping it.")
+StrictOption = typer.Option(None, "--strict/--no-strict",
+                            help="Fail on an unreadable image instead of skipping it (exit 2), and when more than "
+                                 "detect.max_missing_fraction of the images have no detection (exit 1).")
 
 
 @app.command()
@@ -190,7 +192,7 @@ def datasets(
                 load_rgb(record.path)
             except UnreadableImage as exc:
                 unreadable.append(str(exc))
-        rows = [(*original.partition("/")[::2], fine, coarse, count) for original, fine, coarse, count in dataset.counts()]
+        rows = dataset.class_rows()
         classes = len({row[0] for row in rows})
         _print_table(
             f"{dataset.name}: layout {dataset.layout}, {len(dataset.records)} images, {classes} classes ({dataset.root})",
@@ -453,20 +455,51 @@ def demo(
 @app.command()
 @handles_errors
 def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
-    """What is done, stale or missing in the workdir, per dataset and stage."""
+    """What is done, stale or missing in the workdir, per dataset and stage; writes nothing.
+
+    Stages are judged by the settings the next command would use: --config FILE, else ./aecfe.yaml;
+    when neither exists, by the workdir's own config.yaml (the settings of the command that last wrote
+    there, e.g. `aecfe demo`), not by the built-in defaults. A stale stage names what changed, e.g.
+    `train.epochs 15 -> 30`, an input, or an upstream stage that is not up to date.
+    """
     import json
 
+    import torch
+
     from . import pipeline
+    from .reporting import Reporter
+    from .workdir import Workdir
 
     options: Options = ctx.obj
     if not (options.workdir / "datasets.json").is_file():
         raise UserError(f"{options.workdir}: no aecfe work here yet; run a command first or pass --workdir")
-    session = _session(options)
+    reporter = Reporter(quiet=options.quiet)
+    config, judged_by = _status_config(options, reporter)
+    # A Session only to share the stages' fingerprint code: status never prepares, locks or registers.
+    session = pipeline.Session(Workdir(options.workdir), config, torch.device("cpu"), reporter)
     rows = pipeline.status_rows(session)
     if as_json:
-        typer.echo(json.dumps([dict(zip(("stage", "dataset", "state", "detail"), r)) for r in rows], indent=2))
+        keys = ("stage", "dataset", "state", "changed", "detail")
+        typer.echo(json.dumps([dict(zip(keys, row)) for row in rows], indent=2))
         return
-    _print_table(f"status of {options.workdir}", ["stage", "dataset", "state", "detail"], rows)
+    table = [(stage, dataset, state, "; ".join([*changed, detail] if detail else changed))
+             for stage, dataset, state, changed, detail in rows]
+    _print_table(f"status of {options.workdir} (settings: {judged_by})", ["stage", "dataset", "state", "detail"], table)
+
+
+def _status_config(options: Options, reporter) -> tuple:
+    """The config status judges by, and where it came from (see ``status --help``)."""
+    from .config import default_config_path
+
+    chosen = options.config or default_config_path()
+    saved = options.workdir / "config.yaml"
+    if chosen is not None or not saved.is_file():
+        return _config(options), str(chosen or "built-in defaults")
+    try:
+        return _config(options, fallback=saved), str(saved)
+    except UserError as exc:  # written by another aecfe version, say
+        reporter.warn(f"{exc}; judging by the built-in defaults instead")
+        return _config(options), "built-in defaults"
 
 
 def main() -> None:

@@ -42,6 +42,9 @@ class DetectConfig:
     min_size: int = 256  # detector input size; the paper works at 900-1024 px
     max_size: int = 256
     score_threshold: float = 0.7  # the paper keeps detections at score >= 0.7
+    # Above this share of a dataset's readable images without a detection, detect warns (--strict: fails):
+    # a detector that learnt too little from a small dataset otherwise drops most images silently.
+    max_missing_fraction: float = 0.05
     crop_size: int = 128  # side of the stored cell crop (the paper: 128)
     batch_size: int = 8  # images per inference batch
     all_cells: bool = False  # keep every cell of a smear field instead of the central one
@@ -62,6 +65,10 @@ class DetectConfig:
     init_weights: Optional[str] = None  # a torchvision COCO Mask R-CNN or ImageNet ResNet to fine-tune from
     annotations: Optional[str] = None  # VOC folder or COCO JSON to train the detector on
     annotation_masks: Optional[str] = None  # VOC only: folder of whole-cell mask PNGs (else masks from boxes)
+
+    def __post_init__(self):
+        if not 0 <= self.max_missing_fraction <= 1:
+            raise UserError(f"max_missing_fraction: expected a fraction from 0 to 1, got {self.max_missing_fraction}")
 
 
 @dataclass
@@ -176,7 +183,10 @@ def _build(cls: type, values: dict, where: str):
         if key not in hints:
             raise UserError(f"{where}: unknown key '{key}'{_closest(str(key), hints)}")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except UserError as exc:  # a range check in the dataclass's __post_init__, which names its key
+        raise UserError(f"{where}.{exc}") from None
 
 
 def config_from_dict(data: dict, source: str) -> Config:

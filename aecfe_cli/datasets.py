@@ -53,6 +53,21 @@ class Dataset:
             rows.append((original, fine, vocab.coarse_of(label), count))
         return rows
 
+    def class_rows(self) -> list[tuple[str, str, str, str, int]]:
+        """(class, subtype, fine, coarse, images) per subtype, as ``datasets`` prints them; a class split
+        into several subtypes (PBC's ig, neutrophil) ends with a ``total`` row holding the class's count."""
+        rows: list[tuple[str, str, str, str, int]] = []
+        by_class: dict[str, list] = {}
+        for original, fine, coarse, count in self.counts():
+            name, _, subtype = original.partition("/")
+            by_class.setdefault(name, []).append((name, subtype, fine, coarse, count))
+        for name, subtypes in by_class.items():
+            rows += subtypes
+            if len(subtypes) > 1:
+                coarse = {row[3] for row in subtypes}
+                rows.append((name, "total", "", coarse.pop() if len(coarse) == 1 else "", sum(r[4] for r in subtypes)))
+        return rows
+
     def fingerprint(self) -> str:
         """Digest of the image list (path, size, mtime): changes when files do. It stats every file, so
         it is computed once per command (the stages of one command ask for it several times)."""

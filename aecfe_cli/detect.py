@@ -191,6 +191,19 @@ def _set_stain(samples: Sequence, statistics: Optional[np.ndarray]) -> None:
         sample.stain = statistics
 
 
+def coverage_warning(dataset_name: str, counts: dict, max_missing_fraction: float, folder: Path) -> Optional[str]:
+    """One line when more than ``max_missing_fraction`` of the readable images have no detection, saying
+    what to do; None otherwise. Unreadable images are counted apart and do not count here."""
+    readable = counts["images"] - counts["unreadable"]
+    missed = counts["no_detection"]
+    if readable == 0 or missed / readable <= max_missing_fraction:
+        return None
+    return (f"detect {dataset_name}: no cell found in {missed} of {readable} images ({missed / readable:.0%}); "
+            "the detector needs more to learn from: more images of this lab (several --data train it together), "
+            "--weights FILE, --annotations PATH, or a longer training budget (detect.train_* in the config). "
+            f"The images are listed under no_detection in {Path(folder) / 'manifest.json'}")
+
+
 def parse_shard(text: Optional[str]) -> tuple[int, int]:
     if not text:
         return 0, 1
@@ -298,6 +311,8 @@ def _merge(dataset, parts, folder, expected, cfg, stain, device, seconds, images
     write_csv(folder / "instances.csv", INSTANCE_COLUMNS, [row for m in metas for row in m["rows"]])
     unreadable = [u for m in metas for u in m["unreadable"]]
     missed = [u for m in metas for u in m["no_detection"]]
+    counts = {"images": len(dataset.records), "cells": total, "no_detection": len(missed), "unreadable": len(unreadable)}
+    warning = coverage_warning(dataset.name, counts, cfg.max_missing_fraction, folder)
     manifest = write_manifest(
         folder,
         "detect",
@@ -307,13 +322,13 @@ def _merge(dataset, parts, folder, expected, cfg, stain, device, seconds, images
         device=str(device),
         inputs={"dataset": dataset.spec(), "images": dataset.fingerprint()},
         outputs=["instances.csv", "roi_features.npy", "crops.npy"],
-        counts={"images": len(dataset.records), "cells": total, "no_detection": len(missed),
-                "unreadable": len(unreadable)},
+        counts=counts,
         timings={"seconds": round(seconds, 2),
                  "images_per_second": round(images_done / seconds, 2) if seconds > 0 and images_done else None},
         extra={"no_detection": missed, "unreadable": unreadable, "skipped": dataset.skipped,
                "stain_norm": cfg.stain_norm,
-               "lab_statistics": None if stain is None else np.round(stain, 3).tolist()},
+               "lab_statistics": None if stain is None else np.round(stain, 3).tolist(),
+               "warnings": [warning] if warning else []},
     )
     shutil.rmtree(parts, ignore_errors=True)
     return manifest

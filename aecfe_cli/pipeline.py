@@ -19,10 +19,10 @@ from . import datasets as ds_mod
 from . import detect, extract, train
 from .config import Config
 from .datasets import Dataset
-from .errors import UserError
+from .errors import StageError, UserError
 from .io import read_json
 from .reporting import Reporter
-from .workdir import Workdir, fingerprint, output_digest, read_manifest, state, write_manifest
+from .workdir import Workdir, fingerprint, output_digest, read_manifest, state, what_changed, write_manifest
 
 STAGES = ("detector", "detect", "train", "extract", "evaluate")
 
@@ -51,6 +51,7 @@ class Session:
     strict: bool = False
     _detector: Optional[tuple] = field(default=None, repr=False)
     _model: Optional[tuple] = field(default=None, repr=False)
+    _coverage_checked: set = field(default_factory=set, repr=False)  # datasets already warned about
 
     @property
     def seed(self) -> int:
@@ -89,7 +90,7 @@ def ensure_detections(session: Session, dataset: Dataset, shard=(0, 1), detector
         status = state(folder, detect.detections_fingerprint(dataset, detector_manifest, session.config.detect))
         if status == "done":
             session.reporter.info(f"detect {dataset.name}: up to date, reusing")
-            return read_manifest(folder)
+            return _check_coverage(session, dataset, read_manifest(folder))
     else:
         status = "stale" if read_manifest(folder) else "missing"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -101,9 +102,24 @@ def ensure_detections(session: Session, dataset: Dataset, shard=(0, 1), detector
         session.workdir.begin_setup()
     model, detector_manifest = ensure_detector(session, detector_datasets or [dataset])
     on_ready = session.workdir.end_setup if sharded else None
-    return detect.run_detection(dataset, model, detector_manifest, session.config.detect, folder,
-                                session.device, session.reporter, shard=shard, strict=session.strict,
-                                on_ready=on_ready)
+    manifest = detect.run_detection(dataset, model, detector_manifest, session.config.detect, folder,
+                                    session.device, session.reporter, shard=shard, strict=session.strict,
+                                    on_ready=on_ready)
+    return _check_coverage(session, dataset, manifest) if manifest else None
+
+
+def _check_coverage(session: Session, dataset: Dataset, manifest: dict) -> dict:
+    """Too many images without a detection: a warning once per command that uses the detections (reused
+    ones too, so it is not said once and then forgotten), an error under --strict."""
+    if dataset.name not in session._coverage_checked:
+        session._coverage_checked.add(dataset.name)
+        warning = detect.coverage_warning(dataset.name, manifest["counts"], session.config.detect.max_missing_fraction,
+                                          session.workdir.detect(dataset.name))
+        if warning and session.strict:
+            raise StageError(f"{warning}; failing because of --strict")
+        if warning:
+            session.reporter.warn(warning)
+    return manifest
 
 
 def ensure_model(session: Session, datasets: Sequence[Dataset], require_resume: bool = False):
@@ -211,51 +227,53 @@ def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset])
     return report
 
 
-def status_rows(session: Session) -> list[tuple[str, str, str, str]]:
-    """(stage, dataset, state, detail) for every artefact the workdir holds or a later stage needs."""
+def status_rows(session: Session) -> list[tuple[str, str, str, list[str], str]]:
+    """(stage, dataset, state, what changed, detail) for every artefact the workdir holds or a later stage
+    needs. Reads only: datasets are resolved without registering them. A stale stage says what changed:
+    its own settings (``train.epochs 15 -> 30``), the seed, the code version or an input, and which
+    upstream stage is not up to date (it is redone after that one). Own settings are compared with the
+    upstream artefacts as they are on disk, so they show even while an upstream stage is stale."""
     rows = []
     wd = session.workdir
     cfg = session.config
-    detector_state = state(wd.detector, detect.detector_fingerprint(cfg.detect, session.seed))
-    detector_manifest = read_manifest(wd.detector)
-    rows.append(("detector", "-", detector_state, _how(detector_manifest)))
     known = wd.known_datasets()
-    detect_manifests = {}
-    for name in sorted(known):
-        folder = wd.detect(name)
-        manifest = read_manifest(folder)
-        try:
-            dataset = session.dataset(name)
-        except UserError as exc:
-            rows.append(("detect", name, "unavailable", str(exc)))
-            continue
-        current = (state(folder, detect.detections_fingerprint(dataset, detector_manifest, cfg.detect))
-                   if detector_state == "done" else ("stale" if manifest else "missing"))
+    done: set[str] = set()  # labels of the stages found up to date: "detector", "detect lab_a", "train", ...
+
+    def add(stage: str, name: str, folder: Path, expected: Optional[str], upstream: Sequence[str], detail: str) -> None:
+        current, changed = _judge(folder, expected, [label for label in upstream if label not in done])
         if current == "done":
-            detect_manifests[name] = manifest
-        detail = f"{manifest['counts']['cells']} cells of {manifest['counts']['images']} images" if manifest else ""
-        rows.append(("detect", name, current, detail))
+            done.add(stage if stage in ("detector", "train") else f"{stage} {name}")
+        rows.append((stage, name, current, changed, detail))
+
+    detector_manifest = read_manifest(wd.detector)
+    add("detector", "-", wd.detector, detect.detector_fingerprint(cfg.detect, session.seed), (), _how(detector_manifest))
+    detect_manifests = {name: read_manifest(wd.detect(name)) for name in known}
+    for name in sorted(known):
+        manifest = detect_manifests[name]
+        try:
+            dataset = ds_mod.resolve(name, cfg, None, known)
+        except UserError as exc:
+            rows.append(("detect", name, "unavailable", [], str(exc)))
+            continue
+        expected = detect.detections_fingerprint(dataset, detector_manifest, cfg.detect) if detector_manifest else None
+        add("detect", name, wd.detect(name), expected, ["detector"],
+            f"{manifest['counts']['cells']} cells of {manifest['counts']['images']} images" if manifest else "")
     train_manifest = read_manifest(wd.train)
     if train_manifest:
         names = train_manifest["datasets"]
-        if all(n in detect_manifests for n in names):
-            expected = train.training_fingerprint([detect_manifests[n] for n in names], cfg.train, session.seed)
-            train_state = state(wd.train, expected)
-        else:
-            train_state = "stale"
-        rows.append(("train", ", ".join(names), train_state, f"{train_manifest['counts']['cells']} cells, "
-                     f"{train_manifest['counts']['epochs']} epochs"))
+        upstream = [detect_manifests.get(n) for n in names]
+        expected = train.training_fingerprint(upstream, cfg.train, session.seed) if all(upstream) else None
+        add("train", ", ".join(names), wd.train, expected, [f"detect {n}" for n in names],
+            f"{train_manifest['counts']['cells']} cells, {train_manifest['counts']['epochs']} epochs")
     else:
-        train_state = "missing"
-        rows.append(("train", "-", "missing", ""))
+        rows.append(("train", "-", "missing", [], ""))
     for name in sorted(known):
         folder = wd.extract(name)
         manifest = read_manifest(folder)
-        if manifest and train_state == "done" and name in detect_manifests:
-            current = state(folder, extract.extraction_fingerprint(detect_manifests[name], train_manifest, cfg.extract))
-        else:
-            current = "stale" if manifest else "missing"
-        rows.append(("extract", name, current, f"{manifest['counts']['cells']} cells" if manifest else ""))
+        expected = (extract.extraction_fingerprint(detect_manifests[name], train_manifest, cfg.extract)
+                    if detect_manifests[name] and train_manifest else None)
+        add("extract", name, folder, expected, [f"detect {name}", "train"],
+            f"{manifest['counts']['cells']} cells" if manifest else "")
     evaluate_root = wd.root / "evaluate"
     for folder in sorted(evaluate_root.iterdir()) if evaluate_root.is_dir() else []:
         manifest = read_manifest(folder)
@@ -263,13 +281,21 @@ def status_rows(session: Session) -> list[tuple[str, str, str, str]]:
             continue
         targets = list(manifest["counts"]["targets"])
         names = [folder.name, *targets]
-        if all((("extract", n, "done") in {r[:3] for r in rows}) for n in names):
-            expected = evaluation_fingerprint(session, targets, _evaluation_inputs(wd, names))
-            current = state(folder, expected)
-        else:
-            current = "stale"
-        rows.append(("evaluate", folder.name, current, "targets: " + ", ".join(targets)))
+        on_disk = all(read_manifest(wd.extract(n)) and read_manifest(wd.detect(n)) for n in names)
+        expected = evaluation_fingerprint(session, targets, _evaluation_inputs(wd, names)) if on_disk else None
+        add("evaluate", folder.name, folder, expected, [f"extract {n}" for n in names], "targets: " + ", ".join(targets))
     return rows
+
+
+def _judge(folder: Path, expected: Optional[str], waiting: Sequence[str]) -> tuple[str, list[str]]:
+    """A stage's state and what changed; ``waiting``: upstream stages that are not up to date."""
+    if read_manifest(folder) is None:
+        return "missing", []
+    changed = what_changed(folder, expected)
+    if waiting:
+        return "stale", changed + [f"{label} is not up to date" for label in waiting]
+    current = state(folder, expected)
+    return current, changed if current == "stale" else []
 
 
 def _how(manifest: Optional[dict]) -> str:

@@ -55,7 +55,8 @@ class Reporter:
             self.console.print(message, markup=False)
 
     def warn(self, message: str) -> None:
-        self.console.print(f"warning: {message}", markup=False, style="yellow")
+        # One line whatever the terminal width, so that logs and scripts can grep it.
+        self.console.print(f"warning: {message}", markup=False, style="yellow", soft_wrap=True)
 
     @contextlib.contextmanager
     def progress(self, description: str, total: Optional[float], unit: str = "it") -> Iterator[ProgressTask]:

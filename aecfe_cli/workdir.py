@@ -109,13 +109,21 @@ class Workdir:
         self._setup_handle.close()
 
 
+# What each fingerprint computed in this process was made of (digest -> payload). write_manifest records
+# it, so ``status`` can later name the setting or input that changed, not only say "stale". Kept here
+# rather than on the returned value: fingerprints travel into checkpoints, which must stay plain data.
+_MADE_WITH: dict[str, dict] = {}
+
+
 def fingerprint(stage: str, config: dict, seed: Optional[int], inputs: dict[str, str]) -> str:
     payload = json.dumps(
         {"stage": stage, "version": __version__, "config": config, "seed": seed, "inputs": inputs},
         sort_keys=True,
         default=str,
     )
-    return hashlib.sha256(payload.encode()).hexdigest()
+    value = hashlib.sha256(payload.encode()).hexdigest()
+    _MADE_WITH[value] = json.loads(payload)
+    return value
 
 
 def read_manifest(folder: Path) -> Optional[dict]:
@@ -139,13 +147,64 @@ def state(folder: Path, expected_fingerprint: Optional[str]) -> str:
     manifest = read_manifest(folder)
     if manifest is None:
         return "missing"
-    for name, item in manifest["outputs"].items():
-        path = Path(folder) / name
-        if not path.is_file() or path.stat().st_size != item["size"]:
-            return "stale"
+    if _changed_outputs(folder, manifest):
+        return "stale"
     if expected_fingerprint is not None and manifest.get("fingerprint") != expected_fingerprint:
         return "stale"
     return "done"
+
+
+def _changed_outputs(folder: Path, manifest: dict) -> list[str]:
+    """Outputs missing, or of another size than the manifest says (a cheap check; no hashing)."""
+    changed = []
+    for name, item in manifest["outputs"].items():
+        path = Path(folder) / name
+        if not path.is_file() or path.stat().st_size != item["size"]:
+            changed.append(name)
+    return changed
+
+
+# The config section a stage's settings come from, where its name differs.
+CONFIG_SECTION = {"detector": "detect"}
+_UNSET = object()  # a key the older manifest did not have
+
+
+def what_changed(folder: Path, expected: Optional[str]) -> list[str]:
+    """Why the stage in ``folder`` is stale: each changed setting as ``section.key old -> new``, the
+    seed, the code version, each changed input, or an output file that changed on disk."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return []
+    reasons = [f"{name} changed on disk" for name in _changed_outputs(folder, manifest)]
+    if expected is None or manifest.get("fingerprint") == expected:
+        return reasons
+    now = _MADE_WITH.get(expected)
+    then = manifest.get("made_with") or {  # a manifest written before they recorded made_with
+        "version": manifest.get("versions", {}).get("aecfe"), "config": manifest.get("config", {}),
+        "seed": manifest.get("seed")}
+    if now is not None:
+        reasons += _differences(then, now)
+    return reasons or ["its inputs changed"]
+
+
+def _differences(then: dict, now: dict) -> list[str]:
+    section = CONFIG_SECTION.get(now["stage"], now["stage"])
+    found = [f"{section}.{key} {_shown(then['config'].get(key, _UNSET))} -> {_shown(value)}"
+             for key, value in now["config"].items() if then["config"].get(key, _UNSET) != value]
+    if then.get("seed") != now["seed"]:
+        found.append(f"runtime.seed {_shown(then.get('seed'))} -> {_shown(now['seed'])}")
+    if then.get("version") != now["version"]:
+        found.append(f"aecfe version {then.get('version')} -> {now['version']}")
+    if "inputs" in then:
+        found += [f"input {key} changed" for key in sorted({*then["inputs"], *now["inputs"]})
+                  if then["inputs"].get(key) != now["inputs"].get(key)]
+    return found
+
+
+def _shown(value) -> str:
+    if value is _UNSET:
+        return "(unset)"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def library_versions() -> dict:
@@ -195,6 +254,8 @@ def write_manifest(
         "timings": timings,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if fingerprint_value in _MADE_WITH:
+        manifest["made_with"] = _MADE_WITH[fingerprint_value]
     if extra:
         manifest.update(extra)
     write_json(folder / MANIFEST, manifest)

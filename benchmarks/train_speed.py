@@ -24,6 +24,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -85,8 +86,11 @@ def measure(image_size: int, width: float, batch: int, timed_batches: int, devic
     per_sample = activation_bytes_per_sample(model, device)
     fitting = max(2, int(free_memory_bytes(device) * MEMORY_FRACTION // per_sample))
     run_batch = min(batch, fitting)
-    # A small warm-up batch builds the oneDNN/cuDNN kernels so that the timed batches measure steady state.
-    train_one_epoch(model, random_batches(1, min(run_batch, 8), seed=2), optimizer, device, 5.0, image_size)
+    # A small warm-up batch builds the oneDNN/cuDNN kernels so that the timed batches measure steady state;
+    # its FLOPs (forward, loss and backward as executed, counted by FlopCounterMode) are the step's per sample.
+    warm_up = random_batches(1, min(run_batch, 8), seed=2)
+    with FlopCounterMode(display=False) as counter:
+        train_one_epoch(model, warm_up, optimizer, device, 5.0, image_size)
     rates = []
     # Each batch is timed on its own: on a shared machine the best batch shows the model's cost and
     # the median what a run would get under the current load. (Process CPU time is no better a clock:
@@ -104,6 +108,7 @@ def measure(image_size: int, width: float, batch: int, timed_batches: int, devic
         "median_samples_per_s": statistics.median(rates),
         "best_samples_per_s": max(rates),
         "flops": count_flops(model)["total"],
+        "step_flops": counter.get_total_flops() / len(warm_up[0][0]),
         "parameters": sum(p.numel() for p in model.parameters()),
         "activation_gb_at_batch": per_sample * batch / 1e9,
     }

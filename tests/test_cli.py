@@ -96,6 +96,8 @@ def test_acevedo_sample_counts_when_present(tmp_path):
     for subtype, count in (("PMY", 37), ("MY ", 59), ("MMY", 45), ("IG ", 9)):
         line = next(l for l in result.stdout.splitlines() if f" {subtype}" in l)
         assert str(count) in line
+    totals = {line.split()[1]: line.split()[-2] for line in result.stdout.splitlines() if " total " in line}
+    assert totals == {"ig": "150", "neutrophil": "150"}  # classes split into subtypes; the others have one row
 
 
 @pytest.mark.slow

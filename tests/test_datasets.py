@@ -25,6 +25,15 @@ def test_acevedo_layout_takes_the_subtype_from_the_prefix(tmp_path):
                       "neutrophil/SNE_4.jpg": "neutrophil_segmented", "basophil/BA_5.jpg": "basophil"}
 
 
+def test_a_class_split_into_subtypes_gets_a_total_row(tmp_path):
+    for name in ("ig/PMY_1.jpg", "ig/PMY_2.jpg", "ig/MY_3.jpg", "ig/IG_4.jpg", "basophil/BA_5.jpg", "basophil/BA_6.jpg"):
+        _png(tmp_path / name)
+    rows = resolve(str(tmp_path), Config()).class_rows()
+    assert rows == [("basophil", "BA", "basophil", "basophil", 2),  # one subtype: its row is the class's count
+                    ("ig", "IG", "-", "ig", 1), ("ig", "MY", "myelocyte", "ig", 1), ("ig", "PMY", "promyelocyte", "ig", 2),
+                    ("ig", "total", "", "ig", 4)]
+
+
 def test_matek_codes_map_myo_to_myeloblast_and_myb_to_myelocyte(tmp_path):
     for name in ("MYO/MYO_0001.tiff", "MYB/MYB_0001.tiff", "NGS/NGS_0001.tiff"):
         _png(tmp_path / name)

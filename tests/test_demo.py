@@ -1,4 +1,4 @@
-"""README's first command: the embedded demo, end to end, and what it claims."""
+"""README's first command: the embedded demo, end to end, what it claims, and `status` after it."""
 
 import json
 
@@ -21,6 +21,14 @@ def test_demo_features_beat_chance_and_baselines_across_labs(tmp_path):
         baselines = [b["targets"][target]["balanced_accuracy"] for b in report["baselines"].values()]
         assert aecfe > 3 * CHANCE, (source, target, aecfe)
         assert aecfe > max(baselines) + 0.1, (source, target, aecfe, baselines)
+    # status right after demo: judged by the demo's own settings, every stage is up to date; it writes nothing.
+    saved = (tmp_path / "aecfe-demo" / "config.yaml").read_bytes()
+    status = run_cli("--workdir", "aecfe-demo", "status", "--json", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    rows = json.loads(status.stdout)
+    assert {r["stage"] for r in rows} == {"detector", "detect", "train", "extract", "evaluate"}
+    assert {r["state"] for r in rows} == {"done"}, rows
+    assert (tmp_path / "aecfe-demo" / "config.yaml").read_bytes() == saved
     again = run_cli("demo", cwd=tmp_path)
     assert again.returncode == 0
     assert "training" not in again.stderr and "train (lab_a, lab_b): up to date, reusing" in again.stderr

@@ -87,6 +87,7 @@ def test_second_run_reuses_everything_and_says_so(finished_project, tmp_path):
                  "extract lab_a: up to date", "evaluate lab_a: up to date"):
         assert line in result.stderr
     assert "detecting" not in result.stderr and "training" not in result.stderr
+    assert "no cell found" not in result.stderr  # every image has its cell: no coverage warning
     assert set(_status(root).values()) == {"done"}
 
 
@@ -135,3 +136,31 @@ def test_same_seed_gives_identical_features_and_report(finished_project, tmp_pat
         assert (first / "extract" / name / "features.npy").read_bytes() == \
                (second / "extract" / name / "features.npy").read_bytes()
     assert (first / "evaluate/lab_a/report.json").read_bytes() == (second / "evaluate/lab_a/report.json").read_bytes()
+
+
+def _snapshot(folder):
+    return {path: (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.rglob("*")}
+
+
+def test_status_writes_nothing_and_judges_a_workdir_made_without_a_config_by_its_own_settings(finished_project, tmp_path):
+    """As right after `aecfe demo`, whose settings come from the command: no ./aecfe.yaml to judge by, and
+    the built-in defaults would call every stage stale."""
+    from conftest import TINY_CONFIG
+
+    root = _copy(finished_project[0], tmp_path)
+    (root / "aecfe.yaml").unlink()
+    work = root / "aecfe-work"
+    saved_config = (work / "config.yaml").read_bytes()
+    before = _snapshot(work)
+    assert set(_status(root).values()) == {"done"}
+    table = run_cli("status", cwd=root)
+    assert table.returncode == 0 and "settings: aecfe-work/config.yaml" in " ".join(table.stdout.split())
+    (root / "other.yaml").write_text(TINY_CONFIG.replace("epochs: 2", "epochs: 3"))
+    result = run_cli("--config", "other.yaml", "status", "--json", cwd=root)
+    assert result.returncode == 0, result.stderr
+    rows = {(r["stage"], r["dataset"]): r for r in json.loads(result.stdout)}
+    assert rows[("train", "lab_a, lab_b")]["state"] == "stale"
+    assert rows[("train", "lab_a, lab_b")]["changed"] == ["train.epochs 2 -> 3"]
+    assert rows[("extract", "lab_a")]["changed"] == ["train is not up to date"]
+    assert rows[("detect", "lab_a")]["state"] == "done" and rows[("detect", "lab_a")]["changed"] == []
+    assert _snapshot(work) == before and (work / "config.yaml").read_bytes() == saved_config
