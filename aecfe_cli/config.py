@@ -87,7 +87,7 @@ class PredictConfig:
     reject_by: str = "accuracy"  # accuracy | coverage | none: how the confidence threshold is calibrated
     reject_target: float = 0.9  # accuracy: held-out accuracy of accepted cells; coverage: held-out share accepted
     neighbours: int = 5  # shift distance = mean distance to this many nearest source training cells
-    shift_quantile: float = 0.95  # a cell is beyond the training cells past this quantile of held-out distances
+    shift_quantile: float = 0.95  # beyond training: past this quantile of held-out distances or reconstruction errors
     shift_warn_fraction: float = 0.25  # warn when at least this share of a dataset's cells is beyond
     montage_cells: int = 24  # example cells per class montage
     all_cells: bool = False  # detect every cell of a smear field in the --data datasets (not the source)

@@ -309,15 +309,17 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
     training = list(model[1]["datasets"])
     source_manifest = ensure_features(session, source, model)
     detecting = _detecting_all_cells(session, training, names) if cfg.predict.all_cells else session
+    features_manifests = {dataset.name: ensure_features(detecting, dataset, model) for dataset in datasets}
+    for dataset in datasets:  # every dataset is checked before any is labelled
+        if features_manifests[dataset.name]["counts"]["cells"] == 0:
+            images = read_manifest(session.workdir.detect(dataset.name))["counts"]["images"]
+            raise UserError(f"dataset '{dataset.name}': no cell was detected in any of its {images} images "
+                            f"({dataset.root}); check that they are blood-cell images, or lower detect.score_threshold")
     fitted = None
     summaries = []
     for dataset in datasets:
-        features_manifest = ensure_features(detecting, dataset, model)
+        features_manifest = features_manifests[dataset.name]
         detect_manifest = read_manifest(session.workdir.detect(dataset.name))
-        if features_manifest["counts"]["cells"] == 0:
-            raise UserError(f"dataset '{dataset.name}': no cell was detected in any of its "
-                            f"{detect_manifest['counts']['images']} images ({dataset.root}); check that they are "
-                            "blood-cell images, or lower detect.score_threshold")
         if dataset.name not in training:
             session.reporter.info(f"{dataset.name}: not among the datasets the autoencoder was trained on "
                                   f"({', '.join(training)}); encoded with that model, see its shift figures")
@@ -332,23 +334,31 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
         session._say(f"predict {source.name} -> {dataset.name}", "forced" if "predict" in session.force
                      else state(folder, expected), "labelling")
         if fitted is None:
-            fitted = predict.fit_source(load_feature_set(session.workdir.root, source.name), cfg.evaluate,
+            fitted = predict.fit_source(load_feature_set(session.workdir.root, source.name),
+                                        _reconstruction_errors(session, model[0], source), cfg.evaluate,
                                         cfg.predict, session.seed)
         invalidate(folder)
         started = time.perf_counter()
         cells = load_feature_set(session.workdir.root, dataset.name)
-        summary = predict.run_prediction(fitted, cells, predict.load_boxes(session.workdir.detect(dataset.name), cells),
+        summary = predict.run_prediction(fitted, cells, _reconstruction_errors(session, model[0], dataset),
+                                         predict.load_boxes(session.workdir.detect(dataset.name), cells),
                                          detect_manifest.get("no_detection", []), folder, cfg.predict, training,
                                          session.seed)
         write_manifest(folder, "predict", fingerprint_value=expected,
                        config={"evaluate": dataclasses.asdict(cfg.evaluate), "predict": dataclasses.asdict(cfg.predict)},
-                       seed=session.seed, device="cpu", inputs=inputs, outputs=predict.summary_outputs(summary),
+                       seed=session.seed, device=str(session.device), inputs=inputs,
+                       outputs=predict.summary_outputs(summary),
                        counts={"cells": summary["counts"]["cells"], "rejected": summary["counts"]["rejected"],
                                "images": len(summary["images"])},
                        timings={"seconds": round(time.perf_counter() - started, 2)},
                        extra={"source": source.name, "dataset": dataset.name})
         summaries.append(summary)
     return summaries
+
+
+def _reconstruction_errors(session: Session, model, dataset: Dataset):
+    return extract.reconstruction_errors(model, session.workdir.detect(dataset.name), session.config.extract.batch_size,
+                                         session.device)
 
 
 def _detecting_all_cells(session: Session, training: Sequence[str], names: Sequence[str]) -> Session:

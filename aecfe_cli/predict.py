@@ -10,10 +10,19 @@ Reject option: the classifier's probabilities are calibrated on the source's hel
 it reach ``reject_target`` accuracy; with ``coverage`` it keeps that share of the held-out cells; cells
 below it are ``rejected`` rather than silently labelled (their most probable class is still written).
 
-Shift: a cell's distance to the source is the mean Euclidean distance to its ``neighbours`` nearest source
-training cells, in features standardised on those cells. The source's own held-out cells give the scale:
-a cell is ``beyond_training`` when farther than their ``shift_quantile`` quantile (so about 5 % of unseen
-source cells are), and a dataset is flagged when at least ``shift_warn_fraction`` of its cells are.
+Shift, two measures per cell, each scaled by the source's own held-out cells:
+
+* ``shift_distance``: the mean Euclidean distance to the ``neighbours`` nearest source training cells, in
+  features standardised on those cells: how far the cell lies from what the classifier was trained on;
+* ``reconstruction_error``: how badly the autoencoder reconstructs the cell's detector feature (mean
+  squared error). The features are aligned across labs by design, so a cell unlike anything the
+  autoencoder learned (another kind of image, a colour no training lab has) can still be encoded next to
+  source cells; it is not reconstructed well, which measured on synthetic labs flags such cells where the
+  distance alone does not.
+
+A cell is ``beyond_training`` when either lies past the ``shift_quantile`` quantile of the held-out cells'
+values (so 5 to 10 % of unseen source cells are), and a dataset is flagged when at least
+``shift_warn_fraction`` of its cells are.
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ class SourceClassifier:
     index: NearestNeighbors
     split: dict  # seed, n_train, n_test
     reject: dict  # by, target, threshold (None: every cell rejected), reachable, held_out
-    shift: dict  # neighbours, quantile, threshold, held_out_median, warn_fraction
+    shift: dict  # neighbours, quantile, warn_fraction, and per measure (distance, reconstruction) its scale
 
 
 @dataclass
@@ -68,7 +77,8 @@ class CellPredictions:
     margin: np.ndarray  # (N,) top minus second probability
     rejected: np.ndarray  # (N,) bool
     distance: np.ndarray  # (N,) mean distance to the nearest source training cells
-    beyond: np.ndarray  # (N,) bool, distance past the source's held-out quantile
+    reconstruction: np.ndarray  # (N,) the autoencoder's feature reconstruction error
+    beyond: np.ndarray  # (N,) bool, either past the source's held-out quantile
 
 
 def check_settings(cfg: PredictConfig, classifier: str) -> None:
@@ -94,13 +104,19 @@ def check_settings(cfg: PredictConfig, classifier: str) -> None:
         )
 
 
-def fit_source(source: FeatureSet, evaluate_cfg: EvaluateConfig, cfg: PredictConfig, seed: int) -> SourceClassifier:
+def fit_source(
+    source: FeatureSet, reconstruction: np.ndarray, evaluate_cfg: EvaluateConfig, cfg: PredictConfig, seed: int
+) -> SourceClassifier:
     """Fit the classifier on the source's training split and calibrate rejection and shift on its held-out cells.
+
+    ``reconstruction``: the source cells' reconstruction errors (:func:`extract.reconstruction_errors`).
 
     The label level is ``evaluate.labels`` resolved on the source alone (``auto``: fine unless some source
     cell is labelled only coarsely), the level ``evaluate`` uses against a target labelled as finely.
     """
     check_settings(cfg, evaluate_cfg.classifier)
+    if len(reconstruction) != len(source.features):
+        raise ValueError(f"{len(reconstruction)} reconstruction errors for {len(source.features)} cells of {source.name}")
     level, to_class = resolve_labels(source.labels, [], evaluate_cfg.labels)
     labels = map_labels(source.labels, to_class)
     classes = haematology_sorted(labels.tolist())
@@ -132,14 +148,11 @@ def fit_source(source: FeatureSet, evaluate_cfg: EvaluateConfig, cfg: PredictCon
     held_out, predicted = _probabilities(fitted, source.features[test_idx])
     fitted.reject = calibrate_rejection(held_out.max(axis=1), predicted == labels[test_idx], cfg.reject_by,
                                         cfg.reject_target)
-    held_out_distance = _distances(fitted, source.features[test_idx])
-    fitted.shift = {
-        "neighbours": k,
-        "quantile": cfg.shift_quantile,
-        "threshold": rounded(np.quantile(held_out_distance, cfg.shift_quantile)),
-        "held_out_median": rounded(np.median(held_out_distance)),
-        "warn_fraction": cfg.shift_warn_fraction,
-    }
+    fitted.shift = {"neighbours": k, "quantile": cfg.shift_quantile, "warn_fraction": cfg.shift_warn_fraction}
+    for measure, held_out_values in (("distance", _distances(fitted, source.features[test_idx])),
+                                     ("reconstruction", np.asarray(reconstruction)[test_idx])):
+        fitted.shift[measure] = {"threshold": rounded(np.quantile(held_out_values, cfg.shift_quantile)),
+                                 "held_out_median": rounded(np.median(held_out_values))}
     return fitted
 
 
@@ -203,11 +216,16 @@ def _distances(fitted: SourceClassifier, features: np.ndarray) -> np.ndarray:
     return distances.mean(axis=1)
 
 
-def classify(fitted: SourceClassifier, cells: FeatureSet) -> CellPredictions:
+def classify(fitted: SourceClassifier, cells: FeatureSet, reconstruction: np.ndarray) -> CellPredictions:
+    """Label ``cells``; ``reconstruction`` holds their reconstruction errors, row for row."""
     probabilities, predicted = _probabilities(fitted, cells.features)
     ranked = np.sort(probabilities, axis=1)
     confidence = ranked[:, -1]
     distance = _distances(fitted, cells.features)
+    reconstruction = np.asarray(reconstruction, dtype=np.float64)
+    if len(reconstruction) != len(distance):
+        raise ValueError(f"{len(reconstruction)} reconstruction errors for {len(distance)} cells of {cells.name}")
+    shift = fitted.shift
     return CellPredictions(
         predicted=predicted,
         probabilities=probabilities,
@@ -215,7 +233,8 @@ def classify(fitted: SourceClassifier, cells: FeatureSet) -> CellPredictions:
         margin=confidence - ranked[:, -2],
         rejected=reject_mask(confidence, fitted.reject["threshold"]),
         distance=distance,
-        beyond=distance > fitted.shift["threshold"],
+        reconstruction=reconstruction,
+        beyond=(distance > shift["distance"]["threshold"]) | (reconstruction > shift["reconstruction"]["threshold"]),
     )
 
 
@@ -236,7 +255,7 @@ def write_predictions(path: Path, fitted: SourceClassifier, cells: FeatureSet, b
     """predictions.csv: ids, box, label as given, prediction, confidence, margin, probabilities, reject, shift."""
     header = ["instance_id", "image", "dataset", "label", *BOX_COLUMNS, "detection_score", "predicted_class",
               "confidence", "margin", *(f"prob_{cls}" for cls in fitted.classes), "rejected", "shift_distance",
-              "beyond_training"]
+              "reconstruction_error", "beyond_training"]
 
     def rows():
         for i, box in enumerate(boxes):
@@ -244,28 +263,38 @@ def write_predictions(path: Path, fitted: SourceClassifier, cells: FeatureSet, b
                    *(box[column] for column in BOX_COLUMNS), box["score"], predictions.predicted[i],
                    f"{predictions.confidence[i]:.4f}", f"{predictions.margin[i]:.4f}",
                    *(f"{p:.4f}" for p in predictions.probabilities[i]), bool(predictions.rejected[i]),
-                   f"{predictions.distance[i]:.4f}", bool(predictions.beyond[i])]
+                   f"{predictions.distance[i]:.4f}", f"{predictions.reconstruction[i]:.6f}",
+                   bool(predictions.beyond[i])]
 
     write_csv(path, header, rows())
 
 
 def shift_summary(fitted: SourceClassifier, predictions: CellPredictions) -> dict:
-    """The dataset's distance to the source against the source's own held-out cells; ``warning`` when far."""
-    median = float(np.median(predictions.distance))
+    """Both measures of the dataset against the source's own held-out cells; ``warning`` when it lies far.
+
+    Per measure: ``median``, ``score`` (median over the held-out median: 1 = like unseen source cells) and
+    ``fraction_beyond``; ``fraction_beyond`` at the top counts cells beyond on either.
+    """
+    summary = dict(fitted.shift)
+    for measure, values in (("distance", predictions.distance), ("reconstruction", predictions.reconstruction)):
+        scale = fitted.shift[measure]
+        median = float(np.median(values))
+        summary[measure] = {
+            **scale,
+            "median": rounded(median),
+            "score": rounded(median / scale["held_out_median"]) if scale["held_out_median"] else None,
+            "fraction_beyond": rounded((values > scale["threshold"]).mean()),
+        }
     fraction = float(predictions.beyond.mean())
-    reference = fitted.shift["held_out_median"]
-    return {
-        **fitted.shift,
-        "median_distance": rounded(median),
-        "shift_score": rounded(median / reference) if reference else None,
-        "fraction_beyond": rounded(fraction),
-        "warning": fraction >= fitted.shift["warn_fraction"],
-    }
+    summary["fraction_beyond"] = rounded(fraction)
+    summary["warning"] = fraction >= fitted.shift["warn_fraction"]
+    return summary
 
 
 def run_prediction(
     fitted: SourceClassifier,
     cells: FeatureSet,
+    reconstruction: np.ndarray,
     boxes: list[dict],
     images_without_cells: list[str],
     folder: Path,
@@ -280,7 +309,7 @@ def run_prediction(
     """
     folder = Path(folder)
     remove_earlier_outputs(folder)
-    predictions = classify(fitted, cells)
+    predictions = classify(fitted, cells, reconstruction)
     write_predictions(folder / "predictions.csv", fitted, cells, boxes, predictions)
     images, totals = differential_counts(cells.images, predictions, fitted.classes, images_without_cells)
     write_counts(folder / "counts.csv", cells.name, fitted.classes, images, totals)

@@ -63,6 +63,7 @@ def _count(rows: np.ndarray, predictions: CellPredictions, classes: Sequence[str
             for cls in classes
         },
         "median_shift_distance": rounded(np.median(predictions.distance[rows])) if len(rows) else None,
+        "median_reconstruction_error": rounded(np.median(predictions.reconstruction[rows])) if len(rows) else None,
         "beyond_training": int(predictions.beyond[rows].sum()),
     }
 
@@ -71,14 +72,15 @@ def write_counts(path: Path, dataset: str, classes: Sequence[str], images: list[
     """counts.csv: one row per image (``scope`` image) and one for the dataset (``scope`` dataset)."""
     class_columns = [column for cls in classes for column in (f"n_{cls}", f"pct_{cls}")]
     header = ["scope", "dataset", "image", "cells", "accepted", *class_columns, "n_rejected", "pct_rejected",
-              "median_shift_distance", "n_beyond_training"]
+              "median_shift_distance", "median_reconstruction_error", "n_beyond_training"]
 
     def row(scope: str, image: str, counts: dict) -> list:
         per_class = [value for cls in classes for value in (counts["classes"][cls]["n"],
                                                              _blank(counts["classes"][cls]["percent"], 2))]
         rejected_percent = 100.0 * counts["rejected"] / counts["cells"] if counts["cells"] else None
         return [scope, dataset, image, counts["cells"], counts["accepted"], *per_class, counts["rejected"],
-                _blank(rejected_percent, 2), _blank(counts["median_shift_distance"], 4), counts["beyond_training"]]
+                _blank(rejected_percent, 2), _blank(counts["median_shift_distance"], 4),
+                _blank(counts["median_reconstruction_error"], 6), counts["beyond_training"]]
 
     rows = [row("image", entry["image"], entry) for entry in images] + [row("dataset", "", totals)]
     write_csv(path, header, rows)
@@ -166,6 +168,7 @@ def write_geojson(folder: Path, cells: FeatureSet, boxes: list[dict], prediction
                         "confidence": round(float(predictions.confidence[row]), 4),
                         "margin": round(float(predictions.margin[row]), 4),
                         "shift_distance": round(float(predictions.distance[row]), 4),
+                        "reconstruction_error": round(float(predictions.reconstruction[row]), 6),
                     },
                     "predicted_class": str(predictions.predicted[row]),
                 },
@@ -208,10 +211,11 @@ def reject_line(summary: dict) -> str:
 def shift_line(summary: dict) -> str:
     """One line on how far the dataset lies from the source's training cells; a warning when it is far."""
     shift = summary["shift"]
-    figures = (f"{shift['fraction_beyond']:.0%} of {summary['dataset']}'s cells lie farther from the "
-               f"{summary['source']} training cells than {shift['quantile']:.0%} of {summary['source']}'s own "
-               f"held-out cells (median distance {shift['median_distance']:.2f} vs {shift['held_out_median']:.2f}, "
-               f"shift score {shift['shift_score']:.2f})")
+    distance, reconstruction = shift["distance"], shift["reconstruction"]
+    figures = (f"{shift['fraction_beyond']:.0%} of {summary['dataset']}'s cells lie beyond {shift['quantile']:.0%} of "
+               f"{summary['source']}'s own held-out cells in distance to the {summary['source']} training cells "
+               f"or in autoencoder reconstruction error (scores: distance {distance['score']:.2f}, reconstruction "
+               f"{reconstruction['score']:.2f}; 1 = like unseen {summary['source']} cells)")
     if not shift["warning"]:
         return f"shift: {figures}"
     advice = "its cells look unlike the training lab's: check the montages and treat the labels with caution"

@@ -54,9 +54,11 @@ def main() -> None:
           f"{100 * sum(right_accepted) / max(n_accepted, 1):.1f} % (threshold {reject['threshold']}, "
           f"calibrated for {reject['target']} {reject['by']} on the held-out pbc cells)")
     shift = summary["shift"]
-    print(f"shift: median distance {shift['median_distance']:.2f} vs {shift['held_out_median']:.2f} for held-out pbc "
-          f"cells (score {shift['shift_score']:.2f}); {100 * shift['fraction_beyond']:.0f} % of cells beyond the "
-          f"pbc {shift['quantile']:.0%} quantile; warning: {shift['warning']}")
+    distance, reconstruction = shift["distance"], shift["reconstruction"]
+    print(f"shift: {100 * shift['fraction_beyond']:.0f} % of cells beyond the held-out pbc cells' "
+          f"{shift['quantile']:.0%} quantile ({100 * distance['fraction_beyond']:.0f} % in distance, score "
+          f"{distance['score']:.2f}; {100 * reconstruction['fraction_beyond']:.0f} % in reconstruction error, score "
+          f"{reconstruction['score']:.2f}); warning: {shift['warning']}")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aecfe_cli import autoencoder as ae
 from aecfe_cli.config import EvaluateConfig, PredictConfig
 from aecfe_cli.errors import UserError
 from aecfe_cli.evaluate import run_evaluation
+from aecfe_cli.extract import reconstruction_errors
+from aecfe_cli.io import write_npy
 from aecfe_cli.feature_sets import FeatureSet
 from aecfe_cli.labels import haematology_sorted
 from aecfe_cli.predict import calibrate_rejection, classify, fit_source, run_prediction, summary_outputs
@@ -27,10 +30,19 @@ def _boxes(cells: FeatureSet) -> list[dict]:
     return [{"x0": "1.0", "y0": "2.0", "x1": "11.0", "y1": "12.0", "score": "0.9"} for _ in cells.instance_ids]
 
 
-def _predict(source: FeatureSet, cells: FeatureSet, folder: Path, without_cells=(), **settings) -> dict:
+def _errors(cells: FeatureSet, level: float = 1.0) -> np.ndarray:
+    """Reconstruction errors around ``level`` (the source's cells are reconstructed at about 1)."""
+    return np.random.default_rng(len(cells.name)).normal(level, 0.1 * level, len(cells.features))
+
+
+def _fit(source: FeatureSet, **settings):
+    return fit_source(source, _errors(source), EvaluateConfig(), PredictConfig(**settings), seed=0)
+
+
+def _predict(source: FeatureSet, cells: FeatureSet, folder: Path, without_cells=(), error_level=1.0, **settings):
     cfg = PredictConfig(**settings)
-    fitted = fit_source(source, EvaluateConfig(), cfg, seed=0)
-    return run_prediction(fitted, cells, _boxes(cells), list(without_cells), folder, cfg, [source.name], seed=0)
+    return run_prediction(_fit(source, **settings), cells, _errors(cells, error_level), _boxes(cells),
+                          list(without_cells), folder, cfg, [source.name], seed=0)
 
 
 # ------------------------------------------------------------------------------------------- calibration
@@ -64,14 +76,14 @@ def test_predictions_are_the_labels_of_the_classifier_evaluate_scores(tmp_path: 
     report = run_evaluation(source, [target], tmp_path / "evaluate", baselines=False)
     assert 0.4 < report["targets"]["tgt"]["accuracy"] < 0.95  # overlapping classes: the check can fail
 
-    fitted = fit_source(source, EvaluateConfig(), PredictConfig(), seed=0)
-    predicted = classify(fitted, target).predicted
+    fitted = _fit(source)
+    predicted = classify(fitted, target, _errors(target)).predicted
     assert (predicted == target.labels).mean() == pytest.approx(report["targets"]["tgt"]["accuracy"])
     assert fitted.reject["held_out"]["accuracy"] == pytest.approx(report["in_domain"]["accuracy"])
     assert fitted.split == {"seed": 42, "n_train": report["split"]["n_train"], "n_test": report["split"]["n_test"]}
 
 
-def test_ambiguous_cells_are_rejected_and_far_cells_raise_the_shift_warning(tmp_path: Path) -> None:
+def test_ambiguous_cells_are_rejected_and_far_or_unlike_cells_raise_the_shift_warning(tmp_path: Path) -> None:
     source = make_set("src", FINE_FOUR, per_class=60)
     like_source = make_set("same", FINE_FOUR, per_class=30, seed=3)
     ambiguous = make_set("between", FINE_FOUR, per_class=30, seed=4)
@@ -81,13 +93,33 @@ def test_ambiguous_cells_are_rejected_and_far_cells_raise_the_shift_warning(tmp_
     far = make_set("far", FINE_FOUR, per_class=30, seed=5, shift=8.0)
 
     summaries = {cells.name: _predict(source, cells, tmp_path / cells.name) for cells in (like_source, ambiguous, far)}
-    same, between, away = summaries["same"], summaries["between"], summaries["far"]
+    # Encoded among the source cells but badly reconstructed: the autoencoder never learned such cells.
+    unlike = make_set("unlike", FINE_FOUR, per_class=30, seed=6)
+    summaries["unlike"] = _predict(source, unlike, tmp_path / "unlike", error_level=3.0)
+    same, between, away, unknown = (summaries[name] for name in ("same", "between", "far", "unlike"))
     assert same["reject"]["rejection_rate"] < 0.2
     assert between["reject"]["rejection_rate"] > same["reject"]["rejection_rate"] + 0.4
     assert same["shift"]["fraction_beyond"] < 0.2 and same["shift"]["warning"] is False
-    assert 0.5 < same["shift"]["shift_score"] < 1.5
-    assert away["shift"]["fraction_beyond"] > 0.9 and away["shift"]["warning"] is True
-    assert away["shift"]["shift_score"] > 3
+    assert 0.5 < same["shift"]["distance"]["score"] < 1.5 and 0.5 < same["shift"]["reconstruction"]["score"] < 1.5
+    assert away["shift"]["distance"]["fraction_beyond"] > 0.9 and away["shift"]["warning"] is True
+    assert away["shift"]["distance"]["score"] > 3
+    assert unknown["shift"]["distance"]["fraction_beyond"] < 0.2
+    assert unknown["shift"]["reconstruction"]["fraction_beyond"] > 0.9 and unknown["shift"]["warning"] is True
+    assert unknown["shift"]["reconstruction"]["score"] > 2
+
+
+def test_reconstruction_errors_are_the_autoencoders_feature_error_per_cell_in_any_batch_size(tmp_path: Path) -> None:
+    import torch
+
+    roi = np.random.default_rng(1).standard_normal((7, 256, 14, 14)).astype(np.float16)
+    write_npy(tmp_path / "roi_features.npy", roi)
+    torch.manual_seed(0)
+    model = ae.AECFE(width=0.25, image_size=32).eval()
+    errors = reconstruction_errors(model, tmp_path, batch_size=3, device=torch.device("cpu"))
+    with torch.inference_mode():
+        scaled = ae.scale_features(torch.from_numpy(roi).float())
+        expected = ((model(scaled)[1] - scaled) ** 2).mean(dim=(1, 2, 3)).numpy()
+    assert errors.shape == (7,) and np.allclose(errors, expected, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -112,7 +144,9 @@ def test_run_prediction_writes_the_table_the_counts_the_montages_and_the_summary
         ranked = sorted(probabilities)
         assert float(row["margin"]) == pytest.approx(ranked[-1] - ranked[-2], abs=2e-4)
         assert row["rejected"] == str(float(row["confidence"]) < threshold)
-        assert row["beyond_training"] == str(float(row["shift_distance"]) > summary["shift"]["threshold"])
+        beyond = (float(row["shift_distance"]) > summary["shift"]["distance"]["threshold"]
+                  or float(row["reconstruction_error"]) > summary["shift"]["reconstruction"]["threshold"])
+        assert row["beyond_training"] == str(beyond)
 
     counts = _rows(tmp_path / "counts.csv")
     dataset_row = counts[-1]
@@ -173,16 +207,16 @@ def test_a_rerun_with_fewer_classes_leaves_no_montage_of_the_earlier_one(tmp_pat
 )
 def test_impossible_settings_name_the_key(settings: dict, fragment: str) -> None:
     with pytest.raises(UserError, match=fragment):
-        fit_source(make_set("src", FINE_FOUR, per_class=10), EvaluateConfig(), PredictConfig(**settings), seed=0)
+        _fit(make_set("src", FINE_FOUR, per_class=10), **settings)
 
 
 def test_a_classifier_without_probabilities_and_an_unlabelled_source_are_refused() -> None:
     source = make_set("src", FINE_FOUR, per_class=10)
     with pytest.raises(UserError, match="linear_svm gives no class probabilities"):
-        fit_source(source, EvaluateConfig(classifier="linear_svm"), PredictConfig(), seed=0)
+        fit_source(source, _errors(source), EvaluateConfig(classifier="linear_svm"), PredictConfig(), seed=0)
     unlabelled = FeatureSet("flat", source.features, source.instance_ids, source.images, ["unlabelled"] * 40)
     with pytest.raises(UserError, match="source 'flat' has a single class .unlabelled.*labelled source"):
-        fit_source(unlabelled, EvaluateConfig(), PredictConfig(), seed=0)
+        _fit(unlabelled)
 
 
 def test_haematology_order_puts_mature_cells_first_and_unknown_names_last() -> None:
