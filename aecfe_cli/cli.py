@@ -399,6 +399,49 @@ def _print_report(report: dict, folder: Path, as_json: bool) -> None:
 
 @app.command()
 @handles_errors
+def predict(
+    ctx: typer.Context,
+    source: str = typer.Option(..., "--source", help="Labelled dataset the classifier is trained on."),
+    data: List[str] = typer.Option(..., "--data", help="Dataset(s) to label, labelled or not (repeatable)."),
+    layout: Optional[str] = LayoutOption,
+    all_cells: Optional[bool] = typer.Option(None, "--all-cells/--central-cell",
+                                             help="Label every cell of a smear field in the --data datasets."),
+    output_format: Optional[str] = typer.Option(None, "--format", help="csv, or geojson: also one GeoJSON per image."),
+    reject_target: Optional[float] = typer.Option(None, "--reject-target",
+                                                  help="Held-out accuracy (or coverage) the reject threshold aims at."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summaries only, as JSON keyed by dataset."),
+    force: bool = ForceOption,
+):
+    """Label a new lab's cells: class, confidence, reject option, differential counts, shift warning."""
+    import json
+
+    from . import pipeline
+    from .predict_report import reject_line, render_count_rows, shift_line
+
+    overrides = {"predict": {"all_cells": all_cells, "format": output_format, "reject_target": reject_target}}
+    session = _session(ctx.obj, overrides, force, ("predict",))
+    if as_json:
+        session.reporter.quiet = True
+    with session.workdir.lock():
+        summaries = pipeline.ensure_predictions(session, session.dataset(source),
+                                                [session.dataset(d, layout) for d in data])
+    for summary in summaries:
+        if summary["shift"]["warning"]:
+            typer.echo(f"warning: {shift_line(summary)}", err=True)
+    if as_json:
+        typer.echo(json.dumps({summary["dataset"]: summary for summary in summaries}, indent=2))
+        return
+    for summary in summaries:
+        _print_table(f"{summary['source']} -> {summary['dataset']}: differential count ({summary['labels']} labels)",
+                     ["class", "cells", "% of accepted"], render_count_rows(summary))
+        typer.echo(reject_line(summary))
+        if not summary["shift"]["warning"]:
+            typer.echo(shift_line(summary))
+        typer.echo(f"predictions: {session.workdir.predict(summary['source'], summary['dataset']) / 'predictions.csv'}")
+
+
+@app.command()
+@handles_errors
 def run(
     ctx: typer.Context,
     data: List[str] = typer.Option(..., "--data", help="Datasets to train on (first = anchor)."),

@@ -106,6 +106,20 @@ class EvaluateConfig:
 
 
 @dataclass
+class PredictConfig:
+    """``predict`` labels new cells with the classifier ``evaluate`` scores (its classifier, labels, split_seed)."""
+
+    reject_by: str = "accuracy"  # accuracy | coverage | none: how the confidence threshold is calibrated
+    reject_target: float = 0.9  # accuracy: held-out accuracy of accepted cells; coverage: held-out share accepted
+    neighbours: int = 5  # shift distance = mean distance to this many nearest source training cells
+    shift_quantile: float = 0.95  # beyond training: past this quantile of held-out distances or reconstruction errors
+    shift_warn_fraction: float = 0.25  # warn when at least this share of a dataset's cells is beyond
+    montage_cells: int = 24  # example cells per class montage
+    all_cells: bool = False  # detect every cell of a smear field in the --data datasets (not the source)
+    format: str = "csv"  # csv | geojson (also one GeoJSON per image, for QuPath)
+
+
+@dataclass
 class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -131,6 +145,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "extract": ExtractConfig,
     "evaluate": EvaluateConfig,
+    "predict": PredictConfig,
     "runtime": RuntimeConfig,
 }
 
@@ -142,6 +157,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     preset: Optional[str] = None  # the named preset the sections started from (see PRESETS)
 

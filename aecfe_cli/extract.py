@@ -94,3 +94,15 @@ def run_extraction(
         timings={"seconds": round(seconds, 2), "cells_per_second": round(cells / seconds, 1) if seconds > 0 else None},
         extra={"dataset": name},
     )
+
+
+def reconstruction_errors(model: ae.AECFE, detect_dir: Path, batch_size: int, device: torch.device) -> np.ndarray:
+    """Per detected cell, the mean squared error of the autoencoder's reconstruction of its scaled RoI
+    feature: low for cells like those the autoencoder learned from, high for cells unlike all of them."""
+    errors = [np.zeros(0, np.float32)]
+    with torch.inference_mode():
+        for block in iter_npy_blocks(Path(detect_dir) / "roi_features.npy", batch_size):
+            features = model.scale(torch.from_numpy(block).to(device).float())
+            reconstructed = model.feature_decoder(model.encode(features))
+            errors.append(((reconstructed - features) ** 2).mean(dim=(1, 2, 3)).cpu().numpy())
+    return np.concatenate(errors)

@@ -22,6 +22,29 @@ FINE_TO_COARSE = {
 FINE_CLASSES = tuple(FINE_TO_COARSE)
 COARSE_CLASSES = tuple(dict.fromkeys(FINE_TO_COARSE.values())) + ("platelet",)
 
+# The order a differential count lists classes in: mature cells as a smear report gives them, then the
+# granulocyte precursors from the most mature, blasts, and the rest.
+HAEMATOLOGY_ORDER = (
+    "neutrophil_segmented",
+    "neutrophil_band",
+    "neutrophil",
+    "lymphocyte_typical",
+    "lymphocyte_atypical",
+    "lymphocyte",
+    "monocyte",
+    "eosinophil",
+    "basophil",
+    "metamyelocyte",
+    "myelocyte",
+    "promyelocyte",
+    "ig",
+    "myeloblast",
+    "blast",
+    "erythroblast",
+    "smudge_cell",
+    "platelet",
+)
+
 # Matek-19 folder codes. MYO is the myeloblast and MYB the myelocyte; MOB is merged into monocyte
 # as the paper does; PMB (bilobed promyelocyte) is kept under its own name, which the paper drops.
 MATEK_CODES = {
@@ -97,3 +120,9 @@ def is_fine(label: str) -> bool:
 
 def is_known(label: str) -> bool:
     return label in FINE_TO_COARSE or label in COARSE_CLASSES
+
+
+def haematology_sorted(names) -> list[str]:
+    """Class names in differential-count order; names outside the vocabulary follow, alphabetically."""
+    rank = {name: index for index, name in enumerate(HAEMATOLOGY_ORDER)}
+    return sorted(set(names), key=lambda name: (rank.get(name, len(rank)), name))

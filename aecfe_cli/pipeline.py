@@ -7,8 +7,10 @@ A stage never reads an upstream artefact older than its inputs: stale upstream w
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,7 +24,7 @@ from .datasets import Dataset
 from .errors import StageError, UserError
 from .io import read_json
 from .reporting import Reporter
-from .workdir import Workdir, fingerprint, output_digest, read_manifest, state, what_changed, write_manifest
+from .workdir import Workdir, fingerprint, invalidate, output_digest, read_manifest, state, what_changed, write_manifest
 
 STAGES = ("detector", "detect", "train", "extract", "evaluate")
 
@@ -203,8 +205,6 @@ def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset])
         session.reporter.info(f"evaluate {source.name}: up to date, reusing")
         return read_json(folder / "report.json")
     cfg = session.config.evaluate
-    import time
-
     started = time.perf_counter()
     report = evaluate.run_evaluation(
         load_feature_set(session.workdir.root, source.name),
@@ -303,3 +303,99 @@ def _how(manifest: Optional[dict]) -> str:
         return ""
     obtained = manifest.get("obtained", {})
     return ", ".join(f"{k}={v}" for k, v in obtained.items())
+
+
+def prediction_fingerprint(session: Session, training: Sequence[str], inputs: dict) -> str:
+    """predict depends on evaluate's classifier settings (it refits that classifier) and its own section."""
+    cfg = session.config
+    settings = {"evaluate": {key: getattr(cfg.evaluate, key) for key in ("classifier", "labels", "split_seed")},
+                "predict": dataclasses.asdict(cfg.predict), "training_datasets": list(training)}
+    return fingerprint("predict", settings, session.seed, inputs)
+
+
+def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dataset]) -> list[dict]:
+    """Label every dataset's cells with the classifier trained on the source; one summary per dataset.
+
+    The datasets are detected and encoded with the detector and autoencoder in the workdir (trained first,
+    on the source and the datasets, when there is none); a dataset the autoencoder was not trained on is
+    said so, and its shift figures tell how far it lies from the source.
+    """
+    from . import predict
+    from .feature_sets import load_feature_set
+
+    names = [d.name for d in datasets]
+    if source.name in names:
+        raise UserError(f"--data {source.name} is the source: its held-out cells are scored by "
+                        f"`aecfe evaluate`; name other datasets")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserError(f"--data {', '.join(repeated)} given more than once")
+    cfg = session.config
+    predict.check_settings(cfg.predict, cfg.evaluate.classifier)
+    model = current_model(session, [source, *datasets])
+    training = list(model[1]["datasets"])
+    source_manifest = ensure_features(session, source, model)
+    detecting = _detecting_all_cells(session, training, names) if cfg.predict.all_cells else session
+    features_manifests = {dataset.name: ensure_features(detecting, dataset, model) for dataset in datasets}
+    for dataset in datasets:  # every dataset is checked before any is labelled
+        if features_manifests[dataset.name]["counts"]["cells"] == 0:
+            images = read_manifest(session.workdir.detect(dataset.name))["counts"]["images"]
+            raise UserError(f"dataset '{dataset.name}': no cell was detected in any of its {images} images "
+                            f"({dataset.root}); check that they are blood-cell images, or lower detect.score_threshold")
+    fitted = None
+    summaries = []
+    for dataset in datasets:
+        features_manifest = features_manifests[dataset.name]
+        detect_manifest = read_manifest(session.workdir.detect(dataset.name))
+        if dataset.name not in training:
+            session.reporter.info(f"{dataset.name}: not among the datasets the autoencoder was trained on "
+                                  f"({', '.join(training)}); encoded with that model, see its shift figures")
+        inputs = {"source": output_digest(source_manifest), "features": output_digest(features_manifest),
+                  "detections": output_digest(detect_manifest)}
+        folder = session.workdir.predict(source.name, dataset.name)
+        expected = prediction_fingerprint(session, training, inputs)
+        if state(folder, expected) == "done" and "predict" not in session.force:
+            session.reporter.info(f"predict {source.name} -> {dataset.name}: up to date, reusing")
+            summaries.append(read_json(folder / "summary.json"))
+            continue
+        session._say(f"predict {source.name} -> {dataset.name}", "forced" if "predict" in session.force
+                     else state(folder, expected), "labelling")
+        if fitted is None:
+            fitted = predict.fit_source(load_feature_set(session.workdir.root, source.name),
+                                        _reconstruction_errors(session, model[0], source), cfg.evaluate,
+                                        cfg.predict, session.seed)
+        invalidate(folder)
+        started = time.perf_counter()
+        cells = load_feature_set(session.workdir.root, dataset.name)
+        summary = predict.run_prediction(fitted, cells, _reconstruction_errors(session, model[0], dataset),
+                                         predict.load_boxes(session.workdir.detect(dataset.name), cells),
+                                         detect_manifest.get("no_detection", []), folder, cfg.predict, training,
+                                         session.seed)
+        write_manifest(folder, "predict", fingerprint_value=expected,
+                       config={"evaluate": dataclasses.asdict(cfg.evaluate), "predict": dataclasses.asdict(cfg.predict)},
+                       seed=session.seed, device=str(session.device), inputs=inputs,
+                       outputs=predict.summary_outputs(summary),
+                       counts={"cells": summary["counts"]["cells"], "rejected": summary["counts"]["rejected"],
+                               "images": len(summary["images"])},
+                       timings={"seconds": round(time.perf_counter() - started, 2)},
+                       extra={"source": source.name, "dataset": dataset.name})
+        summaries.append(summary)
+    return summaries
+
+
+def _reconstruction_errors(session: Session, model, dataset: Dataset):
+    return extract.reconstruction_errors(model, session.workdir.detect(dataset.name), session.config.extract.batch_size,
+                                         session.device)
+
+
+def _detecting_all_cells(session: Session, training: Sequence[str], names: Sequence[str]) -> Session:
+    """A session detecting every cell of a field, for the --data datasets only (the source keeps its cells)."""
+    if not session.config.detect.all_cells:
+        trained = sorted(set(training) & set(names))
+        if trained:
+            raise UserError(f"--all-cells: {', '.join(trained)} trained the autoencoder with one cell per image; "
+                            "detecting every cell would make the model out of date. Pass the fields as another "
+                            "dataset (their folder path), or set detect.all_cells: true for every stage")
+    config = copy.deepcopy(session.config)
+    config.detect.all_cells = True
+    return dataclasses.replace(session, config=config)

@@ -46,6 +46,9 @@ class Workdir:
     def evaluate(self, source: str) -> Path:
         return self.root / "evaluate" / source
 
+    def predict(self, source: str, dataset: str) -> Path:
+        return self.root / "predict" / source / dataset
+
     @property
     def registry_path(self) -> Path:
         return self.root / "datasets.json"

@@ -76,3 +76,29 @@ def tiny_project(tmp_path, tiny_cells) -> Path:
         shutil.copytree(folder, tmp_path / domain)
     (tmp_path / "aecfe.yaml").write_text(TINY_CONFIG)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def finished_project(tmp_path_factory, tiny_cells):
+    """One full `aecfe run` over two tiny labs, shared by the tests that only read or copy it."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("finished")
+    for domain, folder in tiny_cells.items():
+        shutil.copytree(folder, root / domain)
+    (root / "aecfe.yaml").write_text(TINY_CONFIG)
+    result = run_cli("run", "--data", "lab_a", "--data", "lab_b", cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root, result
+
+
+def copy_project(project: Path, tmp_path: Path) -> Path:
+    """A copy of a finished project whose workdir registry points at the copy's datasets."""
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(project, target, symlinks=True)
+    # The registry stores absolute dataset roots: point them at the copy.
+    registry = target / "aecfe-work" / "datasets.json"
+    registry.write_text(registry.read_text().replace(str(project), str(target)))
+    return target

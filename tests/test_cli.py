@@ -23,7 +23,7 @@ def test_help_lists_every_command_without_importing_torch():
     code = ("import sys; from typer.testing import CliRunner; from aecfe_cli.cli import app; "
             "r = CliRunner().invoke(app, ['--help']); print(r.output); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout
-    for command in ("datasets", "synth", "detect", "train", "extract", "evaluate", "run", "demo", "status"):
+    for command in ("datasets", "synth", "detect", "train", "extract", "evaluate", "predict", "run", "demo", "status"):
         assert command in out
     assert out.strip().splitlines()[-1] == "False"
 

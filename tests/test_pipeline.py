@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import copy_project as _copy
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -21,29 +22,6 @@ def _status(cwd):
     result = run_cli("status", "--json", cwd=cwd)
     assert result.returncode == 0, result.stderr
     return {(r["stage"], r["dataset"]): r["state"] for r in json.loads(result.stdout)}
-
-
-@pytest.fixture(scope="module")
-def finished_project(tmp_path_factory, tiny_cells):
-    """One full `aecfe run` over two tiny labs, shared by the tests that only read or copy it."""
-    from conftest import TINY_CONFIG
-
-    root = tmp_path_factory.mktemp("finished")
-    for domain, folder in tiny_cells.items():
-        shutil.copytree(folder, root / domain)
-    (root / "aecfe.yaml").write_text(TINY_CONFIG)
-    result = run_cli("run", "--data", "lab_a", "--data", "lab_b", cwd=root)
-    assert result.returncode == 0, result.stderr
-    return root, result
-
-
-def _copy(project, tmp_path):
-    target = tmp_path / "copy"
-    shutil.copytree(project, target, symlinks=True)
-    # The registry stores absolute dataset roots: point them at the copy.
-    registry = target / "aecfe-work" / "datasets.json"
-    registry.write_text(registry.read_text().replace(str(project), str(target)))
-    return target
 
 
 def _copy_with_config_edit(project, tmp_path, old, new):
