@@ -135,7 +135,7 @@ def test_crashed_extraction_leaves_nothing_finished_looking(tmp_path, tiny_cells
     leftovers = [p for p in folder.iterdir() if p.name not in ("features.npy", "features.csv")]
     assert all(p.name.endswith(".tmp") for p in leftovers)
     status = json.loads(run_cli("status", "--json", cwd=root).stdout)
-    assert {"stage": "extract", "dataset": "lab_a", "state": "missing", "detail": ""} in status
+    assert {"stage": "extract", "dataset": "lab_a", "state": "missing", "changed": [], "detail": ""} in status
     assert run_cli("extract", "--data", "lab_a", cwd=root).returncode == 0
     assert _digests(folder, ["features.npy", "features.csv"]) == reference
     assert not list(folder.glob(".*.tmp"))
