@@ -50,24 +50,22 @@ from aecfe_cli.io import read_json, write_json, write_text  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data"
 
-# Each lever alone against the settings before this benchmark existed ("before"), then all together.
-BEFORE = {
-    "detect": {"stain_norm": "none"},
-    "train": {"feature_scaling": "sample", "norm_first": False, "image_loss": "ssim", "alignment": "paper"},
+# Each lever alone against the defaults, then all of them together.
+LEVERS: dict[str, dict] = {
+    "stain_norm": {"detect": {"stain_norm": "dataset"}},
+    "stain_image": {"detect": {"stain_norm": "image"}},
+    "channel_scaling": {"train": {"feature_scaling": "channel"}},
+    "norm_first": {"train": {"norm_first": True}},
+    "ssim_l1": {"train": {"image_loss": "ssim_l1"}},
+    "normalised_alignment": {"train": {"alignment": "normalised"}},
+    "feature_norm": {"evaluate": {"feature_norm": "dataset"}},
+    "image64": {"train": {"image_size": 64}},
 }
-VARIANTS: dict[str, dict] = {
-    "default": {},
-    "before": BEFORE,
-    "before+stain_norm": {**BEFORE, "detect": {"stain_norm": "dataset"}},
-    "before+channel_scaling": {**BEFORE, "train": {**BEFORE["train"], "feature_scaling": "channel"}},
-    "before+norm_first": {**BEFORE, "train": {**BEFORE["train"], "norm_first": True}},
-    "before+ssim_l1": {**BEFORE, "train": {**BEFORE["train"], "image_loss": "ssim_l1"}},
-    "before+normalised_alignment": {**BEFORE, "train": {**BEFORE["train"], "alignment": "normalised"}},
-    "default+feature_norm": {"evaluate": {"feature_norm": "dataset"}},
-    "before+feature_norm": {**BEFORE, "evaluate": {"feature_norm": "dataset"}},
-    "default+image64": {"train": {"image_size": 64}},
-    "default+stain_image": {"detect": {"stain_norm": "image"}},
-}
+ALL_LEVERS: dict[str, dict] = {}
+for _name in ("stain_norm", "channel_scaling", "norm_first", "ssim_l1", "normalised_alignment", "feature_norm"):
+    for _section, _values in LEVERS[_name].items():
+        ALL_LEVERS.setdefault(_section, {}).update(_values)
+VARIANTS: dict[str, dict] = {"default": {}, **{f"default+{k}": v for k, v in LEVERS.items()}, "all_levers": ALL_LEVERS}
 QUICK = {"detect": {"train_steps": 30, "train_images": 120}, "train": {"epochs": 4}}
 CV_FOLDS, CV_REPEATS = 5, 2
 
