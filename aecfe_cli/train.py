@@ -21,7 +21,7 @@ import torch
 from . import autoencoder as ae
 from .config import TrainConfig
 from .errors import UserError
-from .io import read_npy, write_csv, write_figure
+from .io import iter_npy_blocks, read_npy, write_csv, write_figure
 from .reporting import Reporter
 from .workdir import fingerprint, invalidate, output_digest, write_manifest
 
@@ -99,7 +99,8 @@ def run_training(
     torch.manual_seed(seed)
     model = ae.AECFE(FEATURE_CHANNELS, cfg.latent_dim, cfg.image_size, cfg.width, cfg.feature_scaling,
                      cfg.norm_first)
-    model.fit_feature_scaling(block for features in dataset.features for block in _blocks(features))
+    model.fit_feature_scaling(block for directory in detect_dirs
+                              for block in iter_npy_blocks(Path(directory) / "roi_features.npy", 512))
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start_epoch, history = _restore(folder / "model.pt", resume_key, model, optimizer, device, require_resume, reporter)
@@ -154,12 +155,6 @@ def run_training(
         extra={"datasets": list(names), "anchor": names[0], "flops_per_sample": ae.count_flops(core),
                "final_loss": history[-1] if history else None},
     )
-
-
-def _blocks(array: np.ndarray, rows: int = 512):
-    """A memory-mapped array in blocks of ``rows`` cells, read one at a time."""
-    for start in range(0, len(array), rows):
-        yield np.asarray(array[start:start + rows], np.float32)
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int]:
