@@ -94,6 +94,9 @@ class TrainConfig:
 @dataclass
 class ExtractConfig:
     batch_size: int = 512
+    # Append label-free morphology descriptors (nucleus and cell shape, stain-normalised colour and
+    # granularity of nucleus and cytoplasm; aecfe_cli/morphology.py) to each cell's latent vector.
+    morphology: bool = True
 
 
 @dataclass
@@ -138,6 +141,7 @@ PRESETS: dict[str, dict] = {
         "train": {"image_size": 128, "width": 1.0, "epochs": 150, "batch_size": 500, "lr": 0.001,
                   "align_weight": 5.0, "feature_scaling": "sample", "norm_first": False, "image_loss": "ssim",
                   "alignment": "paper"},
+        "extract": {"morphology": False},
         "evaluate": {"classifier": "random_forest"},
     },
 }

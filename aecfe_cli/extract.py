@@ -1,7 +1,9 @@
 """Stage 3: encode every detected cell into a latent feature vector, written beside its ids.
 
 Cells are read from the RoI features on disk, encoded and appended to both outputs one batch at a
-time, so peak memory does not grow with the dataset.
+time, so peak memory does not grow with the dataset. With ``extract.morphology`` each vector is followed
+by the cell's morphology descriptors (``morphology.DESCRIPTORS``, columns ``m_<name>``), measured on its
+crop: the latent columns are ``f0``, ``f1``, ...
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from . import autoencoder as ae
+from . import colour, morphology
 from .config import ExtractConfig
 from .errors import UserError
 from .io import iter_npy_blocks, npy_header, npy_writer, write_csv
@@ -31,7 +34,7 @@ def _inputs(detect_manifest: dict, train_manifest: dict) -> dict[str, str]:
 
 def extraction_fingerprint(detect_manifest: dict, train_manifest: dict, cfg: ExtractConfig) -> str:
     # The batch size changes speed, not values, so it does not make features stale.
-    return fingerprint("extract", {}, None, _inputs(detect_manifest, train_manifest))
+    return fingerprint("extract", {"morphology": cfg.morphology}, None, _inputs(detect_manifest, train_manifest))
 
 
 def run_extraction(
@@ -48,17 +51,31 @@ def run_extraction(
     expected = extraction_fingerprint(detect_manifest, train_manifest, cfg)
     invalidate(folder)
     roi_path, instances_path = Path(detect_dir) / "roi_features.npy", Path(detect_dir) / "instances.csv"
+    crops_path = Path(detect_dir) / "crops.npy"
     with open(roi_path, "rb") as handle:
         cells = npy_header(handle)[0][0]
     latent_dim = model.model_args["latent_dim"]
-    header = [*ID_COLUMNS, *(f"f{i}" for i in range(latent_dim))]
+    descriptors = morphology.DESCRIPTORS if cfg.morphology else ()
+    dimensions = latent_dim + len(descriptors)
+    header = [*ID_COLUMNS, *(f"f{i}" for i in range(latent_dim)), *(f"m_{name}" for name in descriptors)]
+    described = itertools.repeat(None)
+    if descriptors and cells:
+        with open(crops_path, "rb") as handle:
+            if npy_header(handle)[0][0] != cells:
+                raise UserError(f"{crops_path} does not hold one crop per cell of {roi_path} ({cells}): "
+                                f"re-run `aecfe detect --data {name} --force`")
+        # The dataset's own stain statistics, so the colour descriptors of every lab share one reference.
+        statistics = colour.lab_statistics(np.moveaxis(b, 1, -1) for b in iter_npy_blocks(crops_path, cfg.batch_size))
+        described = morphology.describe_crops(iter_npy_blocks(crops_path, cfg.batch_size), statistics)
     mismatch = UserError(f"{instances_path} does not list one row per cell of {roi_path} ({cells}): "
                          f"re-run `aecfe detect --data {name} --force`")
 
     def table_rows(instances, append_features, bar):
         """Encode batch by batch: each batch's vectors go to features.npy, its rows to the CSV writer."""
-        for block in iter_npy_blocks(roi_path, cfg.batch_size):
+        for block, shapes in zip(iter_npy_blocks(roi_path, cfg.batch_size), described):
             vectors = model.encode(model.scale(torch.from_numpy(block).to(device).float())).cpu().numpy()
+            if shapes is not None:
+                vectors = np.concatenate([vectors, shapes], axis=1)
             append_features(vectors)
             rows = list(itertools.islice(instances, len(vectors)))
             if len(rows) < len(vectors):
@@ -75,7 +92,7 @@ def run_extraction(
     # An error anywhere (rows that disagree included) keeps neither output.
     with (
         open(instances_path, newline="", encoding="utf-8") as instances_file,
-        npy_writer(folder / "features.npy", (cells, latent_dim), np.float32) as append_features,
+        npy_writer(folder / "features.npy", (cells, dimensions), np.float32) as append_features,
         reporter.progress(f"extracting {name}", cells, unit="cells") as bar,
         torch.inference_mode(),
     ):
@@ -90,7 +107,8 @@ def run_extraction(
         device=str(device),
         inputs=_inputs(detect_manifest, train_manifest),
         outputs=["features.npy", "features.csv"],
-        counts={"cells": cells, "dimensions": latent_dim},
+        counts={"cells": cells, "dimensions": dimensions, "latent_dimensions": latent_dim,
+                "morphology_dimensions": len(descriptors)},
         timings={"seconds": round(seconds, 2), "cells_per_second": round(cells / seconds, 1) if seconds > 0 else None},
         extra={"dataset": name},
     )

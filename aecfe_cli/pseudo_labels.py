@@ -32,7 +32,8 @@ FLOOD_LEVELS = 48
 
 @dataclass
 class _Candidate:
-    mask: np.ndarray  # at the working resolution
+    mask: np.ndarray  # whole cell, at the working resolution
+    nucleus: np.ndarray  # its nucleus (all lobes), same resolution
     plausible: bool
 
 
@@ -129,8 +130,8 @@ def segment_cells(image: np.ndarray) -> list[_Candidate]:
         if pieces > 1:
             sizes = ndimage.sum(cell, cell_labels, range(1, pieces + 1))
             cell = cell_labels == int(np.argmax(sizes)) + 1
-        plausible = _solidity(cell) >= MIN_SOLIDITY and cell.sum() <= MAX_CELL_TO_NUCLEUS * nucleus.sum()
-        candidates.append(_Candidate(cell, plausible))
+        plausible = solidity(cell) >= MIN_SOLIDITY and cell.sum() <= MAX_CELL_TO_NUCLEUS * nucleus.sum()
+        candidates.append(_Candidate(cell, nucleus & cell, plausible))
     return candidates
 
 
@@ -198,7 +199,7 @@ def _flood(levels: np.ndarray, seeds: np.ndarray, mask: np.ndarray) -> np.ndarra
     return labels
 
 
-def _solidity(mask: np.ndarray) -> float:
+def solidity(mask: np.ndarray) -> float:
     """Area over convex-hull area (pixel-centre hull widened by half a pixel all round)."""
     from scipy.spatial import ConvexHull, QhullError
 

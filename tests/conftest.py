@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,26 @@ class CreatesMarkerWhenUnpickled:
 
     def __reduce__(self):
         return (open, (str(self.marker), "w"))
+
+
+def drawn_cell(nucleus_radius: float = 9, lobes: int = 1, side: int = 64, scale: float = 1.0,
+               gain=(1.0, 1.0, 1.0), seed: int = 0) -> np.ndarray:
+    """(3, side, side) uint8: a stained white cell (radius 20 * scale) at the centre of a pale slide, with
+    a round nucleus or ``lobes`` lobes on a ring, and a little sensor noise; ``gain`` multiplies the light
+    each channel lets through, as another lab's stain or lamp would."""
+    rows, cols = np.mgrid[:side, :side] + 0.5 - side / 2
+    image = np.empty((side, side, 3))
+    image[:] = (235, 228, 215)
+    image[rows**2 + cols**2 <= (20 * scale) ** 2] = (200, 170, 205)
+    if lobes == 1:
+        centres = [(0.0, 0.0)]
+    else:
+        ring = 9 * scale
+        centres = [(ring * np.sin(2 * np.pi * k / lobes), ring * np.cos(2 * np.pi * k / lobes)) for k in range(lobes)]
+    for y, x in centres:
+        image[(rows - y) ** 2 + (cols - x) ** 2 <= (nucleus_radius * scale) ** 2] = (95, 50, 135)
+    image = (image + np.random.default_rng(seed).normal(0, 3, image.shape)) * np.asarray(gain)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8).transpose(2, 0, 1)
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

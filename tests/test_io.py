@@ -1,6 +1,7 @@
 """Streaming .npy files: what detect and extract write block by block is what numpy reads back."""
 
 import csv
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ from aecfe_cli.config import ExtractConfig
 from aecfe_cli.errors import UserError
 from aecfe_cli.extract import run_extraction
 from aecfe_cli.io import iter_npy_blocks, npy_writer, write_npy
+from aecfe_cli.morphology import DESCRIPTORS
 from aecfe_cli.reporting import Reporter
+from conftest import drawn_cell
 
 
 def test_blocks_written_and_read_back_match_numpy(tmp_path):
@@ -50,10 +53,12 @@ def test_truncated_and_object_arrays_are_refused(tmp_path):
         list(iter_npy_blocks(path, 4))
 
 
-def _detections(folder, cells, rows):
+def _detections(folder, cells, rows, crops=None):
     folder.mkdir()
     roi = np.random.default_rng(1).standard_normal((cells, 256, 14, 14)).astype(np.float16)
     write_npy(folder / "roi_features.npy", roi)
+    crops = cells if crops is None else crops
+    write_npy(folder / "crops.npy", np.stack([drawn_cell(nucleus_radius=8 + i % 4) for i in range(crops)]))
     with open(folder / "instances.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["instance_id", "image", "dataset", "label"])
@@ -61,12 +66,12 @@ def _detections(folder, cells, rows):
     return roi
 
 
-def _extract(tmp_path, batch_size):
+def _extract(tmp_path, batch_size, morphology=False):
     torch.manual_seed(0)
     model = ae.AECFE(width=0.25, image_size=32)
     return run_extraction("lab", tmp_path / "detect", {"outputs": {}}, model.eval(), {"outputs": {}},
-                          ExtractConfig(batch_size=batch_size), tmp_path / "extract", torch.device("cpu"),
-                          Reporter(quiet=True)), model
+                          ExtractConfig(batch_size=batch_size, morphology=morphology), tmp_path / "extract",
+                          torch.device("cpu"), Reporter(quiet=True)), model
 
 
 def test_extract_streams_every_cell_beside_its_ids(tmp_path):
@@ -80,7 +85,31 @@ def test_extract_streams_every_cell_beside_its_ids(tmp_path):
         table = list(csv.DictReader(handle))
     assert [row["instance_id"] for row in table] == [f"c{i}" for i in range(7)]
     assert np.array_equal(np.array([[row[f"f{i}"] for i in range(50)] for row in table], dtype=np.float32), features)
-    assert manifest["counts"] == {"cells": 7, "dimensions": 50}
+    assert manifest["counts"] == {"cells": 7, "dimensions": 50, "latent_dimensions": 50, "morphology_dimensions": 0}
+
+
+def test_extract_puts_morphology_after_the_latent_of_the_same_cell(tmp_path):
+    _detections(tmp_path / "detect", 7, 7)
+    shutil.copytree(tmp_path / "detect", tmp_path / "without" / "detect")
+    latent_only, _ = _extract(tmp_path / "without", batch_size=3)
+    manifest, _ = _extract(tmp_path, batch_size=3, morphology=True)
+    features = np.load(tmp_path / "extract" / "features.npy")
+    latent = np.load(tmp_path / "without" / "extract" / "features.npy")
+    assert features.shape == (7, 50 + len(DESCRIPTORS)) and np.array_equal(features[:, :50], latent)
+    with open(tmp_path / "extract" / "features.csv", newline="") as handle:
+        header = next(csv.reader(handle))
+    assert header[4 + 50:] == [f"m_{name}" for name in DESCRIPTORS]
+    # Cells drawn with growing nuclei (radius 8..11 in the same 40-px cell): the ratio follows them.
+    fraction = features[:4, 50 + DESCRIPTORS.index("nucleus_fraction")]
+    assert np.all(np.diff(fraction) > 0)
+    assert manifest["counts"]["dimensions"] == 50 + len(DESCRIPTORS)
+    assert latent_only["fingerprint"] != manifest["fingerprint"]
+
+
+def test_extract_refuses_crops_that_disagree_with_the_cells(tmp_path):
+    _detections(tmp_path / "detect", 7, 7, crops=6)
+    with pytest.raises(UserError, match="crops.npy does not hold one crop per cell"):
+        _extract(tmp_path, batch_size=3, morphology=True)
 
 
 @pytest.mark.parametrize("rows", [6, 8])

@@ -1,0 +1,110 @@
+"""Morphology descriptors of each detected cell: what a haematologist reads, in units no lab can shift.
+
+White cells are told apart by the shape of the nucleus (lobes, indentation, how much of the cell it
+fills), by the cytoplasm (granules, their colour) and by chromatin texture. None of these depends on the
+scanner's magnification or lamp if it is measured as a ratio, a shape index or a colour after the lab's
+own stain normalisation, which is why they carry across labs where the autoencoder's latent and colour
+histograms do not (docs/accuracy.md). The descriptors are label-free and need no training:
+
+* the cell and its nucleus come from the classical stain segmentation that also makes the detector's
+  pseudo-masks (``pseudo_labels.segment_cells``: nuclear stain in optical density against the crop's own
+  background, the cell flooded out from it); the candidate nearest the crop's centre is the cell;
+* shape: nucleus-to-cell area ratio; for the nucleus its elongation, circularity, solidity, number of
+  lobes and mean thickness; for the cell its elongation, circularity and solidity;
+* colour, separately for nucleus and cytoplasm: CIELAB mean and spread after Reinhard normalisation with
+  the dataset's statistics (``colour.lab_statistics`` of its crops), total optical density and each
+  channel's share of it (the stain's composition, independent of its strength), and granularity (mean
+  absolute high-pass lightness).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+from scipy import ndimage
+
+from . import colour
+from .masks import resize_mask
+from .pseudo_labels import segment_cells, solidity
+
+_SHAPE = ("elongation", "circularity", "solidity", "lobes", "thickness")
+_COLOUR = ("L", "a", "b", "L_spread", "a_spread", "b_spread", "density", "density_red", "density_green",
+           "density_blue", "granularity")
+DESCRIPTORS: tuple[str, ...] = (
+    "nucleus_fraction",
+    *(f"nucleus_{name}" for name in _SHAPE),
+    *(f"cell_{name}" for name in _SHAPE[:3]),
+    *(f"nucleus_{name}" for name in _COLOUR),
+    *(f"cytoplasm_{name}" for name in _COLOUR),
+)
+MIN_REGION_PIXELS = 5  # a nucleus or cytoplasm smaller than this is measured over the whole cell instead
+LOBE_SHARE = 0.1  # a separate piece of nucleus is a lobe when it holds at least this share of its area
+GRANULE_SIGMA = 1.0  # pixels of the crop: the high-pass that keeps granules and chromatin grain
+
+
+def describe_crops(crops: Iterable[np.ndarray], statistics: np.ndarray) -> Iterator[np.ndarray]:
+    """For each block of (n, 3, S, S) uint8 crops, its (n, len(DESCRIPTORS)) float32 descriptors.
+
+    ``statistics``: the dataset's (2, 3) CIELAB mean and spread of stained pixels (``colour.lab_statistics``).
+    """
+    for block in crops:
+        yield np.stack([describe_cell(np.moveaxis(crop, 0, -1), statistics) for crop in block]).astype(np.float32)
+
+
+def describe_cell(crop: np.ndarray, statistics: np.ndarray) -> np.ndarray:
+    """Descriptors of the cell at the centre of one (S, S, 3) uint8 crop, in ``DESCRIPTORS`` order."""
+    cell, nucleus = central_cell(crop)
+    cytoplasm = cell & ~nucleus
+    values = [nucleus.sum() / max(cell.sum(), 1), *shape_indices(nucleus), *shape_indices(cell)[:3]]
+    lab = colour.rgb_to_lab(colour.normalise_stain(crop, statistics))
+    density = colour.optical_density(crop)
+    lightness = lab[..., 0]
+    grain = np.abs(lightness - ndimage.gaussian_filter(lightness, GRANULE_SIGMA))
+    for region in (nucleus, cytoplasm):
+        if region.sum() < MIN_REGION_PIXELS:
+            region = cell
+        total = density[region].sum(axis=1)
+        share = density[region] / np.maximum(total, 1e-6)[:, None]
+        values += [*lab[region].mean(axis=0), *lab[region].std(axis=0), total.mean(), *share.mean(axis=0),
+                   grain[region].mean()]
+    return np.asarray(values, np.float64)
+
+
+def central_cell(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cell, nucleus) boolean masks of the crop's size: the segmented cell nearest the centre, or the
+    whole crop (with no nucleus) when the segmentation finds none."""
+    height, width = crop.shape[:2]
+    candidates = segment_cells(crop)
+    if not candidates:
+        return np.ones((height, width), bool), np.zeros((height, width), bool)
+
+    def distance_to_centre(candidate) -> float:
+        rows, cols = np.nonzero(candidate.mask)
+        return math.hypot(cols.mean() - width / 2, rows.mean() - height / 2)
+
+    chosen = min(candidates, key=distance_to_centre)
+    if chosen.mask.shape != (height, width):  # segmented at a reduced working size
+        return resize_mask(chosen.mask, (height, width)), resize_mask(chosen.nucleus, (height, width))
+    return chosen.mask, chosen.nucleus
+
+
+def shape_indices(mask: np.ndarray) -> list[float]:
+    """Elongation (minor over major axis), circularity (4 pi area / perimeter^2; 1 for a disc), solidity, number of
+    lobes and mean thickness (distance to the edge over the equivalent radius) of a region; all
+    independent of the image's scale. Zeros for an (almost) empty region."""
+    area = int(mask.sum())
+    if area < MIN_REGION_PIXELS:
+        return [0.0] * len(_SHAPE)
+    rows, cols = np.nonzero(mask)
+    minor, major = np.linalg.eigvalsh(np.cov(np.stack([cols, rows]).astype(np.float64)))
+    elongation = math.sqrt(max(minor, 0.0) / max(major, 1e-9))
+    # Pixel-edge crossings overstate a slanted boundary by 4 / pi on average over directions (Crofton).
+    padded = np.pad(mask, 1)
+    crossings = np.count_nonzero(padded[1:] != padded[:-1]) + np.count_nonzero(padded[:, 1:] != padded[:, :-1])
+    circularity = 4 * math.pi * area / (crossings * math.pi / 4) ** 2
+    labels, pieces = ndimage.label(mask)
+    lobes = int((np.bincount(labels.ravel())[1:] >= LOBE_SHARE * area).sum())
+    thickness = float(ndimage.distance_transform_edt(mask)[mask].mean()) / math.sqrt(area / math.pi)
+    return [elongation, circularity, solidity(mask), float(lobes), thickness]

@@ -1,0 +1,53 @@
+"""Morphology descriptors: what they measure follows the cell's shape, not the lab's scale or stain."""
+
+import numpy as np
+
+from aecfe_cli import colour
+from aecfe_cli.morphology import DESCRIPTORS, central_cell, describe_cell, describe_crops
+from conftest import drawn_cell
+
+
+def _describe(crop):
+    hwc = np.moveaxis(crop, 0, -1)
+    return dict(zip(DESCRIPTORS, describe_cell(hwc, colour.lab_statistics([hwc]))))
+
+
+def test_lobed_and_round_nuclei_are_told_apart():
+    round_nucleus = _describe(drawn_cell(nucleus_radius=13))
+    three_lobes = _describe(drawn_cell(nucleus_radius=5, lobes=3))
+    assert round_nucleus["nucleus_lobes"] == 1 and three_lobes["nucleus_lobes"] == 3
+    assert round_nucleus["nucleus_fraction"] > 0.35 > three_lobes["nucleus_fraction"]
+    assert round_nucleus["nucleus_solidity"] > 0.9 > three_lobes["nucleus_solidity"]
+    assert abs(round_nucleus["nucleus_circularity"] - 1) < 0.1 and three_lobes["nucleus_circularity"] < 0.6
+
+
+def test_segmentation_finds_the_drawn_cell_and_nucleus():
+    cell, nucleus = central_cell(np.moveaxis(drawn_cell(nucleus_radius=10), 0, -1))
+    assert abs(cell.sum() - np.pi * 20**2) < 0.1 * np.pi * 20**2
+    assert abs(nucleus.sum() - np.pi * 10**2) < 0.15 * np.pi * 10**2
+    assert not (nucleus & ~cell).any()
+
+
+def test_shape_does_not_depend_on_magnification():
+    small, large = _describe(drawn_cell(nucleus_radius=6, lobes=2, side=64)), _describe(
+        drawn_cell(nucleus_radius=6, lobes=2, side=128, scale=2.0))
+    for name in ("nucleus_fraction", "nucleus_circularity", "nucleus_solidity", "cell_elongation", "cell_solidity"):
+        assert abs(small[name] - large[name]) < 0.12, name
+    assert small["nucleus_lobes"] == large["nucleus_lobes"] == 2
+
+
+def test_colour_descriptors_follow_the_cell_not_the_lab_stain():
+    """Two labs: the second's stain lets 25 % less red light through. Each normalised with its own dataset
+    statistics, the same cells get nearly the same colour descriptors; normalised with the first lab's
+    statistics (no per-lab normalisation) the stain change shows."""
+    shapes = [dict(nucleus_radius=13), dict(nucleus_radius=6, lobes=3), dict(nucleus_radius=9)]
+    crops = [np.stack([drawn_cell(**s, gain=gain, seed=i) for i, s in enumerate(shapes)])
+             for gain in ((1.0, 1.0, 1.0), (0.75, 1.0, 1.0))]
+    own = [colour.lab_statistics([np.moveaxis(c, 1, -1)]) for c in crops]
+    first, second, unnormalised = (np.concatenate(list(describe_crops([c], s)))
+                                   for c, s in ((crops[0], own[0]), (crops[1], own[1]), (crops[1], own[0])))
+    # The nucleus: in these flat drawings the pale cytoplasm lies beyond the stained-pixel range and maps to white.
+    columns = [DESCRIPTORS.index(f"nucleus_{channel}") for channel in "Lab"]
+    assert np.abs(first[:, columns] - second[:, columns]).max() < 4.0  # CIELAB units
+    assert np.abs(first[:, columns] - unnormalised[:, columns]).max() > 10.0
+    assert first.shape == (3, len(DESCRIPTORS)) and first.dtype == np.float32
