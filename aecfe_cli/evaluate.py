@@ -25,11 +25,24 @@ from .baselines import BASELINES, baseline_features, fit_projection, lab_statist
 from .classify import make_classifier, normalise_features, score
 from .errors import UserError
 from .evaluate_report import plot_confusion, plot_embedding, render_markdown
-from .feature_sets import FeatureSet, load_split, map_labels, resolve_labels, save_split, stratified_split
+from .feature_sets import (
+    MORPHOLOGY_PREFIX,
+    FeatureSet,
+    load_split,
+    map_labels,
+    resolve_labels,
+    save_split,
+    stratified_split,
+)
 from .io import write_json, write_text
 from .mixing import MIXING_DIRECTION, domain_mixing
 
 SPLIT_FILE = "split.csv"
+# When the features hold both, each part is also scored alone, so a reader sees what each contributes.
+PARTS = {
+    "latent": "the autoencoder's latent columns (f0, f1, ...) alone",
+    "morphology": "the morphology descriptor columns (m_...) alone: label-free, no training",
+}
 
 
 # -------------------------------------------------------------------------------------------- evaluation
@@ -60,7 +73,8 @@ def run_evaluation(
     report.json: ``source``, ``labels`` (level used), ``labels_requested``, ``classes`` (the source classes the
     classifier is trained on), ``in_domain`` and ``targets`` (metrics as :func:`score`), ``baselines``
     (``{kind: {"description", "dimension", "in_domain", "targets"}}``, empty with ``baselines_note`` when
-    skipped), ``domain_mixing``, ``classes_per_target`` (compared and dropped classes), ``cells_per_class``
+    skipped), ``parts`` (the same, for the latent and the morphology columns alone when the features hold
+    both; else empty), ``domain_mixing``, ``classes_per_target`` (compared and dropped classes), ``cells_per_class``
     (per dataset), ``split``, ``files``, ``classifier``, ``seed``, ``feature_norm`` (how the learned features
     were normalised per dataset before the classifier: :func:`classify.normalise_features`).
     """
@@ -84,6 +98,8 @@ def run_evaluation(
     train_idx, test_idx, split_info = _source_split(source, source_y, out_dir, split_seed)
     methods = [_Method("aecfe", normalise_features(source.features, feature_norm),
                        {target.name: normalise_features(target.features, feature_norm) for target in targets})]
+    methods.extend(_part_methods(methods[0], source, targets))
+    parts = [method.key for method in methods[1:]]
     baselines_note = "skipped: not requested"
     if baselines:
         baseline_methods, baselines_note = _baseline_methods(source, targets, train_idx, seed)
@@ -102,6 +118,15 @@ def run_evaluation(
         "classes": source_classes,
         "in_domain": results["aecfe"]["in_domain"],
         "targets": results["aecfe"]["targets"],
+        "parts": {
+            key: {
+                "description": PARTS[key],
+                "dimension": int(method.source.shape[1]),
+                "in_domain": results[key]["in_domain"],
+                "targets": results[key]["targets"],
+            }
+            for key, method in ((m.key, m) for m in methods[1:]) if key in parts
+        },
         "baselines": {
             method.key: {
                 "description": BASELINES[method.key],
@@ -109,7 +134,7 @@ def run_evaluation(
                 "in_domain": results[method.key]["in_domain"],
                 "targets": results[method.key]["targets"],
             }
-            for method in methods[1:]
+            for method in methods[1 + len(parts):]
         },
         "domain_mixing": _mixing_report(methods, source_y, target_ys, seed),
         "classes_per_target": classes_per_target,
@@ -209,6 +234,20 @@ def _source_split(
         "n_test": int(len(test_idx)),
     }
     return train_idx, test_idx, split_info
+
+
+def _part_methods(features: _Method, source: FeatureSet, targets: Sequence[FeatureSet]) -> list[_Method]:
+    """The latent and the morphology columns of ``features`` as methods of their own, when it holds both."""
+    columns = source.columns
+    for target in targets:
+        if target.columns != columns:
+            raise UserError(f"datasets '{source.name}' and '{target.name}' were extracted with different feature "
+                            f"columns (extract.morphology?): re-run `aecfe extract --force`")
+    morphology = np.array([column.startswith(MORPHOLOGY_PREFIX) for column in columns], bool)
+    if not columns or morphology.all() or not morphology.any():
+        return []
+    return [_Method(key, features.source[:, keep], {name: f[:, keep] for name, f in features.targets.items()})
+            for key, keep in (("latent", ~morphology), ("morphology", morphology))]
 
 
 def _baseline_methods(

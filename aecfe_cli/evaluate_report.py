@@ -16,6 +16,8 @@ from .mixing import balanced_indices
 
 METHOD_TITLES = {
     "aecfe": "AE-CFE",
+    "latent": "AE-CFE latent only",
+    "morphology": "morphology only",
     "raw_pixels": "raw pixels + PCA",
     "color_histogram": "colour histogram",
     "stain_normalized_histogram": "stain-normalised colour histogram",
@@ -32,7 +34,8 @@ TSNE_MIN_POINTS = 500
 
 def render_summary_rows(report: dict) -> list[tuple]:
     """(method, split, n, accuracy, balanced_accuracy, macro_f1) rows, methods side by side per split."""
-    methods = {"AE-CFE": report} | {METHOD_TITLES.get(kind, kind): entry for kind, entry in report["baselines"].items()}
+    methods = {"AE-CFE": report} | {METHOD_TITLES.get(kind, kind): entry
+                                    for kind, entry in (report.get("parts", {}) | report["baselines"]).items()}
     splits = [("in-domain", None)] + [(name, name) for name in report["targets"]]
     rows = []
     for split_title, target in splits:
@@ -54,7 +57,7 @@ def render_summary_rows(report: dict) -> list[tuple]:
 def render_markdown(report: dict) -> str:
     """report.md: the summary a person reads first, then classes, per-class results and domain mixing."""
     source, targets = report["source"], list(report["targets"])
-    methods = {"aecfe": report} | report["baselines"]
+    methods = {"aecfe": report} | report.get("parts", {}) | report["baselines"]
     lines = [f"# Evaluation: trained on {source}", ""]
     lines += [
         f"Classifier `{report['classifier']}` (seed {report['seed']}), {report['labels']} labels "

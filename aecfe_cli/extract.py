@@ -21,11 +21,10 @@ from . import autoencoder as ae
 from . import colour, morphology
 from .config import ExtractConfig
 from .errors import UserError
+from .feature_sets import ID_COLUMNS, MORPHOLOGY_PREFIX
 from .io import iter_npy_blocks, npy_header, npy_writer, write_csv
 from .reporting import Reporter
 from .workdir import fingerprint, invalidate, output_digest, write_manifest
-
-ID_COLUMNS = ("instance_id", "image", "dataset", "label")
 
 
 def _inputs(detect_manifest: dict, train_manifest: dict) -> dict[str, str]:
@@ -57,7 +56,7 @@ def run_extraction(
     latent_dim = model.model_args["latent_dim"]
     descriptors = morphology.DESCRIPTORS if cfg.morphology else ()
     dimensions = latent_dim + len(descriptors)
-    header = [*ID_COLUMNS, *(f"f{i}" for i in range(latent_dim)), *(f"m_{name}" for name in descriptors)]
+    header = [*ID_COLUMNS, *(f"f{i}" for i in range(latent_dim)), *(f"{MORPHOLOGY_PREFIX}{name}" for name in descriptors)]
     described = itertools.repeat(None)
     if descriptors and cells:
         with open(crops_path, "rb") as handle:

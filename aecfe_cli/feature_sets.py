@@ -17,6 +17,8 @@ from .io import read_csv, read_npy, write_csv
 from .labels import coarse_of, is_fine, is_known
 
 LABEL_MODES = ("fine", "coarse", "auto")
+ID_COLUMNS = ("instance_id", "image", "dataset", "label")  # features.csv: these, then the feature columns
+MORPHOLOGY_PREFIX = "m_"  # features.csv names morphology columns m_<descriptor>; the latent's are f0, f1, ...
 
 
 @dataclass
@@ -29,6 +31,7 @@ class FeatureSet:
     images: np.ndarray  # (N,) str, relative to the dataset root
     labels: np.ndarray  # (N,) str, the most specific vocabulary name the dataset gives
     crops: np.ndarray | None = None  # (N, 3, S, S) uint8, a memmap is fine
+    columns: tuple[str, ...] = ()  # names of the D feature columns (features.csv header), when known
 
     def __post_init__(self) -> None:
         self.features = np.asarray(self.features, dtype=np.float32)
@@ -88,7 +91,14 @@ def load_feature_set(workdir: Path, name: str) -> FeatureSet:
         images=np.array([row["image"] for row in rows], dtype=str),
         labels=np.array([row["label"] for row in rows], dtype=str),
         crops=_load_crops(workdir / "detect" / name, instance_ids, name),
+        columns=_feature_columns(rows[0], features.shape[1]),
     )
+
+
+def _feature_columns(row: dict, dimensions: int) -> tuple[str, ...]:
+    """The feature column names of features.csv, or none when the table does not name every dimension."""
+    columns = tuple(column for column in row if column not in ID_COLUMNS)
+    return columns if len(columns) == dimensions else ()
 
 
 def _load_crops(detect_dir: Path, instance_ids: np.ndarray, name: str) -> np.ndarray | None:

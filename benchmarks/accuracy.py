@@ -46,6 +46,7 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from aecfe_cli.feature_sets import ID_COLUMNS, MORPHOLOGY_PREFIX  # noqa: E402
 from aecfe_cli.io import read_json, write_json, write_text  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data"
@@ -68,6 +69,7 @@ for _name in ("stain_norm", "channel_scaling", "norm_first", "ssim_l1", "normali
 VARIANTS: dict[str, dict] = {"default": {}, **{f"default+{k}": v for k, v in LEVERS.items()}, "all_levers": ALL_LEVERS}
 QUICK = {"detect": {"train_steps": 30, "train_images": 120}, "train": {"epochs": 4}}
 CV_FOLDS, CV_REPEATS = 5, 2
+PARTS = ("latent", "morphology")  # columns of the learned features scored alone, not baselines
 
 
 def main() -> int:
@@ -281,25 +283,35 @@ def compact(report: dict) -> dict:
 
     methods = {"aecfe": {"in_domain": metrics(report["in_domain"]),
                          **{t: metrics(m) for t, m in report["targets"].items()}}}
-    for name, baseline in report.get("baselines", {}).items():
+    for name, baseline in (report.get("parts", {}) | report.get("baselines", {})).items():
         methods[name] = {"in_domain": metrics(baseline["in_domain"]),
                          **{t: metrics(m) for t, m in baseline.get("targets", {}).items()}}
     return {"labels": report.get("labels"), "classes": report.get("classes"), "methods": methods}
 
 
 def cross_validated(work: Path, name: str, seed: int) -> dict:
-    """In-domain balanced accuracy of the random forest by repeated stratified k-fold on all cells."""
+    """In-domain balanced accuracy of the random forest by repeated stratified k-fold on all cells: of the
+    whole feature vector, and of its latent and morphology columns alone when it holds both."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score
 
     features = np.load(work / "extract" / name / "features.npy")
     with open(work / "extract" / name / "features.csv", newline="") as handle:
-        labels = np.array([row["label"] for row in csv.DictReader(handle)])
+        reader = csv.DictReader(handle)
+        labels = np.array([row["label"] for row in reader])
+    morphology = np.array([c.startswith(MORPHOLOGY_PREFIX) for c in reader.fieldnames if c not in ID_COLUMNS])
     keep = np.isin(labels, [c for c in np.unique(labels) if (labels == c).sum() >= CV_FOLDS])
     folds = RepeatedStratifiedKFold(n_splits=CV_FOLDS, n_repeats=CV_REPEATS, random_state=seed)
     forest = RandomForestClassifier(n_estimators=100, max_depth=16, random_state=0, n_jobs=-1)
-    scores = cross_val_score(forest, features[keep], labels[keep], cv=folds, scoring="balanced_accuracy")
-    return {"mean": round(float(scores.mean()), 4), "std": round(float(scores.std()), 4), "folds": len(scores)}
+    columns = {"all": np.ones_like(morphology)}
+    if morphology.any() and not morphology.all():
+        columns |= {"latent": ~morphology, "morphology": morphology}
+    result = {}
+    for part, selected in columns.items():
+        scores = cross_val_score(forest, features[keep][:, selected], labels[keep], cv=folds, scoring="balanced_accuracy")
+        summary = {"mean": round(float(scores.mean()), 4), "std": round(float(scores.std()), 4), "folds": len(scores)}
+        result.update(summary if part == "all" else {part: summary})
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,7 +356,8 @@ def _mean_table(runs: list[dict]) -> list[str]:
     for entry in runs:
         groups.setdefault((entry["variant"], entry["quick"], entry["per_class"]), []).append(entry)
     directions = _directions(runs[0])
-    header = ["variant", "seeds", *(f"{s}→{'in' if t == 'in_domain' else t}" for s, t in directions), "best baseline→cross (mean)"]
+    header = ["variant", "seeds", *(f"{s}→{'in' if t == 'in_domain' else t}" for s, t in directions),
+              "best baseline→cross (mean)", *(f"{part} only→cross (mean)" for part in PARTS)]
     lines = ["Learned features, mean ± standard deviation over seeds:", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (variant, quick, per_class), entries in sorted(groups.items()):
@@ -353,11 +366,15 @@ def _mean_table(runs: list[dict]) -> list[str]:
             values = [v for v in (_value(e, source, target) for e in entries) if v is not None]
             cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "-")
         cross = [(s, t) for s, t in directions if t != "in_domain"]
-        best = [max((v for m in e["reports"][s]["methods"] if m != "aecfe"
+        best = [max((v for m in e["reports"][s]["methods"] if m != "aecfe" and m not in PARTS
                      for v in [_value(e, s, t, m)] if v is not None), default=np.nan)
                 for e in entries for s, t in cross]
+        parts = []
+        for part in PARTS:
+            values = [v for e in entries for s, t in cross for v in [_value(e, s, t, part)] if v is not None]
+            parts.append(f"{np.mean(values):.3f}" if values else "-")
         label = variant + (" (quick)" if quick else "") + (f", {per_class}/class" if per_class else "")
-        lines.append("| " + " | ".join([label, str(len(entries)), *cells, f"{np.nanmean(best):.3f}"]) + " |")
+        lines.append("| " + " | ".join([label, str(len(entries)), *cells, f"{np.nanmean(best):.3f}", *parts]) + " |")
     return lines
 
 
@@ -375,7 +392,8 @@ def _run_table(entry: dict) -> list[str]:
             cells.append("-" if scored is None else
                          f"{scored['balanced_accuracy']:.3f} / {scored['accuracy']:.3f} / {scored['macro_f1']:.3f}")
         lines.append(f"| {source}→{'in' if target == 'in_domain' else target} | " + " | ".join(cells) + " |")
-    cv = ", ".join(f"{n} {c['mean']:.3f} ± {c['std']:.3f}" for n, c in entry["cross_validation"].items())
+    cv = ", ".join(f"{n} {c['mean']:.3f} ± {c['std']:.3f}" + "".join(
+        f" ({part} only {c[part]['mean']:.3f})" for part in PARTS if part in c) for n, c in entry["cross_validation"].items())
     lines += ["", f"In-domain cross-validated balanced accuracy (learned features): {cv}. "
               "Cells: balanced accuracy / accuracy / macro-F1.", ""]
     return lines

@@ -62,3 +62,26 @@ def test_a_quick_run_aimed_at_the_reference_stops_before_measuring():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "reference of full runs" in result.stderr
     assert run.DEFAULT_OUT.read_bytes() == before
+
+
+def test_accuracy_report_keeps_parts_apart_from_baselines():
+    """benchmarks/accuracy.py: the latent and morphology columns scored alone are listed, but the "best
+    baseline" column takes only the baselines (a part beating the whole must not pass as a baseline)."""
+    import accuracy
+
+    def scored(value):
+        return {"n": 10, "balanced_accuracy": value, "accuracy": value, "macro_f1": value}
+
+    def report(aecfe, latent, morphology, histogram):
+        methods = {"aecfe": aecfe, "latent": latent, "morphology": morphology, "color_histogram": histogram}
+        return {"methods": {m: {"in_domain": scored(v), "lab_b": scored(v / 2)} for m, v in methods.items()}}
+
+    entry = {"suite": "real", "variant": "default", "seed": 0, "quick": False, "per_class": 0, "settings": {},
+             "wall_seconds": 1.0, "stage_seconds": {}, "cells": {"lab_a": {"cells": 10}}, "machine": "cpu",
+             "finished": "now", "reports": {"lab_a": report(0.8, 0.4, 0.9, 0.6)},
+             "cross_validation": {"lab_a": {"mean": 0.8, "std": 0.01, "latent": {"mean": 0.5, "std": 0.0},
+                                            "morphology": {"mean": 0.7, "std": 0.0}}}}
+    text = accuracy.markdown({"runs": [entry]})
+    mean_row = next(line for line in text.splitlines() if line.startswith("| default |"))
+    assert mean_row.split(" | ")[-3:] == ["0.300", "0.200", "0.450 |"]  # best baseline, latent, morphology
+    assert "(latent only 0.500) (morphology only 0.700)" in text

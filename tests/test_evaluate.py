@@ -359,3 +359,26 @@ def test_per_dataset_feature_norm_undoes_a_whole_lab_shift(tmp_path: Path) -> No
     assert normalised["targets"]["lab_b"]["balanced_accuracy"] > 0.9 and normalised["feature_norm"] == "dataset"
     with pytest.raises(UserError, match="feature_norm 'batch'"):
         run_evaluation(source, [target], tmp_path / "bad", baselines=False, feature_norm="batch")
+
+
+def test_latent_and_morphology_parts_are_scored_alone_when_both_are_present(tmp_path: Path) -> None:
+    """Half the columns carry the classes (named as morphology), half are noise (named as the latent): the
+    parts show which half classifies; a dataset extracted without morphology is refused by name."""
+    source, target = make_set("matek", FINE_FOUR, per_class=10), make_set("acevedo", FINE_FOUR, per_class=10, seed=1)
+    noise = np.random.default_rng(5).normal(size=(len(source.features) + len(target.features), DIMENSION))
+    columns = tuple(f"f{i}" for i in range(DIMENSION)) + tuple(f"m_d{i}" for i in range(DIMENSION))
+    for cells, block in ((source, noise[:len(source.features)]), (target, noise[len(source.features):])):
+        cells.features = np.concatenate([block, cells.features], axis=1).astype(np.float32)
+        cells.columns = columns
+    report = run_evaluation(source, [target], tmp_path / "both", baselines=False)
+    parts = report["parts"]
+    assert set(parts) == {"latent", "morphology"} and parts["morphology"]["dimension"] == DIMENSION
+    assert parts["morphology"]["targets"]["acevedo"]["balanced_accuracy"] > 0.9
+    assert parts["latent"]["targets"]["acevedo"]["balanced_accuracy"] < 0.6
+    assert "morphology only" in (tmp_path / "both" / "report.md").read_text()
+
+    target.columns = tuple(f"f{i}" for i in range(2 * DIMENSION))
+    with pytest.raises(UserError, match="different feature columns"):
+        run_evaluation(source, [target], tmp_path / "mixed", baselines=False)
+    source.columns = target.columns
+    assert run_evaluation(source, [target], tmp_path / "latent", baselines=False)["parts"] == {}
