@@ -50,6 +50,7 @@ from aecfe_cli.feature_sets import ID_COLUMNS, MORPHOLOGY_PREFIX  # noqa: E402
 from aecfe_cli.io import read_json, write_json, write_text  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data"
+NOTES = ROOT / "docs" / "accuracy_notes.md"
 
 # Each lever alone against the defaults, then all of them together.
 LEVERS: dict[str, dict] = {
@@ -69,6 +70,7 @@ for _name in ("stain_norm", "channel_scaling", "norm_first", "ssim_l1", "normali
 VARIANTS: dict[str, dict] = {"default": {}, **{f"default+{k}": v for k, v in LEVERS.items()}, "all_levers": ALL_LEVERS}
 QUICK = {"detect": {"train_steps": 30, "train_images": 120}, "train": {"epochs": 4}}
 CV_FOLDS, CV_REPEATS = 5, 2
+SPREAD_REPEATS = 3
 PARTS = ("latent", "morphology")  # columns of the learned features scored alone, not baselines
 
 
@@ -233,6 +235,7 @@ def run_variant(suite: str, variant: str, seed: int, labs: dict, scratch: Path, 
         "cells": {n: read_json(work / "detect" / n / "manifest.json")["counts"] for n in names},
         "reports": {source: compact(report) for source, report in reports.items()},
         "cross_validation": {n: cross_validated(work, n, seed) for n in names},
+        "classifier_spread": classifier_spread(work, names, seed),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -289,6 +292,29 @@ def compact(report: dict) -> dict:
     return {"labels": report.get("labels"), "classes": report.get("classes"), "methods": methods}
 
 
+def classifier_spread(work: Path, names: list[str], seed: int, repeats: int = SPREAD_REPEATS) -> dict:
+    """Balanced accuracy of every method and direction when only the classifier's split and seed change
+    (``repeats`` draws, the run's own first), mean and standard deviation: how much of a difference
+    between runs the random forest and the 20 % split alone can make, on the same features."""
+    import tempfile
+
+    from aecfe_cli.evaluate import run_evaluation
+    from aecfe_cli.feature_sets import load_feature_set
+
+    sets = {n: load_feature_set(work, n) for n in names}
+    values: dict[str, dict[str, list[float]]] = {}
+    for draw in range(repeats):
+        for source in names:
+            with tempfile.TemporaryDirectory() as out:
+                report = compact(run_evaluation(sets[source], [sets[n] for n in names if n != source], Path(out),
+                                                seed=seed + draw, split_seed=42 + draw))
+            for method, scored in report["methods"].items():
+                for target, metrics in scored.items():
+                    values.setdefault(method, {}).setdefault(f"{source}->{target}", []).append(metrics["balanced_accuracy"])
+    return {method: {d: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)} for d, v in directions.items()}
+            for method, directions in values.items()}
+
+
 def cross_validated(work: Path, name: str, seed: int) -> dict:
     """In-domain balanced accuracy of the random forest by repeated stratified k-fold on all cells: of the
     whole feature vector, and of its latent and morphology columns alone when it holds both."""
@@ -333,6 +359,8 @@ def markdown(results: dict) -> str:
              "in-domain split of evaluate; `cv` is 5-fold stratified cross-validation, repeated twice, "
              "on all cells of the lab. Baselines come from the same run.", ""]
     runs = sorted(results["runs"], key=lambda r: (r["suite"], r["quick"], r["variant"], r["seed"]))
+    if NOTES.is_file():  # the hand-written reading of these rows: what was tried, what it shows
+        lines += [NOTES.read_text().strip(), ""]
     for suite in sorted({r["suite"] for r in runs}):
         lines += [f"## Suite `{suite}`", ""]
         lines += _mean_table([r for r in runs if r["suite"] == suite])
@@ -396,6 +424,17 @@ def _run_table(entry: dict) -> list[str]:
         f" ({part} only {c[part]['mean']:.3f})" for part in PARTS if part in c) for n, c in entry["cross_validation"].items())
     lines += ["", f"In-domain cross-validated balanced accuracy (learned features): {cv}. "
               "Cells: balanced accuracy / accuracy / macro-F1.", ""]
+    spread = entry.get("classifier_spread")
+    if spread:
+        directions = list(next(iter(spread.values())))
+        lines += [f"The same features under {SPREAD_REPEATS} classifier seeds and 80/20 splits (balanced accuracy, "
+                  "mean ± std; `in_domain` is the held-out 20 %):", "",
+                  "| direction | " + " | ".join(spread) + " |", "|" + "---|" * (len(spread) + 1)]
+        for direction in directions:
+            lines.append(f"| {direction} | " + " | ".join(
+                f"{m[direction]['mean']:.3f} ± {m[direction]['std']:.3f}" if direction in m else "-"
+                for m in spread.values()) + " |")
+        lines.append("")
     return lines
 
 

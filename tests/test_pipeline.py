@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from aecfe_cli.morphology import DESCRIPTORS
 from conftest import copy_project as _copy
 from conftest import run_cli
 
@@ -42,14 +43,17 @@ def test_run_writes_consistent_interface_files(finished_project):
         ids = _rows(work / "extract" / name / "features.csv")
         assert len(instances) == len(roi) == len(crops) == len(features) == len(ids) > 0
         assert roi.shape[1:] == (256, 14, 14) and crops.shape[1:] == (3, 32, 32) and crops.dtype == np.uint8
-        assert features.shape[1] == 50 and features.dtype == np.float32
+        columns = [*(f"f{i}" for i in range(50)), *(f"m_{d}" for d in DESCRIPTORS)]  # latent, then morphology
+        assert features.shape[1] == len(columns) and features.dtype == np.float32
         assert [r["instance_id"] for r in instances] == [r["instance_id"] for r in ids]
-        assert np.allclose(np.array([[float(r[f"f{i}"]) for i in range(50)] for r in ids]), features)
+        assert list(ids[0])[4:] == columns
+        assert np.allclose(np.array([[float(r[c]) for c in columns] for r in ids]), features)
         manifest = json.loads((work / "detect" / name / "manifest.json").read_text())
         assert manifest["counts"]["images"] == 36 and manifest["outputs"]["roi_features.npy"]["sha256"]
     report = json.loads((work / "evaluate" / "lab_a" / "report.json").read_text())
     assert report["source"] == "lab_a" and "lab_b" in report["targets"]
     assert set(report["baselines"]) == {"raw_pixels", "color_histogram", "stain_normalized_histogram"}
+    assert set(report["parts"]) == {"latent", "morphology"}
     for file in ("report.md", "embedding.png", "confusion_lab_b.png", "manifest.json"):
         assert (work / "evaluate" / "lab_a" / file).is_file()
     for file in ("model.pt", "history.csv", "loss.png", "manifest.json"):
