@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 from aecfe_cli.feature_sets import ID_COLUMNS, MORPHOLOGY_PREFIX  # noqa: E402
 from aecfe_cli.io import read_json, write_json, write_text  # noqa: E402
 
-DATA = ROOT / ".." / "shared" / "data"
+# Resolved, so the image lists (and so the detections of a run) do not depend on where the checkout lies.
+DATA = (ROOT / ".." / "shared" / "data").resolve()
 NOTES = ROOT / "docs" / "accuracy_notes.md"
 
 # Each lever alone against the defaults, then all of them together.
