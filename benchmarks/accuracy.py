@@ -236,7 +236,7 @@ def run_variant(suite: str, variant: str, seed: int, labs: dict, scratch: Path, 
         "cells": {n: read_json(work / "detect" / n / "manifest.json")["counts"] for n in names},
         "reports": {source: compact(report) for source, report in reports.items()},
         "cross_validation": {n: cross_validated(work, n, seed) for n in names},
-        "classifier_spread": classifier_spread(work, names, seed),
+        "classifier_spread": classifier_spread(work, names, seed, settings.get("evaluate", {})),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -293,10 +293,11 @@ def compact(report: dict) -> dict:
     return {"labels": report.get("labels"), "classes": report.get("classes"), "methods": methods}
 
 
-def classifier_spread(work: Path, names: list[str], seed: int, repeats: int = SPREAD_REPEATS) -> dict:
+def classifier_spread(work: Path, names: list[str], seed: int, evaluate: dict, repeats: int = SPREAD_REPEATS) -> dict:
     """Balanced accuracy of every method and direction when only the classifier's split and seed change
     (``repeats`` draws, the run's own first), mean and standard deviation: how much of a difference
-    between runs the random forest and the 20 % split alone can make, on the same features."""
+    between runs the random forest and the 20 % split alone can make, on the same features. ``evaluate``:
+    the variant's evaluate settings (feature normalisation, classifier, label level) beyond the defaults."""
     import tempfile
 
     from aecfe_cli.evaluate import run_evaluation
@@ -307,8 +308,11 @@ def classifier_spread(work: Path, names: list[str], seed: int, repeats: int = SP
     for draw in range(repeats):
         for source in names:
             with tempfile.TemporaryDirectory() as out:
-                report = compact(run_evaluation(sets[source], [sets[n] for n in names if n != source], Path(out),
-                                                seed=seed + draw, split_seed=42 + draw))
+                report = compact(run_evaluation(
+                    sets[source], [sets[n] for n in names if n != source], Path(out), seed=seed + draw,
+                    split_seed=42 + draw, labels_mode=evaluate.get("labels", "auto"),
+                    classifier=evaluate.get("classifier", "random_forest"),
+                    feature_norm=evaluate.get("feature_norm", "none")))
             for method, scored in report["methods"].items():
                 for target, metrics in scored.items():
                     values.setdefault(method, {}).setdefault(f"{source}->{target}", []).append(metrics["balanced_accuracy"])
