@@ -13,7 +13,7 @@ below it are ``rejected`` rather than silently labelled (their most probable cla
 Shift, two measures per cell, each scaled by the source's own held-out cells:
 
 * ``shift_distance``: the mean Euclidean distance to the ``neighbours`` nearest source training cells, in
-  features standardised on those cells: how far the cell lies from what the classifier was trained on;
+  the latent features (not the morphology columns) standardised on those cells: how far the cell lies from what the classifier was trained on;
 * ``reconstruction_error``: how badly the autoencoder reconstructs the cell's detector feature (mean
   squared error). The features are aligned across labs by design, so a cell unlike anything the
   autoencoder learned (another kind of image, a colour no training lab has) can still be encoded next to
@@ -40,7 +40,7 @@ from sklearn.preprocessing import StandardScaler
 from .classify import make_classifier, normalise_features, rounded
 from .config import EvaluateConfig, PredictConfig
 from .errors import UserError, did_you_mean
-from .feature_sets import FeatureSet, map_labels, resolve_labels, stratified_split
+from .feature_sets import MORPHOLOGY_PREFIX, FeatureSet, map_labels, resolve_labels, stratified_split
 from .io import read_csv, write_csv, write_json
 from .labels import haematology_sorted
 from .predict_report import differential_counts, remove_earlier_outputs, write_counts, write_geojson, write_montages
@@ -66,6 +66,7 @@ class SourceClassifier:
     split: dict  # seed, n_train, n_test
     reject: dict  # by, target, threshold (None: every cell rejected), reachable, held_out
     shift: dict  # neighbours, quantile, warn_fraction, and per measure (distance, reconstruction) its scale
+    shift_columns: np.ndarray  # (D,) bool: the feature columns the shift distance is measured in
 
 
 @dataclass
@@ -131,9 +132,10 @@ def fit_source(
         raise UserError(f"source '{source.name}': no class has two cells, so none can be held out to calibrate on")
     classified = normalise_features(source.features, evaluate_cfg.feature_norm)
     model = make_classifier(evaluate_cfg.classifier, seed).fit(classified[train_idx], labels[train_idx])
-    scaler = StandardScaler().fit(source.features[train_idx])
+    shift_columns = latent_columns(source)
+    scaler = StandardScaler().fit(source.features[train_idx][:, shift_columns])
     k = min(cfg.neighbours, len(train_idx))
-    index = NearestNeighbors(n_neighbors=k).fit(scaler.transform(source.features[train_idx]))
+    index = NearestNeighbors(n_neighbors=k).fit(scaler.transform(source.features[train_idx][:, shift_columns]))
     fitted = SourceClassifier(
         source=source.name,
         classifier=evaluate_cfg.classifier,
@@ -147,6 +149,7 @@ def fit_source(
         split={"seed": evaluate_cfg.split_seed, "n_train": int(len(train_idx)), "n_test": int(len(test_idx))},
         reject={},
         shift={},
+        shift_columns=shift_columns,
     )
     held_out, predicted = _probabilities(fitted, classified[test_idx])
     fitted.reject = calibrate_rejection(held_out.max(axis=1), predicted == labels[test_idx], cfg.reject_by,
@@ -214,8 +217,18 @@ def _probabilities(fitted: SourceClassifier, features: np.ndarray) -> tuple[np.n
     return raw[:, [own_order.index(cls) for cls in fitted.classes]], np.array(own_order)[raw.argmax(axis=1)]
 
 
+def latent_columns(cells: FeatureSet) -> np.ndarray:
+    """The columns the shift distance uses: the autoencoder's latent, the space aligned across labs. The
+    morphology columns are left out: they are not aligned, and every new lab's stain and optics move them
+    a little, which would flag whole labs whose cells the classifier handles (measured on synthetic labs)."""
+    morphology = np.array([column.startswith(MORPHOLOGY_PREFIX) for column in cells.columns], bool)
+    if not morphology.any() or morphology.all():
+        return np.ones(cells.features.shape[1], bool)
+    return ~morphology
+
+
 def _distances(fitted: SourceClassifier, features: np.ndarray) -> np.ndarray:
-    distances, _ = fitted.index.kneighbors(fitted.scaler.transform(features))
+    distances, _ = fitted.index.kneighbors(fitted.scaler.transform(features[:, fitted.shift_columns]))
     return distances.mean(axis=1)
 
 
