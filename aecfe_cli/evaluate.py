@@ -26,10 +26,10 @@ from .classify import make_classifier, normalise_features, score
 from .errors import UserError
 from .evaluate_report import plot_confusion, plot_embedding, render_markdown
 from .feature_sets import (
-    MORPHOLOGY_PREFIX,
     FeatureSet,
     load_split,
     map_labels,
+    morphology_columns,
     resolve_labels,
     save_split,
     stratified_split,
@@ -98,12 +98,11 @@ def run_evaluation(
     train_idx, test_idx, split_info = _source_split(source, source_y, out_dir, split_seed)
     methods = [_Method("aecfe", normalise_features(source.features, feature_norm),
                        {target.name: normalise_features(target.features, feature_norm) for target in targets})]
-    methods.extend(_part_methods(methods[0], source, targets))
-    parts = [method.key for method in methods[1:]]
-    baselines_note = "skipped: not requested"
+    part_methods = _part_methods(methods[0], source, targets)
+    baseline_methods, baselines_note = [], "skipped: not requested"
     if baselines:
         baseline_methods, baselines_note = _baseline_methods(source, targets, train_idx, seed)
-        methods.extend(baseline_methods)
+    methods += part_methods + baseline_methods
 
     results = {}
     for method in methods:
@@ -118,24 +117,8 @@ def run_evaluation(
         "classes": source_classes,
         "in_domain": results["aecfe"]["in_domain"],
         "targets": results["aecfe"]["targets"],
-        "parts": {
-            key: {
-                "description": PARTS[key],
-                "dimension": int(method.source.shape[1]),
-                "in_domain": results[key]["in_domain"],
-                "targets": results[key]["targets"],
-            }
-            for key, method in ((m.key, m) for m in methods[1:]) if key in parts
-        },
-        "baselines": {
-            method.key: {
-                "description": BASELINES[method.key],
-                "dimension": int(method.source.shape[1]),
-                "in_domain": results[method.key]["in_domain"],
-                "targets": results[method.key]["targets"],
-            }
-            for method in methods[1 + len(parts):]
-        },
+        "parts": {method.key: _method_entry(method, PARTS, results) for method in part_methods},
+        "baselines": {method.key: _method_entry(method, BASELINES, results) for method in baseline_methods},
         "domain_mixing": _mixing_report(methods, source_y, target_ys, seed),
         "classes_per_target": classes_per_target,
         "cells_per_class": {source.name: _counts(source_y), **{name: _counts(y) for name, y in target_ys.items()}},
@@ -236,6 +219,15 @@ def _source_split(
     return train_idx, test_idx, split_info
 
 
+def _method_entry(method: _Method, descriptions: dict[str, str], results: dict) -> dict:
+    return {
+        "description": descriptions[method.key],
+        "dimension": int(method.source.shape[1]),
+        "in_domain": results[method.key]["in_domain"],
+        "targets": results[method.key]["targets"],
+    }
+
+
 def _part_methods(features: _Method, source: FeatureSet, targets: Sequence[FeatureSet]) -> list[_Method]:
     """The latent and the morphology columns of ``features`` as methods of their own, when it holds both."""
     columns = source.columns
@@ -243,7 +235,7 @@ def _part_methods(features: _Method, source: FeatureSet, targets: Sequence[Featu
         if target.columns != columns:
             raise UserError(f"datasets '{source.name}' and '{target.name}' were extracted with different feature "
                             f"columns (extract.morphology?): re-run `aecfe extract --force`")
-    morphology = np.array([column.startswith(MORPHOLOGY_PREFIX) for column in columns], bool)
+    morphology = morphology_columns(columns)
     if not columns or morphology.all() or not morphology.any():
         return []
     return [_Method(key, features.source[:, keep], {name: f[:, keep] for name, f in features.targets.items()})

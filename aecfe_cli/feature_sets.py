@@ -95,6 +95,11 @@ def load_feature_set(workdir: Path, name: str) -> FeatureSet:
     )
 
 
+def morphology_columns(columns: Sequence[str]) -> np.ndarray:
+    """(D,) bool: which of the named feature columns are morphology descriptors (the rest: the latent)."""
+    return np.array([column.startswith(MORPHOLOGY_PREFIX) for column in columns], bool)
+
+
 def _feature_columns(row: dict, dimensions: int) -> tuple[str, ...]:
     """The feature column names of features.csv, or none when the table does not name every dimension."""
     columns = tuple(column for column in row if column not in ID_COLUMNS)

@@ -40,7 +40,7 @@ from sklearn.preprocessing import StandardScaler
 from .classify import make_classifier, normalise_features, rounded
 from .config import EvaluateConfig, PredictConfig
 from .errors import UserError, did_you_mean
-from .feature_sets import MORPHOLOGY_PREFIX, FeatureSet, map_labels, resolve_labels, stratified_split
+from .feature_sets import FeatureSet, map_labels, morphology_columns, resolve_labels, stratified_split
 from .io import read_csv, write_csv, write_json
 from .labels import haematology_sorted
 from .predict_report import differential_counts, remove_earlier_outputs, write_counts, write_geojson, write_montages
@@ -221,7 +221,7 @@ def latent_columns(cells: FeatureSet) -> np.ndarray:
     """The columns the shift distance uses: the autoencoder's latent, the space aligned across labs. The
     morphology columns are left out: they are not aligned, and every new lab's stain and optics move them
     a little, which would flag whole labs whose cells the classifier handles (measured on synthetic labs)."""
-    morphology = np.array([column.startswith(MORPHOLOGY_PREFIX) for column in cells.columns], bool)
+    morphology = morphology_columns(cells.columns)
     if not morphology.any() or morphology.all():
         return np.ones(cells.features.shape[1], bool)
     return ~morphology

@@ -46,7 +46,7 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aecfe_cli.feature_sets import ID_COLUMNS, MORPHOLOGY_PREFIX  # noqa: E402
+from aecfe_cli.feature_sets import ID_COLUMNS, morphology_columns  # noqa: E402
 from aecfe_cli.io import read_json, write_json, write_text  # noqa: E402
 
 # Resolved, so the image lists (and so the detections of a run) do not depend on where the checkout lies.
@@ -330,7 +330,7 @@ def cross_validated(work: Path, name: str, seed: int) -> dict:
     with open(work / "extract" / name / "features.csv", newline="") as handle:
         reader = csv.DictReader(handle)
         labels = np.array([row["label"] for row in reader])
-    morphology = np.array([c.startswith(MORPHOLOGY_PREFIX) for c in reader.fieldnames if c not in ID_COLUMNS])
+    morphology = morphology_columns([c for c in reader.fieldnames if c not in ID_COLUMNS])
     keep = np.isin(labels, [c for c in np.unique(labels) if (labels == c).sum() >= CV_FOLDS])
     folds = RepeatedStratifiedKFold(n_splits=CV_FOLDS, n_repeats=CV_REPEATS, random_state=seed)
     forest = RandomForestClassifier(n_estimators=100, max_depth=16, random_state=0, n_jobs=-1)
