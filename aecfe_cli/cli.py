@@ -130,9 +130,13 @@ def _session(options: Options, sections: Optional[dict] = None, force: bool = Fa
 
 
 def _set_threads(threads: int) -> None:
+    """``threads`` > 0, else OMP_NUM_THREADS when the environment sets it (as torch itself would: a job
+    scheduler or parallel test runner sharing the cores says so there), else every core."""
     import torch
 
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    from_environment = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(threads or (int(from_environment) if from_environment.isdigit() else 0)
+                          or os.cpu_count() or 1)
 
 
 def _print_table(title: str, columns: List[str], rows) -> None:

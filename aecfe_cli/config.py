@@ -94,8 +94,8 @@ class TrainConfig:
 @dataclass
 class ExtractConfig:
     batch_size: int = 512
-    # Append label-free morphology descriptors (nucleus and cell shape, stain-normalised colour and
-    # granularity of nucleus and cytoplasm; aecfe_cli/morphology.py) to each cell's latent vector.
+    # Append label-free morphology descriptors (nucleus and cell shape, stain-normalised colour of nucleus
+    # and cytoplasm, cytoplasm-against-nucleus contrast; aecfe_cli/morphology.py) to each cell's latent.
     morphology: bool = True
 
 
@@ -128,7 +128,7 @@ class PredictConfig:
 class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
-    threads: int = 0  # torch CPU threads; 0 = every core
+    threads: int = 0  # torch CPU threads; 0 = OMP_NUM_THREADS when set, else every core
     strict: bool = False  # an unreadable image is an error instead of being skipped and listed
 
 

@@ -32,8 +32,10 @@ def _inputs(detect_manifest: dict, train_manifest: dict) -> dict[str, str]:
 
 
 def extraction_fingerprint(detect_manifest: dict, train_manifest: dict, cfg: ExtractConfig) -> str:
-    # The batch size changes speed, not values, so it does not make features stale.
-    return fingerprint("extract", {"morphology": cfg.morphology}, None, _inputs(detect_manifest, train_manifest))
+    # The batch size changes speed, not values, so it does not make features stale; a new version of the
+    # morphology descriptors does.
+    settings = {"morphology": morphology.VERSION if cfg.morphology else False}
+    return fingerprint("extract", settings, None, _inputs(detect_manifest, train_manifest))
 
 
 def run_extraction(

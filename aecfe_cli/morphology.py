@@ -13,8 +13,16 @@ histograms do not (docs/accuracy.md). The descriptors are label-free and need no
   lobes and mean thickness; for the cell its elongation, circularity and solidity;
 * colour, separately for nucleus and cytoplasm: CIELAB mean and spread after Reinhard normalisation with
   the dataset's statistics (``colour.lab_statistics`` of its crops), total optical density and each
-  channel's share of it (the stain's composition, independent of its strength), and granularity (mean
-  absolute high-pass lightness).
+  channel's share of it (the stain's composition, independent of its strength);
+* contrast, cytoplasm against nucleus of the same cell: the ratio of their optical densities, the
+  difference of their stain compositions and of their CIELAB colours after white balance on the crop's
+  own background. The nucleus is the cell's own stain reference, so the contrast holds under any lamp,
+  stain strength or class mix of a dataset (which moves per-dataset normalisation): an eosinophil's
+  cytoplasm is nearly as dense as its nucleus, a neutrophil's is pale, in every lab.
+
+Texture (granularity as high-pass lightness, at one or two scales, raw or contrast-normalised) is left
+out on measurement: it follows each lab's focus and camera resolution more than the granules, and adding
+it lowered every cross-lab direction from PBC (docs/accuracy_notes.md).
 """
 
 from __future__ import annotations
@@ -31,17 +39,19 @@ from .pseudo_labels import segment_cells, solidity
 
 _SHAPE = ("elongation", "circularity", "solidity", "lobes", "thickness")
 _COLOUR = ("L", "a", "b", "L_spread", "a_spread", "b_spread", "density", "density_red", "density_green",
-           "density_blue", "granularity")
+           "density_blue")
+_CONTRAST = ("density", "density_red", "density_green", "density_blue", "L", "a", "b")
 DESCRIPTORS: tuple[str, ...] = (
     "nucleus_fraction",
     *(f"nucleus_{name}" for name in _SHAPE),
     *(f"cell_{name}" for name in _SHAPE[:3]),
     *(f"nucleus_{name}" for name in _COLOUR),
     *(f"cytoplasm_{name}" for name in _COLOUR),
+    *(f"contrast_{name}" for name in _CONTRAST),
 )
+VERSION = 2  # raised whenever a descriptor is added, dropped or measured differently: features re-extract
 MIN_REGION_PIXELS = 5  # a nucleus or cytoplasm smaller than this is measured over the whole cell instead
 LOBE_SHARE = 0.1  # a separate piece of nucleus is a lobe when it holds at least this share of its area
-GRANULE_SIGMA = 1.0  # pixels of the crop: the high-pass that keeps granules and chromatin grain
 
 
 def describe_crops(crops: Iterable[np.ndarray], statistics: np.ndarray) -> Iterator[np.ndarray]:
@@ -59,16 +69,18 @@ def describe_cell(crop: np.ndarray, statistics: np.ndarray) -> np.ndarray:
     cytoplasm = cell & ~nucleus
     values = [nucleus.sum() / max(cell.sum(), 1), *shape_indices(nucleus), *shape_indices(cell)[:3]]
     lab = colour.rgb_to_lab(colour.normalise_stain(crop, statistics))
+    balanced_lab = colour.rgb_to_lab(colour.white_balance_pixels(crop / 255.0))
     density = colour.optical_density(crop)
-    lightness = lab[..., 0]
-    grain = np.abs(lightness - ndimage.gaussian_filter(lightness, GRANULE_SIGMA))
-    for region in (nucleus, cytoplasm):
-        if region.sum() < MIN_REGION_PIXELS:
-            region = cell
+    regions = [region if region.sum() >= MIN_REGION_PIXELS else cell for region in (nucleus, cytoplasm)]
+    measured = []  # (density, stain composition, white-balanced colour) of the nucleus, then the cytoplasm
+    for region in regions:
         total = density[region].sum(axis=1)
         share = density[region] / np.maximum(total, 1e-6)[:, None]
-        values += [*lab[region].mean(axis=0), *lab[region].std(axis=0), total.mean(), *share.mean(axis=0),
-                   grain[region].mean()]
+        values += [*lab[region].mean(axis=0), *lab[region].std(axis=0), total.mean(), *share.mean(axis=0)]
+        measured.append((total.mean(), share.mean(axis=0), balanced_lab[region].mean(axis=0)))
+    (nucleus_density, nucleus_share, nucleus_colour), (cytoplasm_density, cytoplasm_share, cytoplasm_colour) = measured
+    values += [cytoplasm_density / max(nucleus_density, 1e-6), *(cytoplasm_share - nucleus_share),
+               *(cytoplasm_colour - nucleus_colour)]
     return np.asarray(values, np.float64)
 
 

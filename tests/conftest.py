@@ -12,6 +12,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # Parallel workers share the cores: one thread each (tests and the CLI processes they start honour
+    # OMP_NUM_THREADS), since busy-waiting OpenMP threads of several processes on the same cores slow
+    # every one of them down many times over.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_collection_modifyitems(items):
+    """Slow end-to-end tests first, so that parallel workers start on them and the fast ones fill the gaps
+    instead of one long test running alone at the end. Stable: the order within each group is kept."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 class CreatesMarkerWhenUnpickled:
     """Unpickling this calls open(marker, "w"): a stand-in for code hidden in a checkpoint or weights file."""
@@ -24,14 +36,15 @@ class CreatesMarkerWhenUnpickled:
 
 
 def drawn_cell(nucleus_radius: float = 9, lobes: int = 1, side: int = 64, scale: float = 1.0,
-               gain=(1.0, 1.0, 1.0), seed: int = 0) -> np.ndarray:
+               gain=(1.0, 1.0, 1.0), seed: int = 0, cytoplasm=(200, 170, 205)) -> np.ndarray:
     """(3, side, side) uint8: a stained white cell (radius 20 * scale) at the centre of a pale slide, with
     a round nucleus or ``lobes`` lobes on a ring, and a little sensor noise; ``gain`` multiplies the light
-    each channel lets through, as another lab's stain or lamp would."""
+    each channel lets through, as another lab's stain or lamp would; ``cytoplasm``: its RGB (pale lilac by
+    default, as a neutrophil's)."""
     rows, cols = np.mgrid[:side, :side] + 0.5 - side / 2
     image = np.empty((side, side, 3))
     image[:] = (235, 228, 215)
-    image[rows**2 + cols**2 <= (20 * scale) ** 2] = (200, 170, 205)
+    image[rows**2 + cols**2 <= (20 * scale) ** 2] = cytoplasm
     if lobes == 1:
         centres = [(0.0, 0.0)]
     else:

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,24 @@ def test_paper_preset_sits_below_the_yaml_and_the_flag(tmp_path):
     assert load_config(path, "paper").train.epochs == 3
     with pytest.raises(UserError, match="unknown preset 'papr'; did you mean 'paper'"):
         load_config(None, "papr")
+
+
+def test_threads_follow_the_setting_then_omp_num_threads_then_every_core(monkeypatch):
+    """A scheduler (or a parallel test run) that gives a job one core says so with OMP_NUM_THREADS; an
+    explicit runtime.threads still wins."""
+    import torch
+
+    from aecfe_cli.cli import _set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        _set_threads(0)
+        assert torch.get_num_threads() == 1
+        _set_threads(2)
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        _set_threads(0)
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)

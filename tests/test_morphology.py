@@ -51,3 +51,20 @@ def test_colour_descriptors_follow_the_cell_not_the_lab_stain():
     assert np.abs(first[:, columns] - second[:, columns]).max() < 4.0  # CIELAB units
     assert np.abs(first[:, columns] - unnormalised[:, columns]).max() > 10.0
     assert first.shape == (3, len(DESCRIPTORS)) and first.dtype == np.float32
+
+
+def test_cytoplasm_against_nucleus_contrast_holds_under_another_lamp():
+    """A dense orange cytoplasm (eosinophil-like) against a pale one (neutrophil-like): the contrast
+    descriptors tell them apart, and a yellow lamp that dims blue by a third leaves them where they were."""
+    dense, pale = (200, 110, 90), (200, 170, 205)
+    described = {(name, lamp): _describe(drawn_cell(nucleus_radius=8, lobes=2, cytoplasm=rgb, gain=gain))
+                 for name, rgb in (("dense", dense), ("pale", pale))
+                 for lamp, gain in (("white", (1.0, 1.0, 1.0)), ("yellow", (1.0, 0.95, 0.67)))}
+    for lamp in ("white", "yellow"):
+        assert described["dense", lamp]["contrast_density"] > 1.5 * described["pale", lamp]["contrast_density"]
+        assert described["dense", lamp]["contrast_b"] > described["pale", lamp]["contrast_b"] + 20
+    for name in ("dense", "pale"):
+        white, yellow = described[name, "white"], described[name, "yellow"]
+        assert abs(white["contrast_density"] - yellow["contrast_density"]) < 0.1 * white["contrast_density"]
+        for channel in "Lab":
+            assert abs(white[f"contrast_{channel}"] - yellow[f"contrast_{channel}"]) < 4.0  # CIELAB units
