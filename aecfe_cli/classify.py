@@ -50,6 +50,34 @@ def normalise_features(features: np.ndarray, mode: str) -> np.ndarray:
     return ((features - features.mean(axis=0)) / np.where(std > 1e-12, std, 1.0)).astype(np.float32)
 
 
+def stable_columns(datasets: Sequence[np.ndarray], max_shift: float | None) -> np.ndarray:
+    """(D,) bool: the feature columns a classifier may use across these datasets (label-free).
+
+    A column is dropped when its median differs between any two of ``datasets`` (each (N_i, D)) by more
+    than ``max_shift`` times their mean interquartile range. What moves a whole lab that far (the stain,
+    the lamp, the camera) is not what tells its cell classes apart, and a classifier trained on one lab
+    takes any column that separates its classes there: kept, such a column sends another lab's cells to
+    the wrong class wholesale (PBC-trained forests called Zheng's neutrophils eosinophils by their
+    cytoplasm colour; docs/accuracy.md). Differences in class mix move medians less. ``None`` keeps all.
+    """
+    dimensions = np.asarray(datasets[0]).shape[1]
+    if max_shift is None:
+        return np.ones(dimensions, bool)
+    if max_shift <= 0:
+        raise UserError(f"evaluate.max_shift is {max_shift}: use a positive number of interquartile ranges, or null")
+    medians = [np.median(d, axis=0) for d in datasets]
+    spreads = [np.subtract(*np.percentile(d, [75, 25], axis=0)) for d in datasets]
+    keep = np.ones(dimensions, bool)
+    for i in range(len(datasets)):
+        for j in range(i + 1, len(datasets)):
+            shift = np.abs(medians[i] - medians[j]) / np.maximum((spreads[i] + spreads[j]) / 2, 1e-9)
+            keep &= shift <= max_shift
+    if not keep.any():
+        raise UserError(f"evaluate.max_shift {max_shift} drops every feature column between these datasets; "
+                        "raise it, or set it to null to keep them all")
+    return keep
+
+
 def score(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) -> dict:
     """Metrics over ``classes`` (every true label must be one); a prediction outside them is an error.
 

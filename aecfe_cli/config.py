@@ -108,6 +108,9 @@ class EvaluateConfig:
     # "dataset": standardise the learned features of each dataset with its own statistics before the
     # classifier (label-free, AdaBN-like); "none" uses them as extracted.
     feature_norm: str = "none"
+    # Leave out learned-feature columns whose median moves between any two of the datasets of a command by
+    # more than this many interquartile ranges (label-free; aecfe_cli/classify.py, stable_columns); null keeps all.
+    max_shift: Optional[float] = 1.5
 
 
 @dataclass
@@ -142,7 +145,7 @@ PRESETS: dict[str, dict] = {
                   "align_weight": 5.0, "feature_scaling": "sample", "norm_first": False, "image_loss": "ssim",
                   "alignment": "paper"},
         "extract": {"morphology": False},
-        "evaluate": {"classifier": "random_forest"},
+        "evaluate": {"classifier": "random_forest", "max_shift": None},
     },
 }
 

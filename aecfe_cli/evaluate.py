@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import BASELINES, baseline_features, fit_projection, lab_statistics
-from .classify import make_classifier, normalise_features, score
+from .classify import make_classifier, normalise_features, score, stable_columns
 from .errors import UserError
 from .evaluate_report import plot_confusion, plot_embedding, render_markdown
 from .feature_sets import (
@@ -67,6 +67,7 @@ def run_evaluation(
     split_seed: int = 42,
     baselines: bool = True,
     feature_norm: str = "none",
+    max_shift: float | None = None,
 ) -> dict:
     """Run the protocol, write report.json/.md, split.csv and the figures into ``out_dir``; return the report.
 
@@ -76,11 +77,14 @@ def run_evaluation(
     skipped), ``parts`` (the same, for the latent and the morphology columns alone when the features hold
     both; else empty), ``domain_mixing``, ``classes_per_target`` (compared and dropped classes), ``cells_per_class``
     (per dataset), ``split``, ``files``, ``classifier``, ``seed``, ``feature_norm`` (how the learned features
-    were normalised per dataset before the classifier: :func:`classify.normalise_features`).
+    were normalised per dataset before the classifier: :func:`classify.normalise_features`), ``max_shift``
+    and ``dropped_columns`` (the learned-feature columns left out as shifted between these datasets:
+    :func:`classify.stable_columns`; the parts lose them too).
     """
     out_dir = Path(out_dir)
     make_classifier(classifier, seed)  # fail on a bad name before any work
     normalise_features(np.zeros((1, 1)), feature_norm)  # likewise for the normalisation
+    stable_columns([np.zeros((1, 1))], max_shift)  # and for max_shift
     _check_target_names(source, targets)
     level, to_class = resolve_labels(source.labels, [target.labels for target in targets], labels_mode)
     source_y = map_labels(source.labels, to_class)
@@ -96,9 +100,11 @@ def run_evaluation(
     }
 
     train_idx, test_idx, split_info = _source_split(source, source_y, out_dir, split_seed)
-    methods = [_Method("aecfe", normalise_features(source.features, feature_norm),
-                       {target.name: normalise_features(target.features, feature_norm) for target in targets})]
-    part_methods = _part_methods(methods[0], source, targets)
+    normalised = _Method("aecfe", normalise_features(source.features, feature_norm),
+                         {target.name: normalise_features(target.features, feature_norm) for target in targets})
+    keep = stable_columns([normalised.source, *normalised.targets.values()], max_shift)
+    methods = [_Method("aecfe", normalised.source[:, keep], {n: f[:, keep] for n, f in normalised.targets.items()})]
+    part_methods = _part_methods(normalised, keep, source, targets)
     baseline_methods, baselines_note = [], "skipped: not requested"
     if baselines:
         baseline_methods, baselines_note = _baseline_methods(source, targets, train_idx, seed)
@@ -132,6 +138,8 @@ def run_evaluation(
         "classifier": classifier,
         "seed": seed,
         "feature_norm": feature_norm,
+        "max_shift": max_shift,
+        "dropped_columns": [source.columns[i] if source.columns else f"column {i}" for i in np.flatnonzero(~keep)],
     }
     if baselines_note:
         report["baselines_note"] = baselines_note
@@ -228,8 +236,11 @@ def _method_entry(method: _Method, descriptions: dict[str, str], results: dict) 
     }
 
 
-def _part_methods(features: _Method, source: FeatureSet, targets: Sequence[FeatureSet]) -> list[_Method]:
-    """The latent and the morphology columns of ``features`` as methods of their own, when it holds both."""
+def _part_methods(
+    features: _Method, keep: np.ndarray, source: FeatureSet, targets: Sequence[FeatureSet]
+) -> list[_Method]:
+    """The latent and the morphology columns of ``features`` (those ``keep`` keeps) as methods of their own,
+    when it holds both."""
     columns = source.columns
     for target in targets:
         if target.columns != columns:
@@ -238,8 +249,9 @@ def _part_methods(features: _Method, source: FeatureSet, targets: Sequence[Featu
     morphology = morphology_columns(columns)
     if not columns or morphology.all() or not morphology.any():
         return []
-    return [_Method(key, features.source[:, keep], {name: f[:, keep] for name, f in features.targets.items()})
-            for key, keep in (("latent", ~morphology), ("morphology", morphology))]
+    parts = (("latent", ~morphology & keep), ("morphology", morphology & keep))
+    return [_Method(key, features.source[:, part], {name: f[:, part] for name, f in features.targets.items()})
+            for key, part in parts if part.any()]
 
 
 def _baseline_methods(

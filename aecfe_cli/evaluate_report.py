@@ -54,6 +54,15 @@ def render_summary_rows(report: dict) -> list[tuple]:
     return rows
 
 
+def _dropped_lines(report: dict) -> list[str]:
+    if report.get("max_shift") is None:
+        return []
+    dropped = report.get("dropped_columns", [])
+    named = ", ".join(f"`{c}`" for c in dropped) if dropped else "none"
+    return [f"Learned-feature columns left out as shifted between these datasets by more than "
+            f"{report['max_shift']} interquartile ranges (`evaluate.max_shift`): {named}.", ""]
+
+
 def render_markdown(report: dict) -> str:
     """report.md: the summary a person reads first, then classes, per-class results and domain mixing."""
     source, targets = report["source"], list(report["targets"])
@@ -64,6 +73,7 @@ def render_markdown(report: dict) -> str:
         f"(asked: {report['labels_requested']}), trained on {report['split']['n_train']} {source} cells; in-domain = "
         f"the held-out {report['split']['n_test']} cells, cross-domain = every target cell of a shared class.",
         "",
+        *_dropped_lines(report),
         "## Summary",
         "",
         "Each cell: **balanced accuracy** / accuracy / macro-F1, in %, over the classes shared with the source.",

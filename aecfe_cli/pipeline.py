@@ -216,6 +216,7 @@ def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset])
         split_seed=cfg.split_seed,
         baselines=cfg.baselines,
         feature_norm=cfg.feature_norm,
+        max_shift=cfg.max_shift,
     )
     files = report["files"]
     outputs = ["report.json", files["report"], files["split"], files["embedding"], *files["confusion"].values()]
@@ -308,7 +309,8 @@ def _how(manifest: Optional[dict]) -> str:
 def prediction_fingerprint(session: Session, training: Sequence[str], inputs: dict) -> str:
     """predict depends on evaluate's classifier settings (it refits that classifier) and its own section."""
     cfg = session.config
-    settings = {"evaluate": {key: getattr(cfg.evaluate, key) for key in ("classifier", "labels", "split_seed")},
+    settings = {"evaluate": {key: getattr(cfg.evaluate, key)
+                             for key in ("classifier", "labels", "split_seed", "feature_norm", "max_shift")},
                 "predict": dataclasses.asdict(cfg.predict), "training_datasets": list(training)}
     return fingerprint("predict", settings, session.seed, inputs)
 
@@ -350,8 +352,10 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
         if dataset.name not in training:
             session.reporter.info(f"{dataset.name}: not among the datasets the autoencoder was trained on "
                                   f"({', '.join(training)}); encoded with that model, see its shift figures")
+        # The columns evaluate.max_shift keeps depend on every dataset of the command.
         inputs = {"source": output_digest(source_manifest), "features": output_digest(features_manifest),
-                  "detections": output_digest(detect_manifest)}
+                  "detections": output_digest(detect_manifest),
+                  "datasets_of_the_command": sorted(output_digest(m) for m in features_manifests.values())}
         folder = session.workdir.predict(source.name, dataset.name)
         expected = prediction_fingerprint(session, training, inputs)
         if state(folder, expected) == "done" and "predict" not in session.force:
@@ -363,7 +367,8 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
         if fitted is None:
             fitted = predict.fit_source(load_feature_set(session.workdir.root, source.name),
                                         _reconstruction_errors(session, model[0], source), cfg.evaluate,
-                                        cfg.predict, session.seed)
+                                        cfg.predict, session.seed,
+                                        [load_feature_set(session.workdir.root, d.name) for d in datasets])
         invalidate(folder)
         started = time.perf_counter()
         cells = load_feature_set(session.workdir.root, dataset.name)

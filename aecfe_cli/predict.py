@@ -28,7 +28,7 @@ values (so 5 to 10 % of unseen source cells are), and a dataset is flagged when 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from sklearn.base import BaseEstimator
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from .classify import make_classifier, normalise_features, rounded
+from .classify import make_classifier, normalise_features, rounded, stable_columns
 from .config import EvaluateConfig, PredictConfig
 from .errors import UserError, did_you_mean
 from .feature_sets import FeatureSet, map_labels, morphology_columns, resolve_labels, stratified_split
@@ -59,8 +59,9 @@ class SourceClassifier:
     level: str
     to_class: Callable[[str], str]
     classes: list[str]  # haematology order; the probability columns follow it
-    model: BaseEstimator  # fitted on the features as evaluate.feature_norm normalises them
+    model: BaseEstimator  # fitted on the features as evaluate.feature_norm normalises them, ``columns`` of them
     feature_norm: str
+    columns: np.ndarray  # (D,) bool: the columns evaluate.max_shift keeps between the source and the new datasets
     scaler: StandardScaler
     index: NearestNeighbors
     split: dict  # seed, n_train, n_test
@@ -107,11 +108,14 @@ def check_settings(cfg: PredictConfig, classifier: str) -> None:
 
 
 def fit_source(
-    source: FeatureSet, reconstruction: np.ndarray, evaluate_cfg: EvaluateConfig, cfg: PredictConfig, seed: int
+    source: FeatureSet, reconstruction: np.ndarray, evaluate_cfg: EvaluateConfig, cfg: PredictConfig, seed: int,
+    new_datasets: Sequence[FeatureSet] = (),
 ) -> SourceClassifier:
     """Fit the classifier on the source's training split and calibrate rejection and shift on its held-out cells.
 
     ``reconstruction``: the source cells' reconstruction errors (:func:`extract.reconstruction_errors`).
+    ``new_datasets``: the cells to be labelled, whose columns shifted from the source's are left out of the
+    classifier as ``evaluate`` leaves out those shifted between its datasets (``evaluate.max_shift``).
 
     The label level is ``evaluate.labels`` resolved on the source alone (``auto``: fine unless some source
     cell is labelled only coarsely), the level ``evaluate`` uses against a target labelled as finely.
@@ -130,7 +134,9 @@ def fit_source(
     train_idx, test_idx = stratified_split(labels, evaluate_cfg.split_seed)
     if len(test_idx) == 0:
         raise UserError(f"source '{source.name}': no class has two cells, so none can be held out to calibrate on")
-    classified = normalise_features(source.features, evaluate_cfg.feature_norm)
+    columns = stable_columns([normalise_features(d.features, evaluate_cfg.feature_norm) for d in (source, *new_datasets)],
+                             evaluate_cfg.max_shift)
+    classified = normalise_features(source.features, evaluate_cfg.feature_norm)[:, columns]
     model = make_classifier(evaluate_cfg.classifier, seed).fit(classified[train_idx], labels[train_idx])
     shift_columns = latent_columns(source)
     scaler = StandardScaler().fit(source.features[train_idx][:, shift_columns])
@@ -144,6 +150,7 @@ def fit_source(
         classes=classes,
         model=model,
         feature_norm=evaluate_cfg.feature_norm,
+        columns=columns,
         scaler=scaler,
         index=index,
         split={"seed": evaluate_cfg.split_seed, "n_train": int(len(train_idx)), "n_test": int(len(test_idx))},
@@ -235,7 +242,8 @@ def _distances(fitted: SourceClassifier, features: np.ndarray) -> np.ndarray:
 def classify(fitted: SourceClassifier, cells: FeatureSet, reconstruction: np.ndarray) -> CellPredictions:
     """Label ``cells``; ``reconstruction`` holds their reconstruction errors, row for row."""
     # evaluate.feature_norm "dataset" standardises a dataset by its own statistics: all of these cells.
-    probabilities, predicted = _probabilities(fitted, normalise_features(cells.features, fitted.feature_norm))
+    probabilities, predicted = _probabilities(
+        fitted, normalise_features(cells.features, fitted.feature_norm)[:, fitted.columns])
     ranked = np.sort(probabilities, axis=1)
     confidence = ranked[:, -1]
     distance = _distances(fitted, cells.features)
@@ -345,6 +353,7 @@ def run_prediction(
         "seed": seed,
         "labels": fitted.level,
         "classes": fitted.classes,
+        "dropped_columns": [cells.columns[i] if cells.columns else f"column {i}" for i in np.flatnonzero(~fitted.columns)],
         "split": fitted.split,
         "reject": {**fitted.reject, "n_rejected": n_rejected, "rejection_rate": rounded(n_rejected / len(cells.features))},
         "shift": shift_summary(fitted, predictions),

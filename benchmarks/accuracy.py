@@ -68,7 +68,10 @@ ALL_LEVERS: dict[str, dict] = {}
 for _name in ("stain_norm", "channel_scaling", "norm_first", "ssim_l1", "normalised_alignment", "feature_norm"):
     for _section, _values in LEVERS[_name].items():
         ALL_LEVERS.setdefault(_section, {}).update(_values)
-VARIANTS: dict[str, dict] = {"default": {}, **{f"default+{k}": v for k, v in LEVERS.items()}, "all_levers": ALL_LEVERS}
+# Defaults turned off, to measure what each adds.
+WITHOUT: dict[str, dict] = {"max_shift": {"evaluate": {"max_shift": None}}}
+VARIANTS: dict[str, dict] = {"default": {}, **{f"default+{k}": v for k, v in LEVERS.items()},
+                             **{f"default-{k}": v for k, v in WITHOUT.items()}, "all_levers": ALL_LEVERS}
 QUICK = {"detect": {"train_steps": 30, "train_images": 120}, "train": {"epochs": 4}}
 CV_FOLDS, CV_REPEATS = 5, 2
 SPREAD_REPEATS = 3
@@ -298,11 +301,14 @@ def classifier_spread(work: Path, names: list[str], seed: int, evaluate: dict, r
     (``repeats`` draws, the run's own first), mean and standard deviation: how much of a difference
     between runs the random forest and the 20 % split alone can make, on the same features. ``evaluate``:
     the variant's evaluate settings (feature normalisation, classifier, label level) beyond the defaults."""
+    import dataclasses
     import tempfile
 
+    from aecfe_cli.config import EvaluateConfig
     from aecfe_cli.evaluate import run_evaluation
     from aecfe_cli.feature_sets import load_feature_set
 
+    cfg = dataclasses.replace(EvaluateConfig(), **evaluate)
     sets = {n: load_feature_set(work, n) for n in names}
     values: dict[str, dict[str, list[float]]] = {}
     for draw in range(repeats):
@@ -310,9 +316,8 @@ def classifier_spread(work: Path, names: list[str], seed: int, evaluate: dict, r
             with tempfile.TemporaryDirectory() as out:
                 report = compact(run_evaluation(
                     sets[source], [sets[n] for n in names if n != source], Path(out), seed=seed + draw,
-                    split_seed=42 + draw, labels_mode=evaluate.get("labels", "auto"),
-                    classifier=evaluate.get("classifier", "random_forest"),
-                    feature_norm=evaluate.get("feature_norm", "none")))
+                    split_seed=cfg.split_seed + draw, labels_mode=cfg.labels, classifier=cfg.classifier,
+                    feature_norm=cfg.feature_norm, max_shift=cfg.max_shift))
             for method, scored in report["methods"].items():
                 for target, metrics in scored.items():
                     values.setdefault(method, {}).setdefault(f"{source}->{target}", []).append(metrics["balanced_accuracy"])

@@ -382,3 +382,38 @@ def test_latent_and_morphology_parts_are_scored_alone_when_both_are_present(tmp_
         run_evaluation(source, [target], tmp_path / "mixed", baselines=False)
     source.columns = target.columns
     assert run_evaluation(source, [target], tmp_path / "latent", baselines=False)["parts"] == {}
+
+
+def _stain_and_shape_labs(cells_per_class: int = 150) -> tuple[FeatureSet, FeatureSet]:
+    """Two labs, two classes. ``m_shape`` tells the classes apart the same way in both; ``m_colour`` tells
+    them apart more cleanly in the source, but the target's stain moves it for every cell, beyond both
+    classes' source values."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["lymphocyte", "neutrophil"], cells_per_class)
+    cls = (labels == "neutrophil").astype(float)
+    sets = []
+    for name, stain in (("lab_a", 0.0), ("lab_b", 4.0)):
+        shape = 3.0 * cls + rng.normal(0, 1.0, len(cls))
+        colour = 2.0 * cls + rng.normal(0, 0.3, len(cls)) + stain
+        ids = [f"{name}/{i}" for i in range(len(cls))]
+        sets.append(FeatureSet(name=name, features=np.stack([shape, colour], 1), instance_ids=ids, images=ids,
+                               labels=labels, columns=("m_shape", "m_colour")))
+    return sets[0], sets[1]
+
+
+def test_columns_shifted_between_labs_are_left_out_and_the_target_is_classified_by_the_rest(tmp_path):
+    from aecfe_cli.classify import stable_columns
+
+    source, target = _stain_and_shape_labs()
+    assert stable_columns([source.features, target.features], 1.5).tolist() == [True, False]
+    assert stable_columns([source.features, target.features], None).all()
+    with pytest.raises(UserError, match="max_shift"):
+        stable_columns([source.features, target.features], 0.0)
+    with pytest.raises(UserError, match="every feature column"):
+        stable_columns([source.features, target.features + 100.0], 1.5)
+    kept = run_evaluation(source, [target], tmp_path / "kept", baselines=False)
+    filtered = run_evaluation(source, [target], tmp_path / "filtered", baselines=False, max_shift=1.5)
+    assert kept["dropped_columns"] == [] and filtered["dropped_columns"] == ["m_colour"]
+    # The colour column sends every target cell to one class; without it the shape column carries across.
+    assert kept["targets"]["lab_b"]["balanced_accuracy"] < 0.6 < 0.85 < filtered["targets"]["lab_b"]["balanced_accuracy"]
+    assert "`m_colour`" in (tmp_path / "filtered" / "report.md").read_text()

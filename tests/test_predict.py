@@ -222,3 +222,18 @@ def test_a_classifier_without_probabilities_and_an_unlabelled_source_are_refused
 def test_haematology_order_puts_mature_cells_first_and_unknown_names_last() -> None:
     assert haematology_sorted(["PMB", "basophil", "blast", "neutrophil", "monocyte", "lymphocyte", "AAA"]) == [
         "neutrophil", "lymphocyte", "monocyte", "basophil", "blast", "AAA", "PMB"]
+
+
+def test_predict_leaves_out_the_columns_evaluate_leaves_out_and_labels_as_it_scores(tmp_path: Path) -> None:
+    from test_evaluate import _stain_and_shape_labs
+
+    source, target = _stain_and_shape_labs()
+    report = run_evaluation(source, [target], tmp_path / "evaluate", baselines=False, max_shift=1.5)
+    fitted = fit_source(source, _errors(source), EvaluateConfig(max_shift=1.5), PredictConfig(), seed=0,
+                        new_datasets=[target])
+    assert fitted.columns.tolist() == [True, False]
+    predicted = classify(fitted, target, _errors(target)).predicted
+    assert (predicted == target.labels).mean() == pytest.approx(report["targets"]["lab_b"]["accuracy"])
+    summary = run_prediction(fitted, target, _errors(target), _boxes(target), [], tmp_path / "predict",
+                             PredictConfig(), [source.name], seed=0)
+    assert summary["dropped_columns"] == ["m_colour"]
