@@ -20,9 +20,14 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 
 
 def pytest_collection_modifyitems(items):
-    """Slow end-to-end tests first, so that parallel workers start on them and the fast ones fill the gaps
-    instead of one long test running alone at the end. Stable: the order within each group is kept."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Slow end-to-end tests first, the longest (``slow(minutes=N)``) before the others, so that parallel
+    workers start on them and the fast ones fill the gaps instead of one long test running alone at the
+    end. Stable: the order within each group is kept."""
+    def order(item):
+        slow = item.get_closest_marker("slow")
+        return (slow is None, -(slow.kwargs.get("minutes", 1) if slow else 0))
+
+    items.sort(key=order)
 
 
 class CreatesMarkerWhenUnpickled:

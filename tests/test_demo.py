@@ -6,7 +6,7 @@ import pytest
 
 from conftest import run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=10)
 
 CHANCE = 1 / 6  # six synthetic classes
 
