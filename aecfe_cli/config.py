@@ -109,8 +109,9 @@ class EvaluateConfig:
     # classifier (label-free, AdaBN-like); "none" uses them as extracted.
     feature_norm: str = "none"
     # Leave out learned-feature columns whose median moves between any two of the datasets of a command by
-    # more than this many interquartile ranges (label-free; aecfe_cli/classify.py, stable_columns); null keeps all.
-    max_shift: Optional[float] = 1.5
+    # more than this many interquartile ranges (label-free; aecfe_cli/classify.py, stable_columns); null keeps
+    # all (the default: 1.5 raised the real cross-lab mean, docs/accuracy.md, but predict does not use it yet).
+    max_shift: Optional[float] = None
 
 
 @dataclass

@@ -352,10 +352,8 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
         if dataset.name not in training:
             session.reporter.info(f"{dataset.name}: not among the datasets the autoencoder was trained on "
                                   f"({', '.join(training)}); encoded with that model, see its shift figures")
-        # The columns evaluate.max_shift keeps depend on every dataset of the command.
         inputs = {"source": output_digest(source_manifest), "features": output_digest(features_manifest),
-                  "detections": output_digest(detect_manifest),
-                  "datasets_of_the_command": sorted(output_digest(m) for m in features_manifests.values())}
+                  "detections": output_digest(detect_manifest)}
         folder = session.workdir.predict(source.name, dataset.name)
         expected = prediction_fingerprint(session, training, inputs)
         if state(folder, expected) == "done" and "predict" not in session.force:
@@ -367,8 +365,7 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
         if fitted is None:
             fitted = predict.fit_source(load_feature_set(session.workdir.root, source.name),
                                         _reconstruction_errors(session, model[0], source), cfg.evaluate,
-                                        cfg.predict, session.seed,
-                                        [load_feature_set(session.workdir.root, d.name) for d in datasets])
+                                        cfg.predict, session.seed)
         invalidate(folder)
         started = time.perf_counter()
         cells = load_feature_set(session.workdir.root, dataset.name)
