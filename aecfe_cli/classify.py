@@ -78,6 +78,11 @@ def stable_columns(datasets: Sequence[np.ndarray], max_shift: float | None) -> n
     return keep
 
 
+def dropped_column_names(columns: Sequence[str], keep: np.ndarray) -> list[str]:
+    """Names of the columns ``keep`` leaves out (``column <i>`` where the features name no columns)."""
+    return [columns[i] if columns else f"column {i}" for i in np.flatnonzero(~keep)]
+
+
 def score(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) -> dict:
     """Metrics over ``classes`` (every true label must be one); a prediction outside them is an error.
 

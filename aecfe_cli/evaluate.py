@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import BASELINES, baseline_features, fit_projection, lab_statistics
-from .classify import make_classifier, normalise_features, score, stable_columns
+from .classify import dropped_column_names, make_classifier, normalise_features, score, stable_columns
 from .errors import UserError
 from .evaluate_report import plot_confusion, plot_embedding, render_markdown
 from .feature_sets import (
@@ -139,7 +139,7 @@ def run_evaluation(
         "seed": seed,
         "feature_norm": feature_norm,
         "max_shift": max_shift,
-        "dropped_columns": [source.columns[i] if source.columns else f"column {i}" for i in np.flatnonzero(~keep)],
+        "dropped_columns": dropped_column_names(source.columns, keep),
     }
     if baselines_note:
         report["baselines_note"] = baselines_note

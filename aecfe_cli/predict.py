@@ -37,7 +37,7 @@ from sklearn.base import BaseEstimator
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from .classify import make_classifier, normalise_features, rounded, stable_columns
+from .classify import dropped_column_names, make_classifier, normalise_features, rounded, stable_columns
 from .config import EvaluateConfig, PredictConfig
 from .errors import UserError, did_you_mean
 from .feature_sets import FeatureSet, map_labels, morphology_columns, resolve_labels, stratified_split
@@ -353,7 +353,7 @@ def run_prediction(
         "seed": seed,
         "labels": fitted.level,
         "classes": fitted.classes,
-        "dropped_columns": [cells.columns[i] if cells.columns else f"column {i}" for i in np.flatnonzero(~fitted.columns)],
+        "dropped_columns": dropped_column_names(cells.columns, fitted.columns),
         "split": fitted.split,
         "reject": {**fitted.reject, "n_rejected": n_rejected, "rejection_rate": rounded(n_rejected / len(cells.features))},
         "shift": shift_summary(fitted, predictions),
