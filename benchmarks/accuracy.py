@@ -62,16 +62,14 @@ LEVERS: dict[str, dict] = {
     "ssim_l1": {"train": {"image_loss": "ssim_l1"}},
     "normalised_alignment": {"train": {"alignment": "normalised"}},
     "feature_norm": {"evaluate": {"feature_norm": "dataset"}},
+    "max_shift": {"evaluate": {"max_shift": 1.5}},
     "image64": {"train": {"image_size": 64}},
 }
 ALL_LEVERS: dict[str, dict] = {}
 for _name in ("stain_norm", "channel_scaling", "norm_first", "ssim_l1", "normalised_alignment", "feature_norm"):
     for _section, _values in LEVERS[_name].items():
         ALL_LEVERS.setdefault(_section, {}).update(_values)
-# Defaults turned off, to measure what each adds.
-WITHOUT: dict[str, dict] = {"max_shift": {"evaluate": {"max_shift": None}}}
-VARIANTS: dict[str, dict] = {"default": {}, **{f"default+{k}": v for k, v in LEVERS.items()},
-                             **{f"default-{k}": v for k, v in WITHOUT.items()}, "all_levers": ALL_LEVERS}
+VARIANTS: dict[str, dict] = {"default": {}, **{f"default+{k}": v for k, v in LEVERS.items()}, "all_levers": ALL_LEVERS}
 QUICK = {"detect": {"train_steps": 30, "train_images": 120}, "train": {"epochs": 4}}
 CV_FOLDS, CV_REPEATS = 5, 2
 SPREAD_REPEATS = 3
