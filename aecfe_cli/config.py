@@ -108,10 +108,11 @@ class EvaluateConfig:
     # "dataset": standardise the learned features of each dataset with its own statistics before the
     # classifier (label-free, AdaBN-like); "none" uses them as extracted.
     feature_norm: str = "none"
-    # Leave out learned-feature columns whose median moves between any two of the datasets of a command by
-    # more than this many interquartile ranges (label-free; aecfe_cli/classify.py, stable_columns); null keeps
-    # all (the default: 1.5 raised the real cross-lab mean, docs/accuracy.md, but predict does not use it yet).
-    max_shift: Optional[float] = None
+    # Leave out of a target's classifier (evaluate and predict) the learned-feature columns whose median moves
+    # between the source and that target by more than this many interquartile ranges (label-free;
+    # aecfe_cli/classify.py, stable_columns): what moves a whole lab is its stain, not its cell classes.
+    # null keeps all (the paper). 1.5 raised the real cross-lab mean (docs/accuracy.md).
+    max_shift: Optional[float] = 1.5
 
 
 @dataclass

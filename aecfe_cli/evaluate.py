@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +50,16 @@ PARTS = {
 
 @dataclass
 class _Method:
-    """One feature space evaluated under the protocol: AE-CFE or a baseline."""
+    """One feature space evaluated under the protocol: AE-CFE or a baseline.
+
+    ``keep``: per target, the columns its classifier uses (``evaluate.max_shift``); a target not named
+    here, and the in-domain score, use every column.
+    """
 
     key: str
     source: np.ndarray
     targets: dict[str, np.ndarray]
+    keep: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def run_evaluation(
@@ -78,8 +83,10 @@ def run_evaluation(
     both; else empty), ``domain_mixing``, ``classes_per_target`` (compared and dropped classes), ``cells_per_class``
     (per dataset), ``split``, ``files``, ``classifier``, ``seed``, ``feature_norm`` (how the learned features
     were normalised per dataset before the classifier: :func:`classify.normalise_features`), ``max_shift``
-    and ``dropped_columns`` (the learned-feature columns left out as shifted between these datasets:
-    :func:`classify.stable_columns`; the parts lose them too).
+    and ``dropped_columns`` (per target, the learned-feature columns left out of its classifier as shifted
+    between the source and that target: :func:`classify.stable_columns`; the parts lose them too). Each
+    target's columns depend on the source and that target alone, so its score does not change with the
+    other targets of the command, and ``predict`` on the same cells gives the same labels.
     """
     out_dir = Path(out_dir)
     make_classifier(classifier, seed)  # fail on a bad name before any work
@@ -102,9 +109,10 @@ def run_evaluation(
     train_idx, test_idx, split_info = _source_split(source, source_y, out_dir, split_seed)
     normalised = _Method("aecfe", normalise_features(source.features, feature_norm),
                          {target.name: normalise_features(target.features, feature_norm) for target in targets})
-    keep = stable_columns([normalised.source, *normalised.targets.values()], max_shift)
-    methods = [_Method("aecfe", normalised.source[:, keep], {n: f[:, keep] for n, f in normalised.targets.items()})]
-    part_methods = _part_methods(normalised, keep, source, targets)
+    normalised.keep = {name: stable_columns([normalised.source, features], max_shift)
+                       for name, features in normalised.targets.items()}
+    methods = [normalised]
+    part_methods = _part_methods(normalised, source, targets)
     baseline_methods, baselines_note = [], "skipped: not requested"
     if baselines:
         baseline_methods, baselines_note = _baseline_methods(source, targets, train_idx, seed)
@@ -139,7 +147,7 @@ def run_evaluation(
         "seed": seed,
         "feature_norm": feature_norm,
         "max_shift": max_shift,
-        "dropped_columns": dropped_column_names(source.columns, keep),
+        "dropped_columns": {name: dropped_column_names(source.columns, keep) for name, keep in normalised.keep.items()},
     }
     if baselines_note:
         report["baselines_note"] = baselines_note
@@ -236,11 +244,10 @@ def _method_entry(method: _Method, descriptions: dict[str, str], results: dict) 
     }
 
 
-def _part_methods(
-    features: _Method, keep: np.ndarray, source: FeatureSet, targets: Sequence[FeatureSet]
-) -> list[_Method]:
-    """The latent and the morphology columns of ``features`` (those ``keep`` keeps) as methods of their own,
-    when it holds both."""
+def _part_methods(features: _Method, source: FeatureSet, targets: Sequence[FeatureSet]) -> list[_Method]:
+    """The latent and the morphology columns of ``features`` as methods of their own, when it holds both;
+    each keeps, per target, the columns ``features`` keeps. A part every column of which is left out for
+    some target is not scored."""
     columns = source.columns
     for target in targets:
         if target.columns != columns:
@@ -249,9 +256,13 @@ def _part_methods(
     morphology = morphology_columns(columns)
     if not columns or morphology.all() or not morphology.any():
         return []
-    parts = (("latent", ~morphology & keep), ("morphology", morphology & keep))
-    return [_Method(key, features.source[:, part], {name: f[:, part] for name, f in features.targets.items()})
-            for key, part in parts if part.any()]
+    parts = []
+    for key, part in (("latent", ~morphology), ("morphology", morphology)):
+        keep = {name: kept[part] for name, kept in features.keep.items()}
+        if all(kept.any() for kept in keep.values()):
+            parts.append(_Method(key, features.source[:, part],
+                                 {name: f[:, part] for name, f in features.targets.items()}, keep))
+    return parts
 
 
 def _baseline_methods(
@@ -288,15 +299,24 @@ def _evaluate_method(
     classifier: str,
     seed: int,
 ) -> dict:
-    model = make_classifier(classifier, seed)
-    model.fit(method.source[train_idx], source_y[train_idx])
+    every_column = np.ones(method.source.shape[1], bool)
+    models = {}  # one classifier per set of columns: targets that keep the same columns share it
+
+    def fitted(columns: np.ndarray):
+        if columns.tobytes() not in models:
+            models[columns.tobytes()] = make_classifier(classifier, seed).fit(
+                method.source[train_idx][:, columns], source_y[train_idx])
+        return models[columns.tobytes()]
+
     test_y = source_y[test_idx]
-    in_domain = score(test_y, model.predict(method.source[test_idx]), sorted(set(test_y.tolist())))
+    in_domain = score(test_y, fitted(every_column).predict(method.source[test_idx]), sorted(set(test_y.tolist())))
     cross_domain = {}
     for name, features in method.targets.items():
+        columns = method.keep.get(name, every_column)
         compared = classes_per_target[name]["compared"]
         scored = np.isin(target_ys[name], compared)
-        cross_domain[name] = score(target_ys[name][scored], model.predict(features[scored]), compared)
+        cross_domain[name] = score(target_ys[name][scored], fitted(columns).predict(features[scored][:, columns]),
+                                   compared)
     return {"in_domain": in_domain, "targets": cross_domain}
 
 

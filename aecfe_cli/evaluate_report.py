@@ -57,10 +57,12 @@ def render_summary_rows(report: dict) -> list[tuple]:
 def _dropped_lines(report: dict) -> list[str]:
     if report.get("max_shift") is None:
         return []
-    dropped = report.get("dropped_columns", [])
-    named = ", ".join(f"`{c}`" for c in dropped) if dropped else "none"
-    return [f"Learned-feature columns left out as shifted between these datasets by more than "
-            f"{report['max_shift']} interquartile ranges (`evaluate.max_shift`): {named}.", ""]
+    lines = [f"Learned-feature columns left out of the classifier for a target, as shifted between "
+             f"{report['source']} and that target by more than {report['max_shift']} interquartile ranges "
+             f"(`evaluate.max_shift`; the in-domain score keeps every column):", ""]
+    for target, dropped in report.get("dropped_columns", {}).items():
+        lines.append(f"- {target}: {', '.join(f'`{c}`' for c in dropped) if dropped else 'none'}")
+    return lines + [""]
 
 
 def render_markdown(report: dict) -> str:

@@ -344,7 +344,7 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
             images = read_manifest(session.workdir.detect(dataset.name))["counts"]["images"]
             raise UserError(f"dataset '{dataset.name}': no cell was detected in any of its {images} images "
                             f"({dataset.root}); check that they are blood-cell images, or lower detect.score_threshold")
-    fitted = None
+    source_cells = source_errors = None
     summaries = []
     for dataset in datasets:
         features_manifest = features_manifests[dataset.name]
@@ -362,13 +362,13 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
             continue
         session._say(f"predict {source.name} -> {dataset.name}", "forced" if "predict" in session.force
                      else state(folder, expected), "labelling")
-        if fitted is None:
-            fitted = predict.fit_source(load_feature_set(session.workdir.root, source.name),
-                                        _reconstruction_errors(session, model[0], source), cfg.evaluate,
-                                        cfg.predict, session.seed)
+        if source_cells is None:
+            source_cells = load_feature_set(session.workdir.root, source.name)
+            source_errors = _reconstruction_errors(session, model[0], source)
         invalidate(folder)
         started = time.perf_counter()
         cells = load_feature_set(session.workdir.root, dataset.name)
+        fitted = predict.fit_source(source_cells, source_errors, cells, cfg.evaluate, cfg.predict, session.seed)
         summary = predict.run_prediction(fitted, cells, _reconstruction_errors(session, model[0], dataset),
                                          predict.load_boxes(session.workdir.detect(dataset.name), cells),
                                          detect_manifest.get("no_detection", []), folder, cfg.predict, training,

@@ -28,7 +28,7 @@ values (so 5 to 10 % of unseen source cells are), and a dataset is flagged when 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +61,7 @@ class SourceClassifier:
     classes: list[str]  # haematology order; the probability columns follow it
     model: BaseEstimator  # fitted on the features as evaluate.feature_norm normalises them, ``columns`` of them
     feature_norm: str
-    columns: np.ndarray  # (D,) bool: the columns evaluate.max_shift keeps between the source and the new datasets
+    columns: np.ndarray  # (D,) bool: the columns evaluate.max_shift keeps between the source and the cells
     scaler: StandardScaler
     index: NearestNeighbors
     split: dict  # seed, n_train, n_test
@@ -108,14 +108,16 @@ def check_settings(cfg: PredictConfig, classifier: str) -> None:
 
 
 def fit_source(
-    source: FeatureSet, reconstruction: np.ndarray, evaluate_cfg: EvaluateConfig, cfg: PredictConfig, seed: int,
-    new_datasets: Sequence[FeatureSet] = (),
+    source: FeatureSet, reconstruction: np.ndarray, cells: FeatureSet, evaluate_cfg: EvaluateConfig,
+    cfg: PredictConfig, seed: int,
 ) -> SourceClassifier:
-    """Fit the classifier on the source's training split and calibrate rejection and shift on its held-out cells.
+    """Fit the classifier for labelling ``cells`` on the source's training split and calibrate rejection and
+    shift on its held-out cells.
 
     ``reconstruction``: the source cells' reconstruction errors (:func:`extract.reconstruction_errors`).
-    ``new_datasets``: the cells to be labelled, whose columns shifted from the source's are left out of the
-    classifier as ``evaluate`` leaves out those shifted between its datasets (``evaluate.max_shift``).
+    The columns shifted between the source and ``cells`` are left out of the classifier, as ``evaluate``
+    leaves them out for a target (``evaluate.max_shift``), so a labelled copy of ``cells`` scored by
+    ``evaluate`` gets the same labels.
 
     The label level is ``evaluate.labels`` resolved on the source alone (``auto``: fine unless some source
     cell is labelled only coarsely), the level ``evaluate`` uses against a target labelled as finely.
@@ -134,7 +136,7 @@ def fit_source(
     train_idx, test_idx = stratified_split(labels, evaluate_cfg.split_seed)
     if len(test_idx) == 0:
         raise UserError(f"source '{source.name}': no class has two cells, so none can be held out to calibrate on")
-    columns = stable_columns([normalise_features(d.features, evaluate_cfg.feature_norm) for d in (source, *new_datasets)],
+    columns = stable_columns([normalise_features(d.features, evaluate_cfg.feature_norm) for d in (source, cells)],
                              evaluate_cfg.max_shift)
     classified = normalise_features(source.features, evaluate_cfg.feature_norm)[:, columns]
     model = make_classifier(evaluate_cfg.classifier, seed).fit(classified[train_idx], labels[train_idx])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -412,8 +413,16 @@ def test_columns_shifted_between_labs_are_left_out_and_the_target_is_classified_
     with pytest.raises(UserError, match="every feature column"):
         stable_columns([source.features, target.features + 100.0], 1.5)
     kept = run_evaluation(source, [target], tmp_path / "kept", baselines=False)
-    filtered = run_evaluation(source, [target], tmp_path / "filtered", baselines=False, max_shift=1.5)
-    assert kept["dropped_columns"] == [] and filtered["dropped_columns"] == ["m_colour"]
+    # A second target stained like the source: each target's columns are chosen against the source alone.
+    like_source = dataclasses.replace(source, name="lab_c")
+    filtered = run_evaluation(source, [target, like_source], tmp_path / "filtered", baselines=False, max_shift=1.5)
+    assert kept["dropped_columns"] == {"lab_b": []}
+    assert filtered["dropped_columns"] == {"lab_b": ["m_colour"], "lab_c": []}
     # The colour column sends every target cell to one class; without it the shape column carries across.
     assert kept["targets"]["lab_b"]["balanced_accuracy"] < 0.6 < 0.85 < filtered["targets"]["lab_b"]["balanced_accuracy"]
-    assert "`m_colour`" in (tmp_path / "filtered" / "report.md").read_text()
+    # lab_c keeps the colour column, so its classifier is the in-domain one, and lab_b's score is its own pair's.
+    assert filtered["targets"]["lab_c"]["balanced_accuracy"] > 0.95
+    alone = run_evaluation(source, [target], tmp_path / "alone", baselines=False, max_shift=1.5)
+    assert alone["targets"]["lab_b"] == filtered["targets"]["lab_b"]
+    assert filtered["in_domain"] == kept["in_domain"]
+    assert "lab_b: `m_colour`" in (tmp_path / "filtered" / "report.md").read_text()

@@ -35,13 +35,13 @@ def _errors(cells: FeatureSet, level: float = 1.0) -> np.ndarray:
     return np.random.default_rng(len(cells.name)).normal(level, 0.1 * level, len(cells.features))
 
 
-def _fit(source: FeatureSet, **settings):
-    return fit_source(source, _errors(source), EvaluateConfig(), PredictConfig(**settings), seed=0)
+def _fit(source: FeatureSet, cells: FeatureSet, **settings):
+    return fit_source(source, _errors(source), cells, EvaluateConfig(), PredictConfig(**settings), seed=0)
 
 
 def _predict(source: FeatureSet, cells: FeatureSet, folder: Path, without_cells=(), error_level=1.0, **settings):
     cfg = PredictConfig(**settings)
-    return run_prediction(_fit(source, **settings), cells, _errors(cells, error_level), _boxes(cells),
+    return run_prediction(_fit(source, cells, **settings), cells, _errors(cells, error_level), _boxes(cells),
                           list(without_cells), folder, cfg, [source.name], seed=0)
 
 
@@ -73,10 +73,11 @@ def test_an_unreachable_accuracy_target_rejects_every_cell() -> None:
 def test_predictions_are_the_labels_of_the_classifier_evaluate_scores(tmp_path: Path) -> None:
     source = make_set("src", FINE_FOUR, per_class=60, spread=1.2)
     target = make_set("tgt", FINE_FOUR, per_class=50, shift=0.6, seed=1, spread=1.2)
-    report = run_evaluation(source, [target], tmp_path / "evaluate", baselines=False)
+    report = run_evaluation(source, [target], tmp_path / "evaluate", baselines=False,
+                            max_shift=EvaluateConfig().max_shift)
     assert 0.4 < report["targets"]["tgt"]["accuracy"] < 0.95  # overlapping classes: the check can fail
 
-    fitted = _fit(source)
+    fitted = _fit(source, target)
     predicted = classify(fitted, target, _errors(target)).predicted
     assert (predicted == target.labels).mean() == pytest.approx(report["targets"]["tgt"]["accuracy"])
     assert fitted.reject["held_out"]["accuracy"] == pytest.approx(report["in_domain"]["accuracy"])
@@ -207,16 +208,17 @@ def test_a_rerun_with_fewer_classes_leaves_no_montage_of_the_earlier_one(tmp_pat
 )
 def test_impossible_settings_name_the_key(settings: dict, fragment: str) -> None:
     with pytest.raises(UserError, match=fragment):
-        _fit(make_set("src", FINE_FOUR, per_class=10), **settings)
+        source = make_set("src", FINE_FOUR, per_class=10)
+        _fit(source, source, **settings)
 
 
 def test_a_classifier_without_probabilities_and_an_unlabelled_source_are_refused() -> None:
     source = make_set("src", FINE_FOUR, per_class=10)
     with pytest.raises(UserError, match="linear_svm gives no class probabilities"):
-        fit_source(source, _errors(source), EvaluateConfig(classifier="linear_svm"), PredictConfig(), seed=0)
+        fit_source(source, _errors(source), source, EvaluateConfig(classifier="linear_svm"), PredictConfig(), seed=0)
     unlabelled = FeatureSet("flat", source.features, source.instance_ids, source.images, ["unlabelled"] * 40)
     with pytest.raises(UserError, match="source 'flat' has a single class .unlabelled.*labelled source"):
-        _fit(unlabelled)
+        _fit(unlabelled, source)
 
 
 def test_haematology_order_puts_mature_cells_first_and_unknown_names_last() -> None:
@@ -229,8 +231,7 @@ def test_predict_leaves_out_the_columns_evaluate_leaves_out_and_labels_as_it_sco
 
     source, target = _stain_and_shape_labs()
     report = run_evaluation(source, [target], tmp_path / "evaluate", baselines=False, max_shift=1.5)
-    fitted = fit_source(source, _errors(source), EvaluateConfig(max_shift=1.5), PredictConfig(), seed=0,
-                        new_datasets=[target])
+    fitted = fit_source(source, _errors(source), target, EvaluateConfig(max_shift=1.5), PredictConfig(), seed=0)
     assert fitted.columns.tolist() == [True, False]
     predicted = classify(fitted, target, _errors(target)).predicted
     assert (predicted == target.labels).mean() == pytest.approx(report["targets"]["lab_b"]["accuracy"])
