@@ -419,7 +419,7 @@ def _run_table(entry: dict) -> list[str]:
     lines = [f"**{entry['variant']}**, seed {entry['seed']}{' (quick)' if entry['quick'] else ''}: "
              f"settings `{json.dumps(entry['settings'])}`, cells {json.dumps({n: c['cells'] for n, c in entry['cells'].items()})}, "
              f"wall {entry['wall_seconds']} s (stages: `{json.dumps(entry['stage_seconds'])}`), {entry['machine']}, "
-             f"{entry['finished']}", "",
+             f"{entry['finished']}{'; ' + entry['note'] if entry.get('note') else ''}", "",
              "| direction | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
     for source, target in _directions(entry):
         cells = []
