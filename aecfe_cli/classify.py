@@ -18,6 +18,10 @@ from .errors import UserError, did_you_mean
 CLASSIFIERS = ("random_forest", "logistic_regression", "knn", "linear_svm")
 FEATURE_NORMS = ("none", "dataset")
 DIGITS = 6
+# Fewer cells than this say too little about a dataset's medians and spreads to tell a stain's shift from
+# sampling noise (one cell has no spread at all: a single PBC cell against PBC itself "shifted" up to 51
+# of 86 columns), so such a dataset takes no part in choosing columns.
+MIN_CELLS_FOR_SHIFT = 30
 
 
 def make_classifier(name: str, seed: int) -> BaseEstimator:
@@ -58,13 +62,15 @@ def stable_columns(datasets: Sequence[np.ndarray], max_shift: float | None) -> n
     the lamp, the camera) is not what tells its cell classes apart, and a classifier trained on one lab
     takes any column that separates its classes there: kept, such a column sends another lab's cells to
     the wrong class wholesale (PBC-trained forests called Zheng's neutrophils eosinophils by their
-    cytoplasm colour; docs/accuracy.md). Differences in class mix move medians less. ``None`` keeps all.
+    cytoplasm colour; docs/accuracy.md). Differences in class mix move medians less. ``None`` keeps all,
+    and so does a comparison left with fewer than two datasets of ``MIN_CELLS_FOR_SHIFT`` cells or more.
     """
     dimensions = np.asarray(datasets[0]).shape[1]
-    if max_shift is None:
-        return np.ones(dimensions, bool)
-    if max_shift <= 0:
+    if max_shift is not None and max_shift <= 0:
         raise UserError(f"evaluate.max_shift is {max_shift}: use a positive number of interquartile ranges, or null")
+    datasets = [d for d in datasets if len(d) >= MIN_CELLS_FOR_SHIFT]
+    if max_shift is None or len(datasets) < 2:
+        return np.ones(dimensions, bool)
     medians = [np.median(d, axis=0) for d in datasets]
     spreads = [np.subtract(*np.percentile(d, [75, 25], axis=0)) for d in datasets]
     keep = np.ones(dimensions, bool)

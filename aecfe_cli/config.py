@@ -111,7 +111,8 @@ class EvaluateConfig:
     # Leave out of a target's classifier (evaluate and predict) the learned-feature columns whose median moves
     # between the source and that target by more than this many interquartile ranges (label-free;
     # aecfe_cli/classify.py, stable_columns): what moves a whole lab is its stain, not its cell classes.
-    # null keeps all (the paper). 1.5 raised the real cross-lab mean (docs/accuracy.md).
+    # null keeps all (the paper), as does a source or target of fewer than 30 cells (classify.MIN_CELLS_FOR_SHIFT).
+    # 1.5 raised the real cross-lab mean (docs/accuracy.md).
     max_shift: Optional[float] = 1.5
 
 

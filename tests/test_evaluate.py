@@ -403,11 +403,14 @@ def _stain_and_shape_labs(cells_per_class: int = 150) -> tuple[FeatureSet, Featu
 
 
 def test_columns_shifted_between_labs_are_left_out_and_the_target_is_classified_by_the_rest(tmp_path):
-    from aecfe_cli.classify import stable_columns
+    from aecfe_cli.classify import MIN_CELLS_FOR_SHIFT, stable_columns
 
     source, target = _stain_and_shape_labs()
     assert stable_columns([source.features, target.features], 1.5).tolist() == [True, False]
     assert stable_columns([source.features, target.features], None).all()
+    # A handful of cells (predict on one image) cannot show a stain's shift: every column is kept.
+    assert stable_columns([source.features, target.features[:MIN_CELLS_FOR_SHIFT - 1]], 1.5).all()
+    assert stable_columns([source.features, target.features[:MIN_CELLS_FOR_SHIFT]], 1.5).tolist() == [True, False]
     with pytest.raises(UserError, match="max_shift"):
         stable_columns([source.features, target.features], 0.0)
     with pytest.raises(UserError, match="every feature column"):
