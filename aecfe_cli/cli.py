@@ -463,11 +463,12 @@ def run(
         session.reporter.quiet = True
     with session.workdir.lock():
         resolved = [session.dataset(d, layout) for d in data]
+        source_name = source or resolved[0].name
+        targets = target or [d.name for d in resolved if d.name != source_name]
+        if not targets:
+            raise UserError("no target: pass two --data or a --target")
+        pipeline.check_classes(session, session.dataset(source_name), [session.dataset(t) for t in targets])
         pipeline.ensure_model(session, resolved)
-    source_name = source or resolved[0].name
-    targets = target or [d.name for d in resolved if d.name != source_name]
-    if not targets:
-        raise UserError("no target: pass two --data or a --target")
     report = _evaluate_pairs(session, source_name, targets)
     _print_report(report, session.workdir.evaluate(source_name), as_json)
 

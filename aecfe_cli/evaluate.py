@@ -93,18 +93,9 @@ def run_evaluation(
     normalise_features(np.zeros((1, 1)), feature_norm)  # likewise for the normalisation
     stable_columns([np.zeros((1, 1))], max_shift)  # and for max_shift
     _check_target_names(source, targets)
-    level, to_class = resolve_labels(source.labels, [target.labels for target in targets], labels_mode)
-    source_y = map_labels(source.labels, to_class)
-    target_ys = {target.name: map_labels(target.labels, to_class) for target in targets}
+    level, source_y, target_ys, classes_per_target = compare_classes(
+        source.name, source.labels, {target.name: target.labels for target in targets}, labels_mode)
     source_classes = sorted(set(source_y.tolist()))
-    if len(source_classes) < 2:
-        raise UserError(
-            f"source '{source.name}' has a single class ({', '.join(source_classes)}) at the {level} level: "
-            "a classifier needs two or more; choose another source or --labels fine"
-        )
-    classes_per_target = {
-        name: _compare_classes(source, name, source_classes, y, level) for name, y in target_ys.items()
-    }
 
     train_idx, test_idx, split_info = _source_split(source, source_y, out_dir, split_seed)
     normalised = _Method("aecfe", normalise_features(source.features, feature_norm),
@@ -182,15 +173,38 @@ def _check_target_names(source: FeatureSet, targets: Sequence[FeatureSet]) -> No
         raise UserError(f"targets {', '.join(names)} would share a confusion plot file name; rename one dataset")
 
 
-def _compare_classes(
-    source: FeatureSet, target_name: str, source_classes: list[str], target_y: np.ndarray, level: str
+def compare_classes(
+    source_name: str, source_labels: Sequence[str], target_labels: dict[str, Sequence[str]], labels_mode: str
+) -> tuple[str, np.ndarray, dict[str, np.ndarray], dict[str, dict]]:
+    """The label level, the source's and each target's classes there, and per target the classes scored.
+
+    Raises a UserError when the source has fewer than two classes or a target shares none with it. The
+    pipeline calls it on the images' labels before detecting anything, so such a mistake costs no run;
+    ``run_evaluation`` calls it again on the detected cells.
+    """
+    level, to_class = resolve_labels(source_labels, list(target_labels.values()), labels_mode)
+    source_y = map_labels(np.asarray(source_labels, dtype=str), to_class)
+    source_classes = sorted(set(source_y.tolist()))
+    if len(source_classes) < 2:
+        raise UserError(
+            f"source '{source_name}' has a single class ({', '.join(source_classes)}) at the {level} level: "
+            "a classifier needs two or more; choose another source or --labels fine"
+        )
+    target_ys = {name: map_labels(np.asarray(labels, dtype=str), to_class) for name, labels in target_labels.items()}
+    classes_per_target = {name: _compare_target(source_name, name, source_classes, y, level)
+                          for name, y in target_ys.items()}
+    return level, source_y, target_ys, classes_per_target
+
+
+def _compare_target(
+    source_name: str, target_name: str, source_classes: list[str], target_y: np.ndarray, level: str
 ) -> dict:
     target_classes = sorted(set(target_y.tolist()))
     compared = sorted(set(source_classes) & set(target_classes))
     if not compared:
         hint = "; try --labels coarse" if level == "fine" else ""
         raise UserError(
-            f"source '{source.name}' ({', '.join(source_classes)}) and target '{target_name}' "
+            f"source '{source_name}' ({', '.join(source_classes)}) and target '{target_name}' "
             f"({', '.join(target_classes)}) share no class at the {level} level{hint}"
         )
     scored = np.isin(target_y, compared)

@@ -190,12 +190,22 @@ def evaluation_fingerprint(session: Session, targets: Sequence[str], inputs: dic
                        session.seed, inputs)
 
 
+def check_classes(session: Session, source: Dataset, targets: Sequence[Dataset]) -> None:
+    """Fail before any detection or training when the images' labels already rule out the evaluation:
+    a source with a single class, a target sharing none with it, or a target that is the source."""
+    from . import evaluate
+
+    if any(t.name == source.name for t in targets):
+        raise UserError(f"--target {source.name}: the source is scored in-domain already; name other datasets")
+    evaluate.compare_classes(source.name, [r.label for r in source.records],
+                             {t.name: [r.label for r in t.records] for t in targets}, session.config.evaluate.labels)
+
+
 def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset]) -> dict:
     from . import evaluate
     from .feature_sets import load_feature_set
 
-    if any(t.name == source.name for t in targets):
-        raise UserError(f"--target {source.name}: the source is scored in-domain already; name other datasets")
+    check_classes(session, source, targets)
     model = current_model(session, [source, *targets])
     manifests = {d.name: ensure_features(session, d, model) for d in [source, *targets]}
     inputs = _evaluation_inputs(session.workdir, list(manifests))

@@ -209,6 +209,8 @@ def test_dataset_problems_exit_2(tmp_path, tiny_cells):
     shutil.copytree(tiny_cells["lab_b"] / "eosinophil", other / "eosinophil")
     result = run_cli("run", "--data", "only_monocytes", "--data", "lab_b", cwd=root)
     assert result.returncode == 2 and "single class" in result.stderr, result.stderr
+    # The images' labels rule it out before anything is detected or trained: no run is wasted.
+    assert not (root / "aecfe-work" / "detector" / "manifest.json").exists()
     result = run_cli("evaluate", "--source", "lab_a", "--target", "other_classes", cwd=root)
     assert result.returncode == 0, result.stderr  # shared classes: basophil, eosinophil
     shutil.rmtree(other / "basophil")
@@ -216,7 +218,10 @@ def test_dataset_problems_exit_2(tmp_path, tiny_cells):
     shutil.copytree(tiny_cells["lab_b"] / "basophil", other / "platelet")
     (root / "aecfe.yaml").write_text(TINY_CONFIG)
     result = run_cli("evaluate", "--source", "only_monocytes", "--target", "other_classes", cwd=root)
-    assert result.returncode == 2
+    assert result.returncode == 2 and "single class" in result.stderr, result.stderr
+    result = run_cli("evaluate", "--source", "lab_a", "--target", "other_classes", cwd=root)
+    assert result.returncode == 2 and "share no class" in result.stderr, result.stderr
+    assert "detecting" not in result.stderr and "training" not in result.stderr  # other_classes changed: it was not re-detected
     result = run_cli("--config", "nope.yaml", "status", cwd=root)
     assert result.returncode == 2 and "nope.yaml" in result.stderr
 
