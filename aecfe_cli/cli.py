@@ -463,14 +463,16 @@ def run(
         session.reporter.quiet = True
     with session.workdir.lock():
         resolved = [session.dataset(d, layout) for d in data]
-        source_name = source or resolved[0].name
-        targets = target or [d.name for d in resolved if d.name != source_name]
+        by_name = {d.name: d for d in resolved}  # listed once: a dataset of many images is not listed again
+        source_set = by_name.get(source) or session.dataset(source) if source else resolved[0]
+        targets = [by_name.get(t) or session.dataset(t) for t in target] if target else \
+            [d for d in resolved if d.name != source_set.name]
         if not targets:
             raise UserError("no target: pass two --data or a --target")
-        pipeline.check_classes(session, session.dataset(source_name), [session.dataset(t) for t in targets])
+        pipeline.check_classes(session, source_set, targets)
         pipeline.ensure_model(session, resolved)
-    report = _evaluate_pairs(session, source_name, targets)
-    _print_report(report, session.workdir.evaluate(source_name), as_json)
+        report = pipeline.ensure_report(session, source_set, targets)
+    _print_report(report, session.workdir.evaluate(source_set.name), as_json)
 
 
 @app.command()
