@@ -282,9 +282,9 @@ def _detect_chunk(dataset, k, model, cfg, stain, parts, device, bar, strict) -> 
                 if strict:
                     raise UserError(f"{exc}; remove or fix the file, or run without --strict") from None
                 unreadable.append(str(exc))
-        results = net.detect(model, images, device, score_threshold=cfg.score_threshold) if images else []
-        for record, image, found in zip(batch, images, results):
-            kept = found if cfg.all_cells else [d for d in [net.select_central(found, image.shape)] if d is not None]
+        results = net.detect(model, images, device, score_threshold=cfg.score_threshold,
+                             central_only=not cfg.all_cells) if images else []
+        for record, image, kept in zip(batch, images, results):
             if not kept:
                 missed.append(record.rel)
             for index, det in enumerate(kept):

@@ -350,41 +350,61 @@ class Detection:
     roi_feature: np.ndarray  # (256, 14, 14) float32: mask-branch RoIAlign of FPN P2-P5 on the final box
 
 
-def detect(model, images: Sequence[np.ndarray], device, score_threshold: float = 0.5) -> list[list[Detection]]:
+def detect(model, images: Sequence[np.ndarray], device, score_threshold: float = 0.5,
+           central_only: bool = False) -> list[list[Detection]]:
     """Detect white cells in (H, W, 3) uint8 images; one list of detections per image, by score.
 
-    ``score_threshold`` replaces the model's box score threshold for this call. The instance feature is
-    captured by a forward hook on ``roi_heads.mask_roi_pool`` during the single forward pass: at eval
-    the mask branch pools exactly the final (post-NMS) boxes, in the resized image's coordinates.
+    ``score_threshold`` replaces the model's box score threshold for this call. ``central_only`` keeps
+    per image only the detection ``select_central`` would choose, and runs the mask branch for it alone:
+    a single-cell dataset needs one cell per image, and with a low threshold the mask branch on every
+    box (up to ``box_detections_per_img``) costs several times the rest of the network.
+
+    The forward pass is torchvision's eval path, split between the box and mask branches: the instance
+    feature is the mask branch's RoIAlign (``roi_heads.mask_roi_pool``) of the final boxes, in the
+    resized image's coordinates.
     """
+    from torchvision.models.detection.roi_heads import maskrcnn_inference
+    from torchvision.models.detection.transform import resize_boxes
+
     device = torch.device(device)
     model.eval()
     if device.type == "cpu":
         # oneDNN convolutions run ~10 % faster on channels-last weights; the values are unchanged.
         model.to(memory_format=torch.channels_last)
     white_balance = getattr(model, "aecfe_args", {}).get("white_balance", False)
-    pooled: list[torch.Tensor] = []
-    hook = model.roi_heads.mask_roi_pool.register_forward_hook(
-        lambda module, inputs, output: pooled.append(output.detach().float().cpu())
-    )
-    saved_threshold = model.roi_heads.score_thresh
-    model.roi_heads.score_thresh = float(score_threshold)
+    heads = model.roi_heads
+    saved_threshold = heads.score_thresh
+    heads.score_thresh = float(score_threshold)
     results: list[list[Detection]] = []
     try:
         with torch.inference_mode():
             for start in range(0, len(images), DETECT_BATCH):
-                batch = [_as_input(image, white_balance) for image in images[start:start + DETECT_BATCH]]
-                pooled.clear()
-                outputs = model([tensor.to(device) for tensor in batch])
-                features = pooled[0] if pooled else torch.zeros((0, *FEATURE_SHAPE))
+                batch = [_as_input(image, white_balance).to(device) for image in images[start:start + DETECT_BATCH]]
+                original_sizes = [tuple(tensor.shape[-2:]) for tensor in batch]
+                resized, _ = model.transform(batch)
+                features = model.backbone(resized.tensors)
+                proposals, _ = model.rpn(resized, features)
+                box_features = heads.box_head(heads.box_roi_pool(features, proposals, resized.image_sizes))
+                boxes, scores, labels = heads.postprocess_detections(*heads.box_predictor(box_features), proposals,
+                                                                     resized.image_sizes)
+                if central_only:
+                    keep = [_central_index(resize_boxes(b, size, original).cpu().numpy(), s.cpu().numpy(), original)
+                            for b, s, size, original in zip(boxes, scores, resized.image_sizes, original_sizes)]
+                    keep = [slice(0, 0) if k is None else slice(k, k + 1) for k in keep]
+                    boxes, scores, labels = ([t[k] for t, k in zip(ts, keep)] for ts in (boxes, scores, labels))
+                pooled = heads.mask_roi_pool(features, boxes, resized.image_sizes)
+                masks = maskrcnn_inference(heads.mask_predictor(heads.mask_head(pooled)), labels)
+                outputs = model.transform.postprocess(
+                    [{"boxes": b, "scores": s, "labels": lab, "masks": m} for b, s, lab, m in zip(boxes, scores, labels, masks)],
+                    resized.image_sizes, original_sizes)
+                pooled = pooled.float().cpu()
                 offset = 0
                 for output in outputs:
                     count = len(output["boxes"])
-                    results.append(_detections(output, features[offset:offset + count], score_threshold))
+                    results.append(_detections(output, pooled[offset:offset + count], score_threshold))
                     offset += count
     finally:
-        model.roi_heads.score_thresh = saved_threshold
-        hook.remove()
+        heads.score_thresh = saved_threshold
     return results
 
 
@@ -412,16 +432,18 @@ def _detections(output: dict, features: torch.Tensor, score_threshold: float) ->
 def select_central(detections: list[Detection], image_shape) -> Optional[Detection]:
     """The detection whose box centre is nearest the image centre (single-cell datasets hold one cell,
     centred by the acquisition system); ties go to the higher score. None when there is none."""
-    if not detections:
+    index = _central_index(np.array([d.box for d in detections]).reshape(-1, 4),
+                           np.array([d.score for d in detections]), image_shape)
+    return None if index is None else detections[index]
+
+
+def _central_index(boxes: np.ndarray, scores: np.ndarray, image_shape) -> Optional[int]:
+    """Index into (N, 4) ``boxes`` of select_central's choice, None when N is 0."""
+    if len(boxes) == 0:
         return None
     centre_y, centre_x = image_shape[0] / 2, image_shape[1] / 2
-
-    def distance(d: Detection) -> tuple[float, float]:
-        x = (d.box[0] + d.box[2]) / 2
-        y = (d.box[1] + d.box[3]) / 2
-        return (float(np.hypot(x - centre_x, y - centre_y)), -d.score)
-
-    return min(detections, key=distance)
+    distances = np.hypot((boxes[:, 0] + boxes[:, 2]) / 2 - centre_x, (boxes[:, 1] + boxes[:, 3]) / 2 - centre_y)
+    return int(np.lexsort((-scores, distances))[0])
 
 
 def crop_cell(image: np.ndarray, box, size: int = 128, margin=(10, 20), reference: int = 400) -> np.ndarray:

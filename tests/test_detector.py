@@ -158,6 +158,20 @@ def test_detect_applies_the_score_threshold(trained, images):
     assert model.roi_heads.score_thresh == 0.5, "detect must restore the model's own threshold"
 
 
+def test_central_only_detection_is_the_central_detection_of_the_full_pass(trained, images):
+    """Single-cell datasets run the mask branch on the central box alone: same box, score, mask and feature."""
+    model, _, _ = trained
+    everything = net.detect(model, images, "cpu", score_threshold=0.0)
+    central = net.detect(model, images, "cpu", score_threshold=0.0, central_only=True)
+    for image, full, chosen in zip(images, everything, central):
+        expected = net.select_central(full, image.shape)
+        assert len(chosen) == 1 and expected is not None
+        assert np.array_equal(chosen[0].box, expected.box) and chosen[0].score == expected.score
+        assert np.array_equal(chosen[0].mask, expected.mask)
+        assert np.allclose(chosen[0].roi_feature, expected.roi_feature, atol=1e-5)
+    assert net.detect(model, images[:1], "cpu", score_threshold=1.01, central_only=True) == [[]]
+
+
 def test_select_central_prefers_the_detection_nearest_the_centre():
     def detection(box, score):
         return net.Detection(np.array(box, np.float32), score, np.zeros((100, 100), bool),
