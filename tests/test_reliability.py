@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TINY_CONFIG, run_cli
+from conftest import ROOT, TINY_CONFIG, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -48,8 +48,8 @@ def _digests(folder, names):
     return {name: (folder / name).read_bytes() for name in names}
 
 
-def test_bad_images_are_skipped_listed_and_strict_fails(tmp_path, tiny_cells):
-    root = _project(tmp_path, tiny_cells, domains=("lab_a",))
+def test_bad_images_are_skipped_listed_and_strict_fails(tmp_path, finished_project):
+    root = copy_project(finished_project[0], tmp_path)
     cls = root / "lab_a" / "monocyte"
     good = next(cls.iterdir())
     data = good.read_bytes()
@@ -78,18 +78,18 @@ def test_bad_images_are_skipped_listed_and_strict_fails(tmp_path, tiny_cells):
 DETECT_FILES = ["instances.csv", "roi_features.npy", "crops.npy"]
 
 
-def _detected_once(tmp_path, tiny_cells):
-    """A lab_a project detected once: (root, detect folder, the reference bytes of its files)."""
-    root = _project(tmp_path, tiny_cells, domains=("lab_a",))
-    assert run_cli("detect", "--data", "lab_a", cwd=root).returncode == 0
+def _copy_with_lab_a_reference(tmp_path, finished_project):
+    """A copy of the finished project, whose lab_a detections are the reference: (root, detect folder of
+    lab_a, the reference bytes of its files)."""
+    root = copy_project(finished_project[0], tmp_path)
     folder = root / "aecfe-work/detect/lab_a"
     return root, folder, _digests(folder, DETECT_FILES)
 
 
-def test_killed_detection_resumes_to_the_same_result(tmp_path, tiny_cells):
-    root, folder, reference = _detected_once(tmp_path, tiny_cells)
-    process = _start(["detect", "--data", "lab_a", "--force"], root)
-    # --force retrains the detector too: wait until it is rewritten and two chunks are done.
+def test_killed_detection_resumes_to_the_same_result(tmp_path, finished_project):
+    root, folder, reference = _copy_with_lab_a_reference(tmp_path, finished_project)
+    shutil.rmtree(folder)
+    process = _start(["detect", "--data", "lab_a"], root)
     _kill_when(process, lambda: len(list((folder / "parts").glob("part_*.json"))) >= 2 if (folder / "parts").is_dir() else False)
     assert not (folder / "manifest.json").exists()
     resumed = run_cli("detect", "--data", "lab_a", cwd=root)
@@ -99,9 +99,10 @@ def test_killed_detection_resumes_to_the_same_result(tmp_path, tiny_cells):
     assert not list(folder.glob(".*.tmp"))
 
 
-def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_cells):
-    config = TINY_CONFIG.replace("epochs: 2", "epochs: 6")
-    root = _project(tmp_path, tiny_cells, config=config)
+def test_killed_training_resumes_to_the_same_weights(tmp_path, finished_project):
+    root = copy_project(finished_project[0], tmp_path)
+    (root / "aecfe.yaml").write_text(TINY_CONFIG.replace("epochs: 2", "epochs: 6"))
+    # The reference continues the finished 2-epoch training to 6 epochs, as an uninterrupted run would end.
     assert run_cli("train", "--data", "lab_a", "--data", "lab_b", cwd=root).returncode == 0
     folder = root / "aecfe-work/train"
     reference = (folder / "model.pt").read_bytes()
@@ -125,9 +126,8 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_cells):
     assert (folder / "model.pt").read_bytes() == reference
 
 
-def test_crashed_extraction_leaves_nothing_finished_looking(tmp_path, tiny_cells, monkeypatch):
-    root = _project(tmp_path, tiny_cells)
-    assert run_cli("extract", "--data", "lab_a", "--data", "lab_b", cwd=root).returncode == 0
+def test_crashed_extraction_leaves_nothing_finished_looking(tmp_path, finished_project):
+    root = copy_project(finished_project[0], tmp_path)
     folder = root / "aecfe-work/extract/lab_a"
     reference = _digests(folder, ["features.npy", "features.csv"])
     process = _start(["extract", "--data", "lab_a", "--force"], root)
@@ -154,12 +154,11 @@ def test_second_command_on_a_busy_workdir_refuses(tmp_path, tiny_cells):
     assert not (root / "aecfe-work" / "detector").exists()
 
 
-def test_unwritable_workdir_and_failing_write_keep_earlier_artefacts(tmp_path, tiny_cells):
-    root = _project(tmp_path, tiny_cells, domains=("lab_a",))
+def test_unwritable_workdir_and_failing_write_keep_earlier_artefacts(tmp_path, finished_project):
+    root = copy_project(finished_project[0], tmp_path)
     (root / "file").write_text("")
     result = run_cli("--workdir", "file/work", "detect", "--data", "lab_a", cwd=root)
     assert result.returncode == 2 and "not writable" in result.stderr and len(result.stderr.splitlines()) == 1
-    assert run_cli("detect", "--data", "lab_a", cwd=root).returncode == 0
     folder = root / "aecfe-work/detect/lab_a"
     before = _digests(folder, ["instances.csv", "roi_features.npy", "crops.npy", "manifest.json"])
     # A disk that fills up mid-run: every rename fails with ENOSPC.
@@ -204,19 +203,24 @@ def test_dataset_problems_exit_2(tmp_path, tiny_cells):
     root = _project(tmp_path, tiny_cells)
     only = root / "only_monocytes"
     shutil.copytree(tiny_cells["lab_a"] / "monocyte", only / "monocyte")
-    other = root / "other_classes"
-    shutil.copytree(tiny_cells["lab_b"] / "basophil", other / "basophil")
-    shutil.copytree(tiny_cells["lab_b"] / "eosinophil", other / "eosinophil")
     result = run_cli("run", "--data", "only_monocytes", "--data", "lab_b", cwd=root)
     assert result.returncode == 2 and "single class" in result.stderr, result.stderr
     # The images' labels rule it out before anything is detected or trained: no run is wasted.
     assert not (root / "aecfe-work" / "detector" / "manifest.json").exists()
+
+
+def test_evaluating_datasets_that_share_no_class_exits_2_without_detecting(tmp_path, finished_project, tiny_cells):
+    root = copy_project(finished_project[0], tmp_path)
+    only = root / "only_monocytes"
+    shutil.copytree(tiny_cells["lab_a"] / "monocyte", only / "monocyte")
+    other = root / "other_classes"
+    shutil.copytree(tiny_cells["lab_b"] / "basophil", other / "basophil")
+    shutil.copytree(tiny_cells["lab_b"] / "eosinophil", other / "eosinophil")
     result = run_cli("evaluate", "--source", "lab_a", "--target", "other_classes", cwd=root)
     assert result.returncode == 0, result.stderr  # shared classes: basophil, eosinophil
     shutil.rmtree(other / "basophil")
     shutil.rmtree(other / "eosinophil")
     shutil.copytree(tiny_cells["lab_b"] / "basophil", other / "platelet")
-    (root / "aecfe.yaml").write_text(TINY_CONFIG)
     result = run_cli("evaluate", "--source", "only_monocytes", "--target", "other_classes", cwd=root)
     assert result.returncode == 2 and "single class" in result.stderr, result.stderr
     result = run_cli("evaluate", "--source", "lab_a", "--target", "other_classes", cwd=root)
@@ -226,8 +230,8 @@ def test_dataset_problems_exit_2(tmp_path, tiny_cells):
     assert result.returncode == 2 and "nope.yaml" in result.stderr
 
 
-def test_concurrent_shards_merge_to_the_plain_result(tmp_path, tiny_cells):
-    root, folder, reference = _detected_once(tmp_path, tiny_cells)
+def test_concurrent_shards_merge_to_the_plain_result(tmp_path, finished_project):
+    root, folder, reference = _copy_with_lab_a_reference(tmp_path, finished_project)
     shutil.rmtree(folder)
     workers = [_start(["detect", "--data", "lab_a", "--shard", f"{i}/2"], root) for i in range(2)]
     outcomes = [worker.communicate(timeout=300) for worker in workers]
