@@ -150,7 +150,7 @@ def test_second_command_on_a_busy_workdir_refuses(tmp_path, tiny_cells):
         handle.flush()
         result = run_cli("detect", "--data", "lab_a", cwd=root)
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: aecfe-work: in use by aecfe pid 4242; wait for it to finish or use another --workdir"
+    assert result.stderr.strip() == "error: aecfe-work: in use by aecfe pid 4242; wait for it to finish or use another --workdir"
     assert not (root / "aecfe-work" / "detector").exists()
 
 
