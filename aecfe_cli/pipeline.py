@@ -355,6 +355,7 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
             raise UserError(f"dataset '{dataset.name}': no cell was detected in any of its {images} images "
                             f"({dataset.root}); check that they are blood-cell images, or lower detect.score_threshold")
     source_cells = source_errors = None
+    fits = {}  # datasets that keep the same columns share one fitted classifier and its calibration
     summaries = []
     for dataset in datasets:
         features_manifest = features_manifests[dataset.name]
@@ -378,7 +379,11 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
         invalidate(folder)
         started = time.perf_counter()
         cells = load_feature_set(session.workdir.root, dataset.name)
-        fitted = predict.fit_source(source_cells, source_errors, cells, cfg.evaluate, cfg.predict, session.seed)
+        columns = predict.classifier_columns(source_cells, cells, cfg.evaluate)
+        if columns.tobytes() not in fits:
+            fits[columns.tobytes()] = predict.fit_source(source_cells, source_errors, columns, cfg.evaluate,
+                                                         cfg.predict, session.seed)
+        fitted = fits[columns.tobytes()]
         summary = predict.run_prediction(fitted, cells, _reconstruction_errors(session, model[0], dataset),
                                          predict.load_boxes(session.workdir.detect(dataset.name), cells),
                                          detect_manifest.get("no_detection", []), folder, cfg.predict, training,

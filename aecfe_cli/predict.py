@@ -107,17 +107,22 @@ def check_settings(cfg: PredictConfig, classifier: str) -> None:
         )
 
 
+def classifier_columns(source: FeatureSet, cells: FeatureSet, evaluate_cfg: EvaluateConfig) -> np.ndarray:
+    """(D,) bool: the columns of the classifier that labels ``cells``. Those shifted between the source and
+    ``cells`` are left out, as ``evaluate`` leaves them out for a target (``evaluate.max_shift``), so a
+    labelled copy of ``cells`` scored by ``evaluate`` gets the same labels."""
+    return stable_columns([normalise_features(d.features, evaluate_cfg.feature_norm) for d in (source, cells)],
+                          evaluate_cfg.max_shift)
+
+
 def fit_source(
-    source: FeatureSet, reconstruction: np.ndarray, cells: FeatureSet, evaluate_cfg: EvaluateConfig,
+    source: FeatureSet, reconstruction: np.ndarray, columns: np.ndarray, evaluate_cfg: EvaluateConfig,
     cfg: PredictConfig, seed: int,
 ) -> SourceClassifier:
-    """Fit the classifier for labelling ``cells`` on the source's training split and calibrate rejection and
-    shift on its held-out cells.
+    """Fit the classifier on the source's ``columns`` (:func:`classifier_columns`) and training split, and
+    calibrate rejection and shift on its held-out cells.
 
     ``reconstruction``: the source cells' reconstruction errors (:func:`extract.reconstruction_errors`).
-    The columns shifted between the source and ``cells`` are left out of the classifier, as ``evaluate``
-    leaves them out for a target (``evaluate.max_shift``), so a labelled copy of ``cells`` scored by
-    ``evaluate`` gets the same labels.
 
     The label level is ``evaluate.labels`` resolved on the source alone (``auto``: fine unless some source
     cell is labelled only coarsely), the level ``evaluate`` uses against a target labelled as finely.
@@ -136,8 +141,6 @@ def fit_source(
     train_idx, test_idx = stratified_split(labels, evaluate_cfg.split_seed)
     if len(test_idx) == 0:
         raise UserError(f"source '{source.name}': no class has two cells, so none can be held out to calibrate on")
-    columns = stable_columns([normalise_features(d.features, evaluate_cfg.feature_norm) for d in (source, cells)],
-                             evaluate_cfg.max_shift)
     classified = normalise_features(source.features, evaluate_cfg.feature_norm)[:, columns]
     model = make_classifier(evaluate_cfg.classifier, seed).fit(classified[train_idx], labels[train_idx])
     shift_columns = latent_columns(source)

@@ -2,7 +2,7 @@
 
 The demo runs with half its default cells per class (30): the same stages and settings on fewer cells, so
 that the suite stays within CI's time on two cores. README's figures and its 10-minute budget are measured
-on the default size (docs/demo.md)."""
+on the default size by benchmarks/demo.py (docs/demo.md)."""
 
 import json
 import os

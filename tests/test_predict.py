@@ -17,7 +17,7 @@ from aecfe_cli.extract import reconstruction_errors
 from aecfe_cli.io import write_npy
 from aecfe_cli.feature_sets import FeatureSet
 from aecfe_cli.labels import haematology_sorted
-from aecfe_cli.predict import calibrate_rejection, classify, fit_source, run_prediction, summary_outputs
+from aecfe_cli.predict import calibrate_rejection, classifier_columns, classify, fit_source, run_prediction, summary_outputs
 from test_evaluate import FINE_FOUR, make_set
 
 
@@ -36,7 +36,9 @@ def _errors(cells: FeatureSet, level: float = 1.0) -> np.ndarray:
 
 
 def _fit(source: FeatureSet, cells: FeatureSet, **settings):
-    return fit_source(source, _errors(source), cells, EvaluateConfig(), PredictConfig(**settings), seed=0)
+    cfg = EvaluateConfig()
+    return fit_source(source, _errors(source), classifier_columns(source, cells, cfg), cfg, PredictConfig(**settings),
+                      seed=0)
 
 
 def _predict(source: FeatureSet, cells: FeatureSet, folder: Path, without_cells=(), error_level=1.0, **settings):
@@ -215,7 +217,8 @@ def test_impossible_settings_name_the_key(settings: dict, fragment: str) -> None
 def test_a_classifier_without_probabilities_and_an_unlabelled_source_are_refused() -> None:
     source = make_set("src", FINE_FOUR, per_class=10)
     with pytest.raises(UserError, match="linear_svm gives no class probabilities"):
-        fit_source(source, _errors(source), source, EvaluateConfig(classifier="linear_svm"), PredictConfig(), seed=0)
+        cfg = EvaluateConfig(classifier="linear_svm")
+        fit_source(source, _errors(source), classifier_columns(source, source, cfg), cfg, PredictConfig(), seed=0)
     unlabelled = FeatureSet("flat", source.features, source.instance_ids, source.images, ["unlabelled"] * 40)
     with pytest.raises(UserError, match="source 'flat' has a single class .unlabelled.*labelled source"):
         _fit(unlabelled, source)
@@ -231,7 +234,8 @@ def test_predict_leaves_out_the_columns_evaluate_leaves_out_and_labels_as_it_sco
 
     source, target = _stain_and_shape_labs()
     report = run_evaluation(source, [target], tmp_path / "evaluate", baselines=False, max_shift=1.5)
-    fitted = fit_source(source, _errors(source), target, EvaluateConfig(max_shift=1.5), PredictConfig(), seed=0)
+    cfg = EvaluateConfig(max_shift=1.5)
+    fitted = fit_source(source, _errors(source), classifier_columns(source, target, cfg), cfg, PredictConfig(), seed=0)
     assert fitted.columns.tolist() == [True, False]
     predicted = classify(fitted, target, _errors(target)).predicted
     assert (predicted == target.labels).mean() == pytest.approx(report["targets"]["lab_b"]["accuracy"])
