@@ -463,10 +463,13 @@ def run(
         session.reporter.quiet = True
     with session.workdir.lock():
         resolved = [session.dataset(d, layout) for d in data]
-        by_name = {d.name: d for d in resolved}  # listed once: a dataset of many images is not listed again
-        source_set = by_name.get(source) or session.dataset(source) if source else resolved[0]
-        targets = [by_name.get(t) or session.dataset(t) for t in target] if target else \
-            [d for d in resolved if d.name != source_set.name]
+        by_name = {d.name: d for d in resolved}
+
+        def named(name: str):  # a dataset of --data is not listed again: it may hold many images
+            return by_name.get(name) or session.dataset(name)
+
+        source_set = named(source) if source else resolved[0]
+        targets = [named(t) for t in target] if target else [d for d in resolved if d.name != source_set.name]
         if not targets:
             raise UserError("no target: pass two --data or a --target")
         pipeline.check_classes(session, source_set, targets)

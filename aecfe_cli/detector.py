@@ -388,10 +388,10 @@ def detect(model, images: Sequence[np.ndarray], device, score_threshold: float =
                 boxes, scores, labels = heads.postprocess_detections(*heads.box_predictor(box_features), proposals,
                                                                      resized.image_sizes)
                 if central_only:
-                    keep = [_central_index(resize_boxes(b, size, original).cpu().numpy(), s.cpu().numpy(), original)
-                            for b, s, size, original in zip(boxes, scores, resized.image_sizes, original_sizes)]
-                    keep = [slice(0, 0) if k is None else slice(k, k + 1) for k in keep]
-                    boxes, scores, labels = ([t[k] for t, k in zip(ts, keep)] for ts in (boxes, scores, labels))
+                    central = [_central_index(resize_boxes(b, size, original).cpu().numpy(), s.cpu().numpy(), original)
+                               for b, s, size, original in zip(boxes, scores, resized.image_sizes, original_sizes)]
+                    boxes, scores, labels = ([t[:0] if k is None else t[k:k + 1] for t, k in zip(ts, central)]
+                                             for ts in (boxes, scores, labels))
                 pooled = heads.mask_roi_pool(features, boxes, resized.image_sizes)
                 masks = maskrcnn_inference(heads.mask_predictor(heads.mask_head(pooled)), labels)
                 outputs = model.transform.postprocess(

@@ -380,10 +380,11 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
         started = time.perf_counter()
         cells = load_feature_set(session.workdir.root, dataset.name)
         columns = predict.classifier_columns(source_cells, cells, cfg.evaluate)
-        if columns.tobytes() not in fits:
-            fits[columns.tobytes()] = predict.fit_source(source_cells, source_errors, columns, cfg.evaluate,
-                                                         cfg.predict, session.seed)
-        fitted = fits[columns.tobytes()]
+        key = columns.tobytes()
+        if key not in fits:
+            fits[key] = predict.fit_source(source_cells, source_errors, columns, cfg.evaluate, cfg.predict,
+                                           session.seed)
+        fitted = fits[key]
         summary = predict.run_prediction(fitted, cells, _reconstruction_errors(session, model[0], dataset),
                                          predict.load_boxes(session.workdir.detect(dataset.name), cells),
                                          detect_manifest.get("no_detection", []), folder, cfg.predict, training,

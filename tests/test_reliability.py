@@ -18,10 +18,10 @@ from conftest import ROOT, TINY_CONFIG, copy_project, run_cli
 pytestmark = pytest.mark.slow
 
 
-def _project(tmp_path, tiny_cells, domains=("lab_a", "lab_b"), config=TINY_CONFIG):
+def _project(tmp_path, tiny_cells, domains=("lab_a", "lab_b")):
     for domain in domains:
         shutil.copytree(tiny_cells[domain], tmp_path / domain)
-    (tmp_path / "aecfe.yaml").write_text(config)
+    (tmp_path / "aecfe.yaml").write_text(TINY_CONFIG)
     return tmp_path
 
 
