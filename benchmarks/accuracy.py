@@ -45,9 +45,11 @@ from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from aecfe_cli.feature_sets import ID_COLUMNS, morphology_columns  # noqa: E402
 from aecfe_cli.io import read_json, write_json, write_text  # noqa: E402
+from stages import stage_seconds  # noqa: E402
 
 # Resolved, so the image lists (and so the detections of a run) do not depend on where the checkout lies.
 DATA = (ROOT / ".." / "shared" / "data").resolve()
@@ -269,19 +271,6 @@ def _reuse_earlier_stages(scratch: Path, workdir: Path, config: str, seed: int) 
             break
     for stage, key in keys.items():
         (workdir / f"{stage}_key.txt").write_text(key)
-
-
-def stage_seconds(work: Path, names: list[str]) -> dict:
-    def seconds(folder: Path, key: str = "seconds"):
-        manifest = read_json(folder / "manifest.json")
-        return manifest["timings"].get(key)
-
-    return {
-        "detector": seconds(work / "detector"),
-        "detect": {n: seconds(work / "detect" / n) for n in names},
-        "train": seconds(work / "train", "seconds_this_run"),
-        "extract": {n: seconds(work / "extract" / n) for n in names},
-    }
 
 
 def compact(report: dict) -> dict:

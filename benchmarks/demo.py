@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import machine_info  # noqa: E402
+from stages import stage_seconds  # noqa: E402
 
 BUDGET_SECONDS = 600
 DOMAINS = ("lab_a", "lab_b")
@@ -46,7 +48,7 @@ def main() -> int:
             print(result.stderr[-3000:], file=sys.stderr)
             return result.returncode
         work = Path(tmp) / "aecfe-demo"
-        stages = _stage_seconds(work)
+        stages = _stage_rows(stage_seconds(work, list(DOMAINS)))
         scores = {source: json.loads((work / "evaluate" / source / "report.json").read_text()) for source in DOMAINS}
     text = _render(seconds, stages, scores, extra)
     args.out.write_text(text)
@@ -54,16 +56,11 @@ def main() -> int:
     return 0 if seconds <= BUDGET_SECONDS else 1
 
 
-def _stage_seconds(work: Path) -> list[tuple[str, float]]:
-    def seconds(folder: Path) -> float:
-        timings = json.loads((folder / "manifest.json").read_text())["timings"]
-        return float(timings.get("seconds", timings.get("seconds_this_run", 0.0)))
-
-    rows = [("detector training", seconds(work / "detector"))]
-    rows += [(f"detect {name}", seconds(work / "detect" / name)) for name in DOMAINS]
-    rows.append(("autoencoder training", seconds(work / "train")))
-    rows += [(f"extract {name}", seconds(work / "extract" / name)) for name in DOMAINS]
-    rows += [(f"evaluate {name}", seconds(work / "evaluate" / name)) for name in DOMAINS]
+def _stage_rows(stages: dict) -> list[tuple[str, float]]:
+    rows = [("detector training", stages["detector"])]
+    rows += [(f"detect {name}", value) for name, value in stages["detect"].items()]
+    rows.append(("autoencoder training", stages["train"]))
+    rows += [(f"{stage} {name}", value) for stage in ("extract", "evaluate") for name, value in stages[stage].items()]
     return rows
 
 

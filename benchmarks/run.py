@@ -67,42 +67,25 @@ BENCHMARKS = ROOT / "benchmarks"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(BENCHMARKS))
 
-from machine import CONV_SHAPE, FMA_UNITS, MATMUL_N, kernel_peak, machine_info  # noqa: E402
-
-PARTS = ("peak", "detect", "train", "extract", "evaluate", "memory")
-SELECTABLE = ("detect", "train", "extract", "evaluate", "memory")  # peak and machine always run
-DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
-DEFAULT_CACHE = Path(tempfile.gettempdir()) / "aecfe-benchmarks-cache"
-
-IMAGE_HW = (363, 360)  # PBC (Acevedo) image size, height x width
-EXTRACT_BATCH = 512
-EVALUATE_CELLS = 10_000
-EVALUATE_DIMENSION = 50
-MEMORY_IMAGE_SIZE = 128
-MEMORY_DOMAIN = "lab_a"
-MEMORY_SEED = 0
-FLAT_LIMIT = 1.2
-
-# The two configurations compared in every stage.
-DEFAULT_TRAIN = {"image_size": 32, "width": 0.5, "batch": 128}
-PAPER_TRAIN = {"image_size": 128, "width": 1.0, "batch": 500}
-
-SETTINGS = {
-    # matmul repetitions, detect rounds and images per round (default, paper), train timed batches,
-    # extract batches per configuration, evaluate repetitions, memory sizes (images)
-    "quick": {"matmul_reps": 5, "detect_rounds": 1, "detect_default": 8, "detect_paper": 2,
-              "train_timed": 1, "train_sandwich": False, "extract_batches": 4, "evaluate_reps": 1,
-              "memory_sizes": (200, 1_000)},
-    "full": {"matmul_reps": 10, "detect_rounds": 3, "detect_default": 16, "detect_paper": 3,
-             "train_timed": 3, "train_sandwich": True, "extract_batches": 20, "evaluate_reps": 3,
-             "memory_sizes": (1_000, 10_000)},
-}
-
-# The memory part's detector: trained once on the synthetic cells (cached), then loaded by every measured
-# run. A detector trained for a few steps only scores every cell near 0, so at the default score
-# threshold it finds nothing, and at threshold 0 every image sends its 50 proposals through the mask head:
-# a per-image cost unlike real use that makes 10,000 images infeasible on 2 cores.
-DETECTOR_TRAINING = {"per_class": 11, "train_images": 64, "train_epochs": 2, "train_steps": 0}
+from machine import kernel_peak, machine_info  # noqa: E402
+from run_report import derived, markdown  # noqa: E402
+from run_settings import (  # noqa: E402
+    DEFAULT_CACHE,
+    DEFAULT_OUT,
+    DEFAULT_TRAIN,
+    DETECTOR_TRAINING,
+    EVALUATE_CELLS,
+    EVALUATE_DIMENSION,
+    EXTRACT_BATCH,
+    FLAT_LIMIT,
+    IMAGE_HW,
+    MEMORY_DOMAIN,
+    MEMORY_IMAGE_SIZE,
+    MEMORY_SEED,
+    PAPER_TRAIN,
+    SELECTABLE,
+    SETTINGS,
+)
 
 
 def detector_training_config() -> str:
@@ -144,30 +127,6 @@ def now_utc() -> str:
 
 def say(message: str) -> None:
     print(message, flush=True)
-
-
-def fmt(value, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.{digits}f}"
-
-
-def fmt_flops(flops) -> str:
-    if flops is None:
-        return "-"
-    return f"{flops / 1e9:.3g} GFLOP" if flops >= 1e8 else f"{flops / 1e6:.3g} MFLOP"
-
-
-def fmt_fraction(value) -> str:
-    if value is None:
-        return "-"
-    return f"{100 * value:.1f} %" + (" (above the bound: see the note)" if value > 1 else "")
 
 
 def run_part(name: str, function, results: dict, *args) -> None:
@@ -518,293 +477,7 @@ def bench_memory(settings: dict, cache: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Report
-
-
-def derived(results: dict) -> dict:
-    """Ratios, achieved GFLOP/s and fractions of the theoretical peak, from the measured numbers."""
-    theory = results.get("machine", {}).get("theoretical", {}).get("gflops")
-    kernels = [results[p]["gflops_best"] for p in ("peak", "peak_end") if results.get(p, {}).get("ok")]
-    kernel = max(kernels) if kernels else None
-    rows = {}
-    for stage in ("detect", "train", "extract"):
-        part = results.get(stage, {})
-        if not part.get("ok"):
-            continue
-        row = {"ratio": part["default"]["rate"] / part["paper"]["rate"]}
-        for key in ("default", "paper"):
-            achieved = part[key]["flops"] * part[key]["rate"] / 1e9
-            row[f"{key}_gflops_achieved"] = achieved
-            row[f"{key}_fraction"] = achieved / theory if theory else None
-        rows[stage] = row
-    achieved = {"best measured kernel": kernel, **{f"{stage} ({key})": row[f"{key}_gflops_achieved"]
-                                                   for stage, row in rows.items() for key in ("default", "paper")}}
-    return {"peak_gflops": theory, "kernel_gflops": kernel,
-            "kernel_fraction": kernel / theory if kernel and theory else None, "stages": rows,
-            "above_peak": [name for name, value in achieved.items() if theory and value and value > theory]}
-
-
-def failed(results: dict, name: str) -> str:
-    part = results.get(name)
-    if part is None:
-        return "not run"
-    return f"FAILED: {part.get('error', '?')}"
-
-
-def markdown(results: dict, meta: dict) -> str:
-    m = results.get("machine", {})
-    d = derived(results)
-    quick = meta["quick"]
-    lines = [
-        "# Benchmarks",
-        "",
-        f"Generated by `{meta['command']}` on {meta['finished']} (wall time {meta['wall_seconds']:.0f} s). "
-        "Every number below was measured in that one run; ratios and fractions are computed from them.",
-        "",
-    ]
-    if quick:
-        lines += [
-            f"> **This is a `--quick` run** (fewer images, batches and repetitions; memory at "
-            f"{SETTINGS['quick']['memory_sizes'][0]:,} and {SETTINGS['quick']['memory_sizes'][1]:,} images) taken "
-            f"with load average {', '.join(map(str, meta['load_start']))} at its start: a check of a change, not the "
-            "reference figures. Regenerate them with `python benchmarks/run.py` on a quiet machine.",
-            "",
-        ]
-    lines += [
-        "## Machine",
-        "",
-        "| | |",
-        "| --- | --- |",
-        f"| CPU | {m.get('cpu_model', '?')} ({', '.join(m.get('flags', [])) or 'flags unknown'}) |",
-        f"| cores | {m.get('cpu_count', '?')} logical, {m.get('usable_cpus', '?')} usable; torch threads "
-        f"{m.get('torch_threads', '?')} |",
-        f"| memory | {m.get('memory_total_gb', '?')} GB total, {m.get('memory_available_gb', '?')} GB available at start |",
-        f"| software | Python {m.get('python', '?')}, torch {m.get('torch', '?')}, torchvision {m.get('torchvision', '?')}, "
-        f"numpy {m.get('numpy', '?')}, scikit-learn {m.get('scikit_learn', '?')}; Linux {m.get('kernel', '?')} |",
-        f"| OMP_WAIT_POLICY | {m.get('omp_wait_policy', '?')} |",
-        f"| load average (1, 5, 15 min) | start {', '.join(map(str, meta['load_start']))}; end "
-        f"{', '.join(map(str, meta['load_end']))} |",
-    ]
-    theory = m.get("theoretical", {})
-    if d["peak_gflops"]:
-        lanes = {16: "AVX-512", 8: "AVX/AVX2", 4: "SSE"}[theory["lanes"]]
-        lines.append(
-            f"| theoretical float32 peak | **{d['peak_gflops']:.1f} GFLOP/s** = {theory['cores']} core(s) x "
-            f"{theory['clock_ghz']:.2f} GHz ({theory['clock_source']}) x {FMA_UNITS} FMA units (assumed) x "
-            f"{theory['lanes']} float32 lanes ({lanes}) x 2 |"
-        )
-    else:
-        lines.append("| theoretical float32 peak | unknown: no clock in /proc/cpuinfo; pass --clock-ghz |")
-    peak_parts = [results.get(p, {}) for p in ("peak", "peak_end")]
-    if d["kernel_gflops"]:
-        kernels = ", ".join(
-            f"{label} {peak_parts[0].get(name, {}).get('gflops_best', '-')} / {peak_parts[1].get(name, {}).get('gflops_best', '-')}"
-            for name, label in (("mm", f"`torch.mm` {MATMUL_N}x{MATMUL_N}"),
-                                ("conv3x3", f"3x3 convolution {CONV_SHAPE[1]}->{CONV_SHAPE[1]} on {CONV_SHAPE[0]} x "
-                                            f"{CONV_SHAPE[2]}x{CONV_SHAPE[3]}")))
-        lines.append(
-            f"| best measured kernel | **{d['kernel_gflops']:.1f} GFLOP/s** ({fmt_fraction(d['kernel_fraction'])} of the "
-            f"theoretical peak), float32 on all threads, best of {peak_parts[0].get('reps', '-')} at the start / the "
-            f"end: {kernels} GFLOP/s |"
-        )
-    else:
-        lines.append(f"| best measured kernel | {failed(results, 'peak')} |")
-    lines += [
-        "",
-        "The machine may be shared: each configuration is measured beside the paper's in the same run "
-        "(interleaved where the stage allows), so the **ratio** is the figure to compare between runs.",
-        "",
-        "**Fraction of peak** = FLOPs actually executed per item x items/s / the theoretical float32 peak. The FLOPs "
-        "(2 x multiply-adds of every convolution, transposed convolution and linear layer, and their gradients) are "
-        "counted by torch's FlopCounterMode on the measured work itself: the detectors on the timed images at the "
-        "size the network runs at after its own resizing and padding, a whole training step (forward, loss, "
-        "backward) per sample, the encoder on a stored-format batch. The theoretical peak is cores x clock x FMA "
-        "units x float32 lanes x 2, a bound no code can exceed; cores, vector width and clock come from "
-        "/proc/cpuinfo and cpufreq (what `lscpu` shows), while FMA units per core are not reported there and are "
-        f"taken as {FMA_UNITS}, the most any x86 core has. The best measured kernel stands beside it, not under "
-        "the fractions: it is a measurement, not a limit (a stage of oneDNN convolutions can beat MKL's matmul, "
-        "and on a shared machine a few short repetitions can all land while another process holds a core).",
-    ]
-    if d["above_peak"]:
-        lines += ["", f"> **Note: {', '.join(d['above_peak'])} above the theoretical peak.** An assumption of the "
-                  "bound does not hold on this CPU, most likely the clock (a turbo clock above the one reported): "
-                  "rerun with `--clock-ghz` set to the CPU's maximum clock."]
-    lines += [
-        "",
-        "## Throughput: CPU default vs the paper's configuration",
-        "",
-        "| stage | CPU default | paper configuration | ratio (default / paper) | FLOPs per item (default / paper) "
-        "| achieved GFLOP/s (default / paper) | fraction of peak (default / paper) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    units = {"detect": "images/s", "train": "samples/s", "extract": "cells/s"}
-    per = {"detect": "image (= cell)", "train": "sample, forward + backward", "extract": "cell"}
-    for stage in ("detect", "train", "extract"):
-        part = results.get(stage, {})
-        if not part.get("ok"):
-            lines.append(f"| {stage} | {failed(results, stage)} | | | | | |")
-            continue
-        row = d["stages"][stage]
-        lines.append(
-            f"| {stage} ({units[stage]}) | **{fmt(part['default']['rate'])}** | **{fmt(part['paper']['rate'])}** | "
-            f"**{row['ratio']:.1f}x** | {fmt_flops(part['default']['flops'])} / {fmt_flops(part['paper']['flops'])} "
-            f"per {per[stage]} | {fmt(row['default_gflops_achieved'])} / {fmt(row['paper_gflops_achieved'])} | "
-            f"{fmt_fraction(row['default_fraction'])} / {fmt_fraction(row['paper_fraction'])} |"
-        )
-    ev = results.get("evaluate", {})
-    if ev.get("ok"):
-        lines.append(
-            f"| evaluate (s for {ev['cells']:,} x {ev['dimension']} source + {ev['cells']:,} x {ev['dimension']} target) "
-            f"| **{ev['evaluation_seconds']:.2f} s** | same stage: {ev['evaluation_seconds']:.2f} s | 1 (identical work) | - (random forest: "
-            "comparisons, not floating-point arithmetic) | - | - |"
-        )
-    else:
-        lines.append(f"| evaluate | {failed(results, 'evaluate')} | | | | | |")
-    lines += ["", "What each row measured:", ""]
-    det = results.get("detect", {})
-    if det.get("ok"):
-        lines.append(
-            f"* **detect**: `detector.detect` (white balance, Mask R-CNN, mask-branch RoI feature) on seeded synthetic "
-            f"{IMAGE_HW[1]}x{IMAGE_HW[0]} single-cell images, untrained weights, exactly one detection per image through "
-            f"the mask branch. Default: {det['default']['label']}; paper: {det['paper']['label']} (the paper used "
-            f"ResNet-101-FPN at 900-1024 px). {det['rounds']} interleaved round(s): {det['default']['images']} and "
-            f"{det['paper']['images']} images; per-round images/s default {det['default']['round_rates']}, paper "
-            f"{det['paper']['round_rates']}. FLOPs: counted while detecting the timed images, where the network runs "
-            f"at {det['default']['input_hw'][0]}x{det['default']['input_hw'][1]} (default) and "
-            f"{det['paper']['input_hw'][0]}x{det['paper']['input_hw'][1]} (paper) after resizing and padding."
-        )
-    tr = results.get("train", {})
-    if tr.get("ok"):
-        pb = tr["paper"]
-        ran = (f"ran at batch {pb['batch_run']}, the largest whose saved activations fit in "
-               f"{tr['memory_fraction']:.0%} of the available memory (batch {pb['batch_asked']} needs "
-               f"~{pb['activation_gb_at_batch']:.0f} GB)" if pb["batch_run"] < pb["batch_asked"] else f"batch {pb['batch_run']}")
-        quick_note = f" (--quick: batch {pb['batch_asked']} instead of the paper's {PAPER_TRAIN['batch']})" if quick else ""
-        lines.append(
-            f"* **train**: `train_one_epoch` (forward, loss, backward, Adam step) on in-memory random features and "
-            f"crops, via `benchmarks/train_speed.py`'s `measure()`: median samples/s over the timed batches. Default: "
-            f"{tr['default']['label']} (samples/s per call {tr['default']['rates']}); paper: image 128, width 1, "
-            f"{ran}{quick_note}. FLOPs: a whole step counted on the warm-up batch, per sample (the forward pass alone: "
-            f"{fmt_flops(tr['default']['forward_flops'])} / {fmt_flops(pb['forward_flops'])})."
-        )
-    ex = results.get("extract", {})
-    if ex.get("ok"):
-        lines.append(
-            f"* **extract**: `model.encode(scale_features(x))` in batches of {ex['batch']} on float16 256x14x14 "
-            f"features (the stored format), interleaved batch by batch, {ex['default']['cells']:,} cells each; the "
-            "encoder is the same architecture in both, only its width differs (1.0 in the paper, 0.5 by default). "
-            "FLOPs: counted on one batch."
-        )
-    if ev.get("ok"):
-        lines.append(
-            f"* **evaluate**: `run_evaluation(..., baselines=False)` (80/20 split, random forest of 100 trees, report, "
-            f"figures, domain mixing) on `benchmarks/evaluate_speed.py`'s class-structured features, median of "
-            f"{len(ev['all_seconds'])} run(s) {ev['all_seconds']} s. Both configurations give the classifier 50-d "
-            "features, so the stage is the same for both and is measured once."
-        )
-    mem = results.get("memory", {})
-    lines += ["", "## Peak resident memory of `aecfe detect` and `aecfe extract`", ""]
-    if mem.get("ok"):
-        rows = mem["rows"]
-        lines += [
-            "| images (cells) | detect: peak RSS | sampled peaks: anonymous / file-backed | detect wall time "
-            "| extract: peak RSS | sampled peaks: anonymous / file-backed | extract wall time |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for row in rows:
-            det, ext = row["detect"], row["extract"]
-            lines.append(
-                f"| {row['images']:,} ({row['cells']:,}) | {det['peak_rss_mb']:,.0f} MB | {fmt(det['anon_mb'])} / "
-                f"{fmt(det['file_mb'])} MB | {det['seconds']:.0f} s ({fmt(row['detect_images_per_second'])} images/s "
-                f"in detection) | {ext['peak_rss_mb']:,.0f} MB | {fmt(ext['anon_mb'])} / {fmt(ext['file_mb'])} MB | "
-                f"{ext['seconds']:.0f} s |"
-            )
-        verdict = {k: ("flat" if v <= FLAT_LIMIT else "**NOT flat**") for k, v in mem["ratios"].items()}
-        anon = mem.get("anon_ratios", {})
-        lines += [
-            f"| **ratio {rows[-1]['images']:,} / {rows[0]['images']:,}** | **{mem['ratios']['detect']:.3f}** "
-            f"({verdict['detect']}) | anonymous {fmt(anon.get('detect'), 3)} | | **{mem['ratios']['extract']:.3f}** "
-            f"({verdict['extract']}) | anonymous {fmt(anon.get('extract'), 3)} | |",
-            "",
-            f"Requirement: peak RSS stays flat, ratio <= {FLAT_LIMIT}. Peak RSS (the figure of record) is measured with "
-            f"{mem['tool']}, each stage in its own process, one fresh workdir per size, the same config for both "
-            "sizes. It counts the process's own anonymous memory (heap, tensors) and every touched page of a "
-            "memory-mapped file or shared library (file-backed); their separate peaks, sampled from "
-            "`/proc/PID/status` every 20 ms by `benchmarks/memory.py` (they need not add up to the peak RSS: they "
-            "peak at different moments), show where a growth comes from. Both stages read and write their arrays "
-            "with plain block reads and writes, not memory maps: a map keeps every page it touched resident, so "
-            "peak RSS would grow with the size of the 256x14x14 feature file (100 kB per cell). One training epoch "
-            "(not measured) runs between detect and extract.",
-            "",
-            "Images are seeded synthetic 128 px cells (`aecfe_cli.synth`, domain lab_a, cached between runs) and the "
-            "detector works at 128 px so that 10,000 images are feasible on 2 cores: flatness is about streaming "
-            "images and features through the stages, not about detector size. The detector is trained once with "
-            f"`aecfe detect` on {DETECTOR_TRAINING['train_images']} of these cells for "
-            f"{DETECTOR_TRAINING['train_epochs']} epochs ({mem['detector']}) and loaded by every measured run with "
-            "`weights:`, at the default score threshold 0.7, so each image costs what it does in real use (images "
-            "without a detection are counted, not an error). A detector trained for a few steps scores every cell "
-            "near 0: at threshold 0.7 it finds nothing to extract, and at threshold 0 every image sends all its "
-            "proposals through the mask head."
-            + (" In `--quick` the streaming units are scaled down (chunks of 64 images, extract batches of 128 cells) "
-               "so that both of its small sizes hold several full chunks and batches: its ratio is meaningful, its MB "
-               "are not comparable with the full run's." if quick else ""),
-            "",
-            "Config of the measured runs:",
-            "",
-            "```yaml",
-            mem["config"].rstrip(),
-            "```",
-            "",
-            "Commands, per size (`DATA` = the synthetic dataset folder, `C` = the config above, `W` = a fresh workdir):",
-            "",
-            "```bash",
-            f"/usr/bin/time -v {mem['command']} --quiet --workdir W --config C detect --data DATA    # measured",
-            f"{mem['command']} --quiet --workdir W --config C train --data DATA                     # prerequisite",
-            f"/usr/bin/time -v {mem['command']} --quiet --workdir W --config C extract --data DATA   # measured",
-            "```",
-        ]
-    else:
-        lines.append(failed(results, "memory"))
-    lines += [
-        "",
-        "## Commands",
-        "",
-        "Everything (writes this file): `python benchmarks/run.py` (about 20 minutes on a quiet 2-core machine); "
-        "`python benchmarks/run.py --quick` for a before-and-after check of a change (under 5 minutes; prints its "
-        "report and leaves this file, the reference, alone; `--out FILE` keeps it). Add `--json PATH` for the raw "
-        "numbers, `--clock-ghz F` where the CPU's maximum clock is not in cpufreq (virtual machines). One figure "
-        "alone (does not rewrite this file unless `--out` is given):",
-        "",
-        "| figure | command | standalone script with the same method |",
-        "| --- | --- | --- |",
-        "| theoretical peak, best measured kernel | every run (kernels at the start and the end) | - |",
-        "| detect images/s, FLOPs/image | `python benchmarks/run.py --only detect [--quick]` | "
-        "`python benchmarks/detect_speed.py [--quick]` |",
-        "| train samples/s, FLOPs/sample | `python benchmarks/run.py --only train [--quick]` | "
-        "`python benchmarks/train_speed.py [--quick]` (more configurations) |",
-        "| extract cells/s, FLOPs/cell | `python benchmarks/run.py --only extract [--quick]` | - |",
-        "| evaluate seconds | `python benchmarks/run.py --only evaluate [--quick]` | "
-        "`python benchmarks/evaluate_speed.py` |",
-        "| peak memory of detect and extract | `python benchmarks/run.py --only memory [--quick]` | the `aecfe` "
-        "commands above |",
-        "",
-        "## Parts of this run",
-        "",
-        "| part | status | seconds | load average (1 min) at start / end |",
-        "| --- | --- | --- | --- |",
-    ]
-    for name in ("machine", *PARTS, "peak_end"):
-        part = results.get(name)
-        if part is None:
-            continue
-        status = "ok" if part.get("ok") else f"FAILED: {part.get('error', '?')}"
-        start = part["load_start"][0] if part.get("load_start") else "-"
-        end = part["load_end"][0] if part.get("load_end") else "-"
-        lines.append(f"| {name} | {status} | {part.get('seconds', '-')} | {start} / {end} |")
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------
+# Command line
 
 
 def report_path(quick: bool, partial: bool, out: Path | None) -> Path | None:

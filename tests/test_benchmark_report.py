@@ -1,4 +1,4 @@
-"""benchmarks/run.py's arithmetic: the theoretical peak, fractions of it, and where a report may be written."""
+"""benchmarks/run.py's arithmetic: theoretical peak, fractions of it (run_report), where a report may be written."""
 
 import subprocess
 import sys
@@ -10,6 +10,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import machine  # noqa: E402
 import run  # noqa: E402
+import run_report  # noqa: E402
 
 
 def _machine(**overrides):
@@ -35,7 +36,7 @@ def _results(detect_rate):
 
 
 def test_fraction_of_peak_divides_executed_flops_by_the_theoretical_peak():
-    d = run.derived(_results(detect_rate=2.0))
+    d = run_report.derived(_results(detect_rate=2.0))
     assert d["stages"]["detect"]["default_fraction"] == pytest.approx(0.4)  # 20 GFLOP x 2 /s of 100 GFLOP/s
     assert d["stages"]["detect"]["paper_fraction"] == pytest.approx(0.3)
     assert d["kernel_gflops"] == 80.0 and d["kernel_fraction"] == pytest.approx(0.8)
@@ -43,8 +44,8 @@ def test_fraction_of_peak_divides_executed_flops_by_the_theoretical_peak():
 
 
 def test_a_figure_above_the_theoretical_peak_is_flagged_not_hidden():
-    assert run.derived(_results(detect_rate=6.0))["above_peak"] == ["detect (default)"]
-    assert "above the bound" in run.fmt_fraction(1.2)
+    assert run_report.derived(_results(detect_rate=6.0))["above_peak"] == ["detect (default)"]
+    assert "above the bound" in run_report.fmt_fraction(1.2)
 
 
 def test_only_a_full_run_writes_the_committed_reference(tmp_path):
