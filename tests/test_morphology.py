@@ -3,7 +3,7 @@
 import numpy as np
 
 from aecfe_cli import colour
-from aecfe_cli.morphology import DESCRIPTORS, central_cell, describe_cell, describe_crops
+from aecfe_cli.morphology import DESCRIPTORS, STRUCTURE, central_cell, describe_cell, describe_crops, nuclear_structure
 from conftest import drawn_cell
 
 
@@ -68,3 +68,28 @@ def test_cytoplasm_against_nucleus_contrast_holds_under_another_lamp():
         assert abs(white["contrast_density"] - yellow["contrast_density"]) < 0.1 * white["contrast_density"]
         for channel in "Lab":
             assert abs(white[f"contrast_{channel}"] - yellow[f"contrast_{channel}"]) < 4.0  # CIELAB units
+
+
+def _disc(shape, centre, radius):
+    rows, cols = np.mgrid[:shape[0], :shape[1]]
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+def test_lobes_joined_by_a_strand_are_counted_and_the_neck_is_found():
+    """A real segmented nucleus is one piece: lobes joined by thin chromatin strands. Eroded, it parts into
+    its lobes; its ridge has a narrow neck; a round nucleus stays one piece with an even ridge."""
+    shape = (96, 96)
+    cell = _disc(shape, (48, 48), 40)
+    lobed = _disc(shape, (48, 28), 9) | _disc(shape, (48, 68), 9)
+    lobed[47:50, 28:69] = True  # a strand 3 pixels thick
+    round_ = _disc(shape, (48, 48), 13)
+    lobed_values = dict(zip(STRUCTURE, nuclear_structure(lobed, cell)))
+    round_values = dict(zip(STRUCTURE, nuclear_structure(round_, cell)))
+    assert lobed_values["lobes_eroded25"] == 2 and round_values["lobes_eroded25"] == 1
+    assert lobed_values["narrowest_neck"] < 0.3 < round_values["narrowest_neck"]
+    assert lobed_values["offset"] < 0.05 and round_values["offset"] < 0.05
+    off_centre = dict(zip(STRUCTURE, nuclear_structure(_disc(shape, (48, 68), 13), cell)))
+    assert abs(off_centre["offset"] - 20 / 40) < 0.05  # 20 px off the centre of a cell of radius 40
+    # Twice the magnification, the same shape: the same numbers.
+    big = np.kron(lobed, np.ones((2, 2), bool)), np.kron(cell, np.ones((2, 2), bool))
+    assert nuclear_structure(*big)[:3] == nuclear_structure(lobed, cell)[:3]
