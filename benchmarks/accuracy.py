@@ -32,7 +32,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/run.py: id
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -49,6 +48,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from aecfe_cli.feature_sets import ID_COLUMNS, morphology_columns  # noqa: E402
 from aecfe_cli.io import read_json, write_json, write_text  # noqa: E402
+from machine import machine_info  # noqa: E402
 from stages import stage_seconds  # noqa: E402
 
 # Resolved, so the image lists (and so the detections of a run) do not depend on where the checkout lies.
@@ -243,7 +243,7 @@ def run_variant(suite: str, variant: str, seed: int, labs: dict, scratch: Path, 
         "reports": {source: compact(report) for source, report in reports.items()},
         "cross_validation": {n: cross_validated(work, n, seed) for n in names},
         "classifier_spread": classifier_spread(work, names, seed, settings.get("evaluate", {})),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine_description(),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -271,6 +271,12 @@ def _reuse_earlier_stages(scratch: Path, workdir: Path, config: str, seed: int) 
             break
     for stage, key in keys.items():
         (workdir / f"{stage}_key.txt").write_text(key)
+
+
+def machine_description() -> str:
+    """CPU model, vector extensions, clock and cores: runs on different machines differ in speed."""
+    info = machine_info()
+    return f"{info['cpu_model']} ({', '.join(info['flags'])}; {info.get('mhz', '?')} MHz), {os.cpu_count()} cores"
 
 
 def compact(report: dict) -> dict:
