@@ -6,9 +6,11 @@ Architecture, loss and optimiser follow Salehi et al. (MICCAI 2022); see docs/me
 ``MSE(feature) + (1 - SSIM(image)) + align_weight * sum_t D(z_anchor, z_t)`` where the alignment term
 pulls every domain's latent statistics towards those of the anchor domain (id 0).
 
-Two knobs exist for CPU use, both recorded in ``model_args`` so checkpoints rebuild exactly:
-``width`` scales every hidden channel count and ``image_size`` (32, 64 or 128) drops stride-2 stages of
-the image decoder, which at 128x128 costs about 5.5 GFLOP per sample and dominates training.
+Three knobs exist for CPU use, all recorded in ``model_args`` so checkpoints rebuild exactly:
+``width`` scales every hidden channel count, ``image_size`` (32, 64 or 128) drops stride-2 stages of
+the image decoder, which at 128x128 costs about 5.5 GFLOP per sample and dominates training, and
+``image_bottleneck`` lets the image decoder first reduce the 256-channel feature with a 1x1 convolution:
+its first upsampling layer (5x5 kernels on all 256 channels) is otherwise two thirds of the model's FLOPs.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ LOSS_TERMS = ("feature", "image", "align", "total")
 FEATURE_SCALINGS = ("sample", "channel")  # the paper's per-sample min-max, or per-channel standardisation
 IMAGE_LOSSES = ("ssim", "ssim_l1")
 ALIGNMENTS = ("paper", "normalised")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 # (out_channels, kernel, stride) of the paper's layers; the last layer of each part is added separately
 # because its channel count is not a hidden one (latent, feature or RGB) and it has no norm after it.
@@ -91,7 +94,7 @@ class AECFE(nn.Module):
     """Feature encoder, feature decoder and image decoder of AE-CFE (about 4 M parameters at width 1)."""
 
     def __init__(self, in_channels: int = 256, latent_dim: int = 50, image_size: int = 128, width: float = 1.0,
-                 feature_scaling: str = "sample", norm_first: bool = False):
+                 feature_scaling: str = "sample", norm_first: bool = False, image_bottleneck: int = 0):
         super().__init__()
         if image_size not in IMAGE_SIZES:
             raise UserError(f"image_size {image_size} is not supported; choose one of {', '.join(map(str, IMAGE_SIZES))}")
@@ -101,6 +104,8 @@ class AECFE(nn.Module):
             raise UserError(f"in_channels and latent_dim must be positive, got {in_channels} and {latent_dim}")
         if feature_scaling not in FEATURE_SCALINGS:
             raise UserError(f"feature_scaling '{feature_scaling}': choose one of {', '.join(FEATURE_SCALINGS)}")
+        if image_bottleneck < 0:
+            raise UserError(f"image_bottleneck must be 0 (none) or a channel count, got {image_bottleneck}")
         self.model_args = {
             "in_channels": int(in_channels),
             "latent_dim": int(latent_dim),
@@ -108,6 +113,7 @@ class AECFE(nn.Module):
             "width": float(width),
             "feature_scaling": feature_scaling,
             "norm_first": bool(norm_first),
+            "image_bottleneck": int(image_bottleneck),
         }
         self.feature_scaling = feature_scaling
         if feature_scaling == "channel":
@@ -131,9 +137,11 @@ class AECFE(nn.Module):
 
         # 14 -> 31 -> 63 -> 127 per stride-2 stage, so 32/64/128 keep the first 1/2/3 stages of the paper.
         upsampling = IMAGE_DECODER_UPSAMPLING[: IMAGE_SIZES.index(image_size) + 1]
-        layers, last = _hidden_layers(nn.ConvTranspose2d, in_channels, (*upsampling, IMAGE_DECODER_TAIL), width,
-                                      norm_first)
-        self.image_decoder = nn.Sequential(*layers, nn.ConvTranspose2d(last, 3, 1), nn.Sigmoid())
+        # The bottleneck is a channel count, not scaled by width: it sets the cost of the layer after it.
+        squeeze, entry = ([], in_channels) if not image_bottleneck else _hidden_layers(
+            nn.Conv2d, in_channels, ((image_bottleneck, 1, 1),), 1.0, norm_first)
+        layers, last = _hidden_layers(nn.ConvTranspose2d, entry, (*upsampling, IMAGE_DECODER_TAIL), width, norm_first)
+        self.image_decoder = nn.Sequential(*squeeze, *layers, nn.ConvTranspose2d(last, 3, 1), nn.Sigmoid())
 
     def scale(self, features: Tensor) -> Tensor:
         """RoI features as the encoder expects them: min-max per sample, or standardised per channel."""
@@ -395,6 +403,31 @@ class DomainBalancedBatchSampler(torch.utils.data.Sampler):
             yield [int(i) for stream, share in zip(streams, self.shares) for i in stream[batch * share : (batch + 1) * share]]
 
 
+def training_dtype(precision: str, device: Device) -> Optional[torch.dtype]:
+    """The autocast dtype of the forward pass for ``precision``, or None for float32 throughout.
+
+    "auto" takes bfloat16 where the device computes it natively (a CPU with AVX512-BF16 or AMX, a CUDA
+    device that supports it) and float32 elsewhere, where bfloat16 would be emulated and slower. bfloat16
+    keeps float32's exponent range, so no loss scaling is needed; weights, optimiser state and the loss
+    stay float32.
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    device = torch.device(device)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        # Private probes of torch's own CPU dispatch; a torch without them is treated as lacking bfloat16.
+        native = device.type == "cpu" and any(
+            getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        )
+    return torch.bfloat16 if native else None
+
+
 def _gradient_norm(model: nn.Module) -> Tensor:
     gradients = [p.grad for p in model.parameters() if p.grad is not None]
     return torch.nn.utils.get_total_norm(gradients)
@@ -410,9 +443,13 @@ def train_one_epoch(
     on_batch: Optional[Callable[[dict[str, float], int], None]] = None,
     image_loss: str = "ssim",
     alignment: str = "paper",
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> dict[str, float]:
     """Train one pass over ``loader`` (yielding ``(features, crops, domain_ids)``); return the
-    sample-weighted mean of every loss term, averaged over all ranks under DDP."""
+    sample-weighted mean of every loss term, averaged over all ranks under DDP.
+
+    ``autocast_dtype`` (see :func:`training_dtype`) runs the forward pass in that dtype; the loss is
+    computed in float32 on the widened outputs."""
     core = _unwrap(model)
     if core.model_args["image_size"] != image_size:
         raise UserError(f"image_size {image_size} does not match the model's {core.model_args['image_size']}")
@@ -423,7 +460,10 @@ def train_one_epoch(
         features, images = prepare_batch(features, crops, image_size, device, core.scale)
         domains = domains.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        terms = aecfe_loss(model(features), features, images, domains, align_weight, image_loss, alignment)
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            outputs = model(features)
+        outputs = tuple(output.float() for output in outputs)
+        terms = aecfe_loss(outputs, features, images, domains, align_weight, image_loss, alignment)
         # Backward runs even for a NaN loss: under DDP every rank must join the gradient all-reduce,
         # and the averaged gradient then carries any rank's NaN, so all ranks stop at the same batch.
         terms["total"].backward()

@@ -89,6 +89,16 @@ class TrainConfig:
     norm_first: bool = False  # true: GroupNorm before ReLU; the paper's ReLU-then-norm plants a spot in images
     image_loss: str = "ssim"  # ssim (the paper) | ssim_l1 (padded SSIM + L1: borders and colour count)
     alignment: str = "paper"  # paper | normalised (distance of latents in batch-std units: no shrinking)
+    # Speed, chosen to meet the time budget of the real triangle (docs/accuracy_notes.md, "Speed").
+    # Channels the image decoder reduces the 256-channel feature to before upsampling (0: none, the paper).
+    image_bottleneck: int = 64
+    precision: str = "auto"  # auto (bfloat16 where the CPU or GPU has it natively) | fp32 | bf16
+
+    def __post_init__(self):
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"precision: '{self.precision}' is not one of auto, fp32, bf16")
+        if self.image_bottleneck < 0:
+            raise UserError(f"image_bottleneck: expected 0 (none) or a channel count, got {self.image_bottleneck}")
 
 
 @dataclass
@@ -146,7 +156,7 @@ PRESETS: dict[str, dict] = {
                    "stain_norm": "none"},
         "train": {"image_size": 128, "width": 1.0, "epochs": 150, "batch_size": 500, "lr": 0.001,
                   "align_weight": 5.0, "feature_scaling": "sample", "norm_first": False, "image_loss": "ssim",
-                  "alignment": "paper"},
+                  "alignment": "paper", "image_bottleneck": 0, "precision": "fp32"},
         "extract": {"morphology": False},
         "evaluate": {"classifier": "random_forest", "max_shift": None},
     },

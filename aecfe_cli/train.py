@@ -98,7 +98,8 @@ def run_training(
     resume_key = fingerprint("train-resume", {**dataclasses.asdict(cfg), "epochs": None}, seed, _inputs(detect_manifests))
     torch.manual_seed(seed)
     model = ae.AECFE(FEATURE_CHANNELS, cfg.latent_dim, cfg.image_size, cfg.width, cfg.feature_scaling,
-                     cfg.norm_first)
+                     cfg.norm_first, cfg.image_bottleneck)
+    autocast_dtype = ae.training_dtype(cfg.precision, device)
     model.fit_feature_scaling(block for directory in detect_dirs
                               for block in iter_npy_blocks(Path(directory) / "roi_features.npy", 512))
     model.to(device)
@@ -124,7 +125,8 @@ def run_training(
                 bar.advance(count, loss=terms["total"], align=terms["align"])
 
             terms = ae.train_one_epoch(model, loader, optimizer, device, cfg.align_weight, cfg.image_size,
-                                       on_batch=on_batch, image_loss=cfg.image_loss, alignment=cfg.alignment)
+                                       on_batch=on_batch, image_loss=cfg.image_loss, alignment=cfg.alignment,
+                                       autocast_dtype=autocast_dtype)
         history.append({"epoch": epoch + 1, **terms})
         if rank == 0:
             ae.save_checkpoint(folder / "model.pt", model, optimizer, epoch + 1,
@@ -153,6 +155,7 @@ def run_training(
         timings={"seconds_this_run": round(seconds, 2),
                  "samples_per_second": round(samples_seen / seconds, 1) if seconds > 0 and samples_seen else None},
         extra={"datasets": list(names), "anchor": names[0], "flops_per_sample": ae.count_flops(core),
+               "precision": "bf16" if autocast_dtype == torch.bfloat16 else "fp32",
                "final_loss": history[-1] if history else None},
     )
 

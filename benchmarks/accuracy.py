@@ -69,6 +69,9 @@ LEVERS: dict[str, dict] = {
     # Half the autoencoder's training (the default's 30 epochs are 48 of the triangle's 83 minutes): what
     # does the 2,000-image time budget cost in accuracy?
     "epochs15": {"train": {"epochs": 15}},
+    # The two speed settings of the default, each taken back alone: what does the time budget cost?
+    "no_bottleneck": {"train": {"image_bottleneck": 0}},
+    "fp32": {"train": {"precision": "fp32"}},
 }
 ALL_LEVERS: dict[str, dict] = {}
 for _name in ("stain_norm", "channel_scaling", "norm_first", "ssim_l1", "normalised_alignment", "feature_norm"):

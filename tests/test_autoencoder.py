@@ -25,6 +25,7 @@ from aecfe_cli.autoencoder import (
     scale_features,
     ssim,
     train_one_epoch,
+    training_dtype,
 )
 from aecfe_cli.errors import StageError, UserError
 from conftest import CreatesMarkerWhenUnpickled
@@ -72,9 +73,52 @@ def test_paper_settings_have_about_four_million_parameters():
     parameters = sum(p.numel() for p in model.parameters())
     assert 3.8e6 < parameters < 4.2e6, parameters
     assert model.model_args == {"in_channels": 256, "latent_dim": 50, "image_size": 128, "width": 1.0,
-                                "feature_scaling": "sample", "norm_first": False}
+                                "feature_scaling": "sample", "norm_first": False, "image_bottleneck": 0}
     # The method notes about 5.5 GFLOP per sample for the image decoder at 128x128.
     assert count_flops(model)["image_decoder"] == pytest.approx(5.5e9, rel=0.02)
+
+
+def test_image_bottleneck_cuts_the_image_decoder_and_keeps_shapes(tmp_path):
+    """The 1x1 reduction before the first upsampling layer is what makes the default cheap to train;
+    its model rebuilds from the checkpoint like any other."""
+    plain = AECFE(width=0.5, image_size=32)
+    squeezed = AECFE(width=0.5, image_size=32, image_bottleneck=64)
+    assert count_flops(squeezed)["image_decoder"] < 0.45 * count_flops(plain)["image_decoder"]
+    assert count_flops(squeezed)["encoder"] == count_flops(plain)["encoder"]
+    z, feature_recon, image_recon = squeezed(torch.randn(2, 256, 14, 14))
+    assert (z.shape, feature_recon.shape, image_recon.shape) == ((2, 50), (2, 256, 14, 14), (2, 3, 32, 32))
+    save_checkpoint(tmp_path / "model.pt", squeezed, None, 1, {})
+    rebuilt = build_model(load_checkpoint(tmp_path / "model.pt", "cpu")).eval()
+    features = torch.randn(3, 256, 14, 14)
+    assert torch.equal(rebuilt(features)[2], squeezed.eval()(features)[2])
+    with pytest.raises(UserError, match="image_bottleneck"):
+        AECFE(image_bottleneck=-1)
+
+
+def test_bfloat16_training_runs_the_forward_in_bfloat16_and_keeps_float32_weights(monkeypatch):
+    assert training_dtype("fp32", "cpu") is None
+    assert training_dtype("bf16", "cpu") is torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert training_dtype("auto", "cpu") is None  # emulated bfloat16 would be slower than float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert training_dtype("auto", "cpu") is torch.bfloat16
+    with pytest.raises(UserError, match="precision"):
+        training_dtype("fp16", "cpu")
+
+    model = tiny_model()
+    seen = []
+    model.image_decoder.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    features, crops, domains = random_cells(16)
+    loader = DataLoader(TensorDataset(features, crops, domains),
+                        batch_sampler=DomainBalancedBatchSampler(domains.tolist(), batch_size=8, seed=0))
+    before = [p.detach().clone() for p in model.parameters()]
+    means = train_one_epoch(model, loader, torch.optim.Adam(model.parameters()), "cpu", 5.0, 32,
+                            autocast_dtype=torch.bfloat16)
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(value == value and 0 <= value < 10 for value in means.values())
 
 
 def test_count_flops_matches_torch_flop_counter():
