@@ -116,6 +116,8 @@ def run_training(
     samples_seen = 0  # balanced batches re-draw small domains, so an epoch is more than len(dataset)
     if start_epoch:
         reporter.info(f"training: continuing from epoch {start_epoch} of {cfg.epochs} ({folder / 'model.pt'})")
+    if autocast_dtype is not None and rank == 0:
+        reporter.info(f"training: forward pass in bfloat16 on {device} (train.precision: {cfg.precision}; fp32 turns it off)")
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         with reporter.progress(f"epoch {epoch + 1}/{cfg.epochs}", len(sampler) * cfg.batch_size, unit="samples") as bar:
