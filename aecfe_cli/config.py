@@ -89,7 +89,7 @@ class TrainConfig:
     norm_first: bool = False  # true: GroupNorm before ReLU; the paper's ReLU-then-norm plants a spot in images
     image_loss: str = "ssim"  # ssim (the paper) | ssim_l1 (padded SSIM + L1: borders and colour count)
     alignment: str = "paper"  # paper | normalised (distance of latents in batch-std units: no shrinking)
-    # Speed, chosen to meet the time budget of the real triangle (docs/accuracy_notes.md, "Speed").
+    # Speed, chosen to meet the time budget of the real triangle (docs/accuracy_notes.md, "Fourth step").
     # Channels the image decoder reduces the 256-channel feature to before upsampling (0: none, the paper).
     image_bottleneck: int = 64
     precision: str = "auto"  # auto (bfloat16 where the CPU or GPU has it natively) | fp32 | bf16
