@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .config import PRECISIONS
 from .errors import StageError, UserError
 from .io import atomic_path
 
@@ -40,7 +41,6 @@ LOSS_TERMS = ("feature", "image", "align", "total")
 FEATURE_SCALINGS = ("sample", "channel")  # the paper's per-sample min-max, or per-channel standardisation
 IMAGE_LOSSES = ("ssim", "ssim_l1")
 ALIGNMENTS = ("paper", "normalised")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 # (out_channels, kernel, stride) of the paper's layers; the last layer of each part is added separately
 # because its channel count is not a hidden one (latent, feature or RGB) and it has no norm after it.

@@ -71,6 +71,11 @@ class DetectConfig:
             raise UserError(f"max_missing_fraction: expected a fraction from 0 to 1, got {self.max_missing_fraction}")
 
 
+# The autoencoder's training precisions; autoencoder.training_dtype resolves them, this module checks them
+# when the config is read (it stays free of torch so that `aecfe --help` is instant).
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     latent_dim: int = 50
@@ -95,8 +100,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bfloat16 where the CPU or GPU has it natively) | fp32 | bf16
 
     def __post_init__(self):
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise UserError(f"precision: '{self.precision}' is not one of auto, fp32, bf16")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision: '{self.precision}' is not one of {', '.join(PRECISIONS)}")
         if self.image_bottleneck < 0:
             raise UserError(f"image_bottleneck: expected 0 (none) or a channel count, got {self.image_bottleneck}")
 
