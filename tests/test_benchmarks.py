@@ -52,10 +52,15 @@ def test_quick_run_reports_the_stages_it_measured(tmp_path):
     extract = payload["results"]["extract"]
     assert extract["default"]["rate"] > 0 and extract["paper"]["rate"] > 0
     derived = payload["derived"]
-    # Executed FLOPs over the theoretical peak: no stage and no measured kernel can pass it.
-    assert 0 < derived["stages"]["extract"]["default_fraction"] <= 1 and 0 < derived["stages"]["extract"]["paper_fraction"] <= 1
-    assert 0 < derived["kernel_fraction"] <= 1 and derived["above_peak"] == []
+    assert derived["stages"]["extract"]["default_fraction"] > 0 and derived["stages"]["extract"]["paper_fraction"] > 0
+    assert derived["kernel_fraction"] > 0
+    # The bound uses the clock the machine reports; a virtual machine reports its nominal clock and may run
+    # above it (turbo), so a measurement can exceed the bound. The report must then say so, not hide it.
     text = out.read_text()
+    above = derived["kernel_fraction"] > 1 or any(
+        derived["stages"]["extract"][f"{key}_fraction"] > 1 for key in ("default", "paper"))
+    assert bool(derived["above_peak"]) == above
+    assert ("above the theoretical peak" in text) == above
     assert "| extract (cells/s) |" in text and "This is a `--quick` run" in text
     assert "| theoretical float32 peak |" in text and "FMA units" in text
     assert "| detect | not run |" in text and "| memory | ok |" not in text  # parts not asked for: no figures
