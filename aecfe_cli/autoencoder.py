@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import PRECISIONS
 from .errors import StageError, UserError
 from .io import atomic_path
+from .precision import autocast
 
 CHECKPOINT_FORMAT = "aecfe-autoencoder/1"
 FEATURE_SIZE = 14  # side of the RoIAlign feature map the encoder expects
@@ -404,31 +404,6 @@ class DomainBalancedBatchSampler(torch.utils.data.Sampler):
             yield [int(i) for stream, share in zip(streams, self.shares) for i in stream[batch * share : (batch + 1) * share]]
 
 
-def training_dtype(precision: str, device: Device) -> Optional[torch.dtype]:
-    """The autocast dtype of the forward pass for ``precision``, or None for float32 throughout.
-
-    "auto" takes bfloat16 where the device computes it natively (a CPU with AVX512-BF16 or AMX, a CUDA
-    device that supports it) and float32 elsewhere, where bfloat16 would be emulated and slower. bfloat16
-    keeps float32's exponent range, so no loss scaling is needed; weights, optimiser state and the loss
-    stay float32.
-    """
-    if precision not in PRECISIONS:
-        raise UserError(f"precision '{precision}': choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    device = torch.device(device)
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
-        # Private probes of torch's own CPU dispatch; a torch without them is treated as lacking bfloat16.
-        native = device.type == "cpu" and any(
-            getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        )
-    return torch.bfloat16 if native else None
-
-
 def _gradient_norm(model: nn.Module) -> Tensor:
     gradients = [p.grad for p in model.parameters() if p.grad is not None]
     return torch.nn.utils.get_total_norm(gradients)
@@ -449,7 +424,7 @@ def train_one_epoch(
     """Train one pass over ``loader`` (yielding ``(features, crops, domain_ids)``); return the
     sample-weighted mean of every loss term, averaged over all ranks under DDP.
 
-    ``autocast_dtype`` (see :func:`training_dtype`) runs the forward pass in that dtype; the loss is
+    ``autocast_dtype`` (see :func:`aecfe_cli.precision.autocast_dtype`) runs the forward pass in that dtype; the loss is
     computed in float32 on the widened outputs."""
     core = _unwrap(model)
     if core.model_args["image_size"] != image_size:
@@ -461,7 +436,7 @@ def train_one_epoch(
         features, images = prepare_batch(features, crops, image_size, device, core.scale)
         domains = domains.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             outputs = model(features)
         outputs = tuple(output.float() for output in outputs)
         terms = aecfe_loss(outputs, features, images, domains, align_weight, image_loss, alignment)

@@ -36,6 +36,16 @@ class DatasetConfig:
         self.class_map = {str(k): str(v) for k, v in self.class_map.items()}
 
 
+# The networks' precisions (detector and autoencoder); precision.autocast_dtype resolves them, this module
+# checks them when the config is read (it stays free of torch so that `aecfe --help` is instant).
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _check_precision(value: str) -> None:
+    if value not in PRECISIONS:
+        raise UserError(f"precision: '{value}' is not one of {', '.join(PRECISIONS)}")
+
+
 @dataclass
 class DetectConfig:
     backbone: str = "resnet18_fpn"  # resnet18_fpn (CPU default) | resnet34_fpn | resnet50_fpn | resnet101_fpn
@@ -61,6 +71,9 @@ class DetectConfig:
     # each dataset's CIELAB means and deviations onto one reference (Reinhard), "image" each image's own,
     # "none" keeps the colours. Off until benchmarks/accuracy.py shows it helps on real labs.
     stain_norm: str = "none"
+    # Speed: "auto" trains the detector, and runs its backbone, FPN and RPN at detection, in bfloat16 where
+    # the CPU or GPU computes it natively (docs/accuracy_notes.md, "Fifth step"); fp32 everywhere else.
+    precision: str = "auto"  # auto | fp32 | bf16
     weights: Optional[str] = None  # a Mask R-CNN state dict to use instead of training one
     init_weights: Optional[str] = None  # a torchvision COCO Mask R-CNN or ImageNet ResNet to fine-tune from
     annotations: Optional[str] = None  # VOC folder or COCO JSON to train the detector on
@@ -69,11 +82,7 @@ class DetectConfig:
     def __post_init__(self):
         if not 0 <= self.max_missing_fraction <= 1:
             raise UserError(f"max_missing_fraction: expected a fraction from 0 to 1, got {self.max_missing_fraction}")
-
-
-# The autoencoder's training precisions; autoencoder.training_dtype resolves them, this module checks them
-# when the config is read (it stays free of torch so that `aecfe --help` is instant).
-PRECISIONS = ("auto", "fp32", "bf16")
+        _check_precision(self.precision)
 
 
 @dataclass
@@ -100,8 +109,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bfloat16 where the CPU or GPU has it natively) | fp32 | bf16
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision: '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+        _check_precision(self.precision)
         if self.image_bottleneck < 0:
             raise UserError(f"image_bottleneck: expected 0 (none) or a channel count, got {self.image_bottleneck}")
 
@@ -158,7 +166,7 @@ class RuntimeConfig:
 PRESETS: dict[str, dict] = {
     "paper": {
         "detect": {"backbone": "resnet101_fpn", "min_size": 900, "max_size": 1024, "score_threshold": 0.7,
-                   "stain_norm": "none"},
+                   "stain_norm": "none", "precision": "fp32"},
         "train": {"image_size": 128, "width": 1.0, "epochs": 150, "batch_size": 500, "lr": 0.001,
                   "align_weight": 5.0, "feature_scaling": "sample", "norm_first": False, "image_loss": "ssim",
                   "alignment": "paper", "image_bottleneck": 0, "precision": "fp32"},

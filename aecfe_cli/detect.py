@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import annotations, colour, pseudo_labels
+from . import annotations, colour, precision, pseudo_labels
 from . import detector as net
 from . import detector_training as training
 from .config import DetectConfig
@@ -32,8 +32,8 @@ INSTANCE_COLUMNS = ("instance_id", "image", "dataset", "label", "x0", "y0", "x1"
 FEATURE_SHAPE = (256, 14, 14)
 # Keys that decide how the detector is built and trained; the rest only affect detection.
 DETECTOR_KEYS = ("backbone", "min_size", "max_size", "train_images", "train_epochs", "train_steps", "train_batch_size",
-                 "train_lr", "stain_norm")
-DETECTION_KEYS = ("score_threshold", "crop_size", "all_cells", "chunk_images", "stain_norm")
+                 "train_lr", "stain_norm", "precision")
+DETECTION_KEYS = ("score_threshold", "crop_size", "all_cells", "chunk_images", "stain_norm", "precision")
 # Images a dataset's stain statistics are measured on: evenly spaced over the dataset, so every process
 # of a sharded run measures the same ones; 64 images hold millions of pixels, plenty for 6 numbers.
 STAIN_SAMPLE_IMAGES = 64
@@ -78,6 +78,7 @@ def obtain_detector(
         return net.load_detector(folder / "model.pt", device), read_manifest(folder)
     invalidate(folder)
     started = time.perf_counter()
+    autocast_dtype = precision.autocast_dtype(cfg.precision, device)
     if cfg.weights:
         reporter.info(f"detector: loading weights from {cfg.weights}")
         model = net.load_detector(Path(cfg.weights), device, backbone_hint=cfg.backbone)
@@ -126,6 +127,7 @@ def obtain_detector(
                 device=device,
                 seed=seed,
                 on_step=lambda step, total, terms: bar.advance(1, loss=float(sum(terms.values()))),
+                autocast_dtype=autocast_dtype,
             )
         how["samples"] = len(samples)
     net.save_detector(folder / "model.pt", model)
@@ -142,7 +144,8 @@ def obtain_detector(
         outputs=["model.pt", "config.json"],
         counts={"training_steps": len(losses)},
         timings={"seconds": round(time.perf_counter() - started, 2)},
-        extra={"obtained": how, "final_loss": losses[-1] if losses else None},
+        extra={"obtained": how, "final_loss": losses[-1] if losses else None,
+               "precision": precision.name(autocast_dtype) if losses else None},
     )
     model.eval()
     return model, manifest
@@ -282,8 +285,8 @@ def _detect_chunk(dataset, k, model, cfg, stain, parts, device, bar, strict) -> 
                 if strict:
                     raise UserError(f"{exc}; remove or fix the file, or run without --strict") from None
                 unreadable.append(str(exc))
-        results = net.detect(model, images, device, score_threshold=cfg.score_threshold,
-                             central_only=not cfg.all_cells) if images else []
+        results = net.detect(model, images, device, score_threshold=cfg.score_threshold, central_only=not cfg.all_cells,
+                             autocast_dtype=precision.autocast_dtype(cfg.precision, device)) if images else []
         for record, image, kept in zip(batch, images, results):
             if not kept:
                 missed.append(record.rel)
@@ -326,7 +329,7 @@ def _merge(dataset, parts, folder, expected, cfg, stain, device, seconds, images
         timings={"seconds": round(seconds, 2),
                  "images_per_second": round(images_done / seconds, 2) if seconds > 0 and images_done else None},
         extra={"no_detection": missed, "unreadable": unreadable, "skipped": dataset.skipped,
-               "stain_norm": cfg.stain_norm,
+               "stain_norm": cfg.stain_norm, "precision": precision.name(precision.autocast_dtype(cfg.precision, device)),
                "lab_statistics": None if stain is None else np.round(stain, 3).tolist(),
                "warnings": [warning] if warning else []},
     )

@@ -16,6 +16,7 @@ largest and least informative difference between laboratories.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from torch import nn
 from .colour import white_balance_pixels
 from .errors import StageError, UserError
 from .io import atomic_path
+from .precision import autocast
 
 BACKBONES = ("resnet18_fpn", "resnet34_fpn", "resnet50_fpn", "resnet101_fpn")
 CHECKPOINT_FORMAT = "aecfe-detector/1"
@@ -351,7 +353,7 @@ class Detection:
 
 
 def detect(model, images: Sequence[np.ndarray], device, score_threshold: float = 0.5,
-           central_only: bool = False) -> list[list[Detection]]:
+           central_only: bool = False, autocast_dtype: Optional[torch.dtype] = None) -> list[list[Detection]]:
     """Detect white cells in (H, W, 3) uint8 images; one list of detections per image, by score.
 
     ``score_threshold`` replaces the model's box score threshold for this call. ``central_only`` keeps
@@ -362,6 +364,10 @@ def detect(model, images: Sequence[np.ndarray], device, score_threshold: float =
     The forward pass is torchvision's eval path, split between the box and mask branches: the instance
     feature is the mask branch's RoIAlign (``roi_heads.mask_roi_pool``) of the final boxes, in the
     resized image's coordinates.
+
+    ``autocast_dtype`` (see ``precision.autocast_dtype``) runs the backbone, FPN and RPN under autocast,
+    the bulk of the FLOPs. The box and mask heads and RoIAlign get float32 features and proposals, so the
+    final boxes, scores, masks and stored features are computed in float32 from there.
     """
     from torchvision.models.detection.roi_heads import maskrcnn_inference
     from torchvision.models.detection.transform import resize_boxes
@@ -382,8 +388,11 @@ def detect(model, images: Sequence[np.ndarray], device, score_threshold: float =
                 batch = [_as_input(image, white_balance).to(device) for image in images[start:start + DETECT_BATCH]]
                 original_sizes = [tuple(tensor.shape[-2:]) for tensor in batch]
                 resized, _ = model.transform(batch)
-                features = model.backbone(resized.tensors)
-                proposals, _ = model.rpn(resized, features)
+                with autocast(device, autocast_dtype):
+                    features = model.backbone(resized.tensors)
+                    proposals, _ = model.rpn(resized, features)
+                features = OrderedDict((level, value.float()) for level, value in features.items())
+                proposals = [proposal.float() for proposal in proposals]
                 box_features = heads.box_head(heads.box_roi_pool(features, proposals, resized.image_sizes))
                 boxes, scores, labels = heads.postprocess_detections(*heads.box_predictor(box_features), proposals,
                                                                      resized.image_sizes)

@@ -15,6 +15,7 @@ from .colour import background_colour, stain_jitter, stain_normalised, white_bal
 from .detector import detector_args
 from .errors import StageError, UserError
 from .images import UnreadableImage, load_rgb
+from .precision import autocast
 from .pseudo_labels import mask_from_box
 
 SCALE_JITTER = (0.6, 2.5)  # training zoom relative to the detection scale; wide because labs' optics differ
@@ -44,6 +45,7 @@ def train_detector(
     stain_norm: str = "none",
     train_size: Optional[int] = None,
     on_step: Optional[Callable[[int, int, dict], None]] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> list[float]:
     """Train in place for ``training_steps(...)`` steps; return the total loss of every step.
 
@@ -57,6 +59,10 @@ def train_detector(
 
     AdamW (weight decay 1e-4), linear warm-up then cosine decay, gradients clipped at norm 10: from
     random weights, adaptive steps converge in the few hundred steps a CPU affords; lr ~1e-3 suits it.
+
+    ``autocast_dtype`` (see ``precision.autocast_dtype``) runs the whole forward pass, heads and losses
+    included, under autocast, as torchvision's detection references do with ``--amp``; the summed loss,
+    weights and optimiser state are float32. On a CPU with AMX it halves the step time.
     """
     if epochs < 1 or batch_size < 1 or not lr > 0 or min_steps < 0:
         raise UserError(f"detector training needs epochs >= 1, batch size >= 1, lr > 0 and steps >= 0 "
@@ -102,8 +108,9 @@ def train_detector(
                     image, target = _augmented_view(prepared[index], canvas, args["white_balance"], rng)
                     images.append(image.to(device))
                     targets.append({key: value.to(device) for key, value in target.items()})
-                terms = model(images, targets)
-                loss = sum(terms.values())
+                with autocast(device, autocast_dtype):
+                    terms = model(images, targets)
+                loss = sum(term.float() for term in terms.values())
                 if not torch.isfinite(loss):
                     raise StageError(f"detector training diverged at step {len(losses) + 1} "
                                      f"(loss {float(loss)}); use a lower learning rate")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import autoencoder as ae
+from . import precision
 from .config import TrainConfig
 from .errors import UserError
 from .io import iter_npy_blocks, read_npy, write_csv, write_figure
@@ -99,7 +100,7 @@ def run_training(
     torch.manual_seed(seed)
     model = ae.AECFE(FEATURE_CHANNELS, cfg.latent_dim, cfg.image_size, cfg.width, cfg.feature_scaling,
                      cfg.norm_first, cfg.image_bottleneck)
-    autocast_dtype = ae.training_dtype(cfg.precision, device)
+    autocast_dtype = precision.autocast_dtype(cfg.precision, device)
     model.fit_feature_scaling(block for directory in detect_dirs
                               for block in iter_npy_blocks(Path(directory) / "roi_features.npy", 512))
     model.to(device)
@@ -157,7 +158,7 @@ def run_training(
         timings={"seconds_this_run": round(seconds, 2),
                  "samples_per_second": round(samples_seen / seconds, 1) if seconds > 0 and samples_seen else None},
         extra={"datasets": list(names), "anchor": names[0], "flops_per_sample": ae.count_flops(core),
-               "precision": "bf16" if autocast_dtype == torch.bfloat16 else "fp32",
+               "precision": precision.name(autocast_dtype),
                "final_loss": history[-1] if history else None},
     )
 

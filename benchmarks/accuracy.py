@@ -72,6 +72,7 @@ LEVERS: dict[str, dict] = {
     # The two speed settings of the default, each taken back alone: what does the time budget cost?
     "no_bottleneck": {"train": {"image_bottleneck": 0}},
     "fp32": {"train": {"precision": "fp32"}},
+    "detector_fp32": {"detect": {"precision": "fp32"}},
 }
 ALL_LEVERS: dict[str, dict] = {}
 for _name in ("stain_norm", "channel_scaling", "norm_first", "ssim_l1", "normalised_alignment", "feature_norm"):

@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aecfe_cli import detector as net  # noqa: E402
-from aecfe_cli import annotations, pseudo_labels  # noqa: E402
+from aecfe_cli import annotations, precision, pseudo_labels  # noqa: E402
+from aecfe_cli.config import PRECISIONS  # noqa: E402
 from aecfe_cli import detector_training as training  # noqa: E402
 from aecfe_cli.masks import box_iou, mask_box, mask_iou  # noqa: E402
 from aecfe_cli.images import load_rgb  # noqa: E402
@@ -62,6 +63,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="detector training and detection, as detect.precision (auto: bfloat16 where native)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--save-models", type=Path, default=None, help="folder to keep the trained detectors in")
     parser.add_argument("--out", type=Path, default=None,
@@ -72,6 +75,7 @@ def main() -> int:
         print(f"skipped: real data folder {DATA.resolve()} is absent")
         return 0
     torch.set_num_threads(args.threads)
+    args.autocast_dtype = precision.autocast_dtype(args.precision, "cpu")
     if args.out is None and not args.quick:
         args.out = RESULTS
     results = json.loads(args.out.read_text()) if args.out and args.out.is_file() else {}
@@ -104,7 +108,7 @@ def part_a(args) -> dict:
     model, training = train_model(args, train, args.epochs_a, "a")
     images = [load_rgb(s.image_path) for s in test]
     started = time.perf_counter()
-    found = net.detect(model, images, "cpu", score_threshold=AP_SCORE_FLOOR)
+    found = net.detect(model, images, "cpu", score_threshold=AP_SCORE_FLOOR, autocast_dtype=args.autocast_dtype)
     detect_seconds = time.perf_counter() - started
     ap50 = average_precision([s.boxes for s in test], found, iou_threshold=0.5)
     instance_ious, image_ious = [], []
@@ -178,7 +182,7 @@ def part_b(args) -> dict:
 
     model, training = train_model(args, samples, args.epochs_b, "b")
     started = time.perf_counter()
-    found = net.detect(model, images, "cpu", score_threshold=0.5)
+    found = net.detect(model, images, "cpu", score_threshold=0.5, autocast_dtype=args.autocast_dtype)
     detect_seconds = time.perf_counter() - started
     ious, box_ious, any_found = [], [], 0
     for image, truth, detections in zip(images, truths, found):
@@ -246,7 +250,8 @@ def train_model(args, samples, epochs: float, part: str):
                   + f"  {elapsed:.0f}s", flush=True)
 
     losses = training.train_detector(model, subset, epochs=whole_epochs, batch_size=args.batch_size, lr=args.lr,
-                                device="cpu", seed=args.seed, train_size=args.train_size, on_step=report)
+                                device="cpu", seed=args.seed, train_size=args.train_size, on_step=report,
+                                autocast_dtype=args.autocast_dtype)
     seconds = time.perf_counter() - started
     if args.save_models:
         net.save_detector(args.save_models / f"detector_{part}.pt", model)
@@ -261,6 +266,7 @@ def train_model(args, samples, epochs: float, part: str):
         "optimizer": "AdamW wd 1e-4, warm-up + cosine, grad-norm clip 10",
         "scale_jitter": list(training.SCALE_JITTER),
         "seed": args.seed,
+        "precision": precision.name(args.autocast_dtype),
         "seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / max(1, len(losses)), 2),
         "first_loss": round(losses[0], 4),

@@ -25,9 +25,9 @@ from aecfe_cli.autoencoder import (
     scale_features,
     ssim,
     train_one_epoch,
-    training_dtype,
 )
 from aecfe_cli.errors import StageError, UserError
+from aecfe_cli.precision import autocast_dtype
 from conftest import CreatesMarkerWhenUnpickled
 
 TINY = {"width": 0.25, "image_size": 32}
@@ -96,15 +96,15 @@ def test_image_bottleneck_cuts_the_image_decoder_and_keeps_shapes(tmp_path):
 
 
 def test_bfloat16_training_runs_the_forward_in_bfloat16_and_keeps_float32_weights(monkeypatch):
-    assert training_dtype("fp32", "cpu") is None
-    assert training_dtype("bf16", "cpu") is torch.bfloat16
+    assert autocast_dtype("fp32", "cpu") is None
+    assert autocast_dtype("bf16", "cpu") is torch.bfloat16
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert training_dtype("auto", "cpu") is None  # emulated bfloat16 would be slower than float32
+    assert autocast_dtype("auto", "cpu") is None  # emulated bfloat16 would be slower than float32
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert training_dtype("auto", "cpu") is torch.bfloat16
+    assert autocast_dtype("auto", "cpu") is torch.bfloat16
     with pytest.raises(UserError, match="precision"):
-        training_dtype("fp16", "cpu")
+        autocast_dtype("fp16", "cpu")
 
     model = tiny_model()
     seen = []

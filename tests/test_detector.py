@@ -172,6 +172,29 @@ def test_central_only_detection_is_the_central_detection_of_the_full_pass(traine
     assert net.detect(model, images[:1], "cpu", score_threshold=1.01, central_only=True) == [[]]
 
 
+def test_bfloat16_trains_and_detects_with_a_bfloat16_trunk_and_float32_results(samples, images):
+    """detect.precision bf16: training runs the network in bfloat16 and keeps float32 weights; detection
+    runs the backbone in bfloat16 and hands float32 features to the heads, so what it returns is float32."""
+    torch.manual_seed(0)
+    model = net.build_detector("resnet18_fpn", **TINY)
+    trunk_dtypes = []
+    model.backbone.body.register_forward_hook(lambda module, inputs, output: trunk_dtypes.append(output["0"].dtype))
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = training.train_detector(model, samples[:2], epochs=1, batch_size=2, lr=1e-3, device="cpu", seed=0,
+                                     train_size=64, autocast_dtype=torch.bfloat16)
+    assert trunk_dtypes == [torch.bfloat16] and all(math.isfinite(loss) for loss in losses)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    found = net.detect(model, images[:2], "cpu", score_threshold=0.0, autocast_dtype=torch.bfloat16)
+    net.detect(model, images[:1], "cpu", score_threshold=0.0)
+    assert trunk_dtypes[1:] == [torch.bfloat16, torch.float32]
+    assert all(found)
+    for detections in found:
+        for d in detections:
+            assert d.roi_feature.dtype == np.float32 and d.box.dtype == np.float32 and np.isfinite(d.roi_feature).all()
+
+
 def test_select_central_prefers_the_detection_nearest_the_centre():
     def detection(box, score):
         return net.Detection(np.array(box, np.float32), score, np.zeros((100, 100), bool),
