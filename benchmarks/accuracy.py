@@ -72,7 +72,8 @@ LEVERS: dict[str, dict] = {
     # The two speed settings of the default, each taken back alone: what does the time budget cost?
     "no_bottleneck": {"train": {"image_bottleneck": 0}},
     "fp32": {"train": {"precision": "fp32"}},
-    "detector_fp32": {"detect": {"precision": "fp32"}},
+    # The detector in bfloat16 (detect.precision): 6 minutes less on the triangle, at what cost?
+    "detector_bf16": {"detect": {"precision": "bf16"}},
 }
 ALL_LEVERS: dict[str, dict] = {}
 for _name in ("stain_norm", "channel_scaling", "norm_first", "ssim_l1", "normalised_alignment", "feature_norm"):

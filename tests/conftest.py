@@ -101,6 +101,9 @@ train:
   epochs: 2
   batch_size: 16
   sample_every: 1
+  # "auto" would pick bfloat16 on CPUs with AMX or AVX512-BF16 only: the tiny pipelines must give the same
+  # numbers on every machine the suite runs on. The bfloat16 path has its own tests and `aecfe demo`'s.
+  precision: fp32
 evaluate:
   baselines: true
 """
