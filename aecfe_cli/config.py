@@ -72,8 +72,8 @@ class DetectConfig:
     # "none" keeps the colours. Off until benchmarks/accuracy.py shows it helps on real labs.
     stain_norm: str = "none"
     # bf16 (or auto: bfloat16 where the CPU or GPU computes it natively) trains the detector and runs its
-    # backbone, FPN and RPN in bfloat16: 6 minutes less on the real triangle, but the autoencoder's latent came
-    # out worse on all three seeds measured, so the default stays float32 (docs/accuracy_notes.md, "Fifth step").
+    # backbone, FPN and RPN in bfloat16: 6 minutes less on the real triangle, but lower accuracy on the mean of
+    # three seeds (the latent most), so the default stays float32 (docs/accuracy_notes.md, "Fifth step").
     precision: str = "fp32"  # fp32 | auto | bf16
     weights: Optional[str] = None  # a Mask R-CNN state dict to use instead of training one
     init_weights: Optional[str] = None  # a torchvision COCO Mask R-CNN or ImageNet ResNet to fine-tune from
