@@ -247,10 +247,11 @@ def run_detection(
         reporter.info(f"{dataset.name}: resuming, {len(chunks) - len(todo)} of {len(chunks)} chunks already done")
     started = time.perf_counter()
     stain = stain_statistics([r.path for r in dataset.records], cfg.stain_norm)
+    autocast_dtype = precision.autocast_dtype(cfg.precision, device)  # resolved once: every chunk and the manifest agree
     total = sum(len(dataset.records[k * chunk:(k + 1) * chunk]) for k in todo)
     with reporter.progress(f"detecting {dataset.name}", total, unit="img") as bar:
         for k in todo:
-            _detect_chunk(dataset, k, model, cfg, stain, parts, device, bar, strict)
+            _detect_chunk(dataset, k, model, cfg, stain, autocast_dtype, parts, device, bar, strict)
     seconds = time.perf_counter() - started
     every = range(-(-len(dataset.records) // chunk))
     if shard != (0, 1):
@@ -260,7 +261,7 @@ def run_detection(
     missing = [k for k in every if not (parts / f"part_{k:05d}.json").is_file()]
     if missing:  # another process removed or never finished them: a plain run does every chunk itself
         raise StageError(f"{parts}: chunks {missing[:5]} are missing after detection; run the command again")
-    return _merge(dataset, parts, folder, expected, cfg, stain, device, seconds, total)
+    return _merge(dataset, parts, folder, expected, cfg, stain, autocast_dtype, device, seconds, total)
 
 
 def _reset_parts_if_changed(parts: Path, expected: str) -> None:
@@ -272,7 +273,7 @@ def _reset_parts_if_changed(parts: Path, expected: str) -> None:
     marker.write_text(expected)
 
 
-def _detect_chunk(dataset, k, model, cfg, stain, parts, device, bar, strict) -> None:
+def _detect_chunk(dataset, k, model, cfg, stain, autocast_dtype, parts, device, bar, strict) -> None:
     records = dataset.records[k * cfg.chunk_images:(k + 1) * cfg.chunk_images]
     rows, features, crops, unreadable, missed = [], [], [], [], []
     for start in range(0, len(records), cfg.batch_size):
@@ -286,7 +287,7 @@ def _detect_chunk(dataset, k, model, cfg, stain, parts, device, bar, strict) -> 
                     raise UserError(f"{exc}; remove or fix the file, or run without --strict") from None
                 unreadable.append(str(exc))
         results = net.detect(model, images, device, score_threshold=cfg.score_threshold, central_only=not cfg.all_cells,
-                             autocast_dtype=precision.autocast_dtype(cfg.precision, device)) if images else []
+                             autocast_dtype=autocast_dtype) if images else []
         for record, image, kept in zip(batch, images, results):
             if not kept:
                 missed.append(record.rel)
@@ -304,7 +305,7 @@ def _detect_chunk(dataset, k, model, cfg, stain, parts, device, bar, strict) -> 
     write_json(parts / f"part_{k:05d}.json", {"rows": rows, "unreadable": unreadable, "no_detection": missed})
 
 
-def _merge(dataset, parts, folder, expected, cfg, stain, device, seconds, images_done) -> dict:
+def _merge(dataset, parts, folder, expected, cfg, stain, autocast_dtype, device, seconds, images_done) -> dict:
     metas = [read_json(p) for p in sorted(parts.glob("part_*.json"))]
     roi_parts = sorted(parts.glob("part_*_roi.npy"))
     crop_parts = sorted(parts.glob("part_*_crops.npy"))
@@ -329,7 +330,7 @@ def _merge(dataset, parts, folder, expected, cfg, stain, device, seconds, images
         timings={"seconds": round(seconds, 2),
                  "images_per_second": round(images_done / seconds, 2) if seconds > 0 and images_done else None},
         extra={"no_detection": missed, "unreadable": unreadable, "skipped": dataset.skipped,
-               "stain_norm": cfg.stain_norm, "precision": precision.name(precision.autocast_dtype(cfg.precision, device)),
+               "stain_norm": cfg.stain_norm, "precision": precision.name(autocast_dtype),
                "lab_statistics": None if stain is None else np.round(stain, 3).tolist(),
                "warnings": [warning] if warning else []},
     )

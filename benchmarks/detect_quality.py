@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from aecfe_cli import detector as net  # noqa: E402
 from aecfe_cli import annotations, precision, pseudo_labels  # noqa: E402
-from aecfe_cli.config import PRECISIONS  # noqa: E402
+from aecfe_cli.config import PRECISIONS, DetectConfig  # noqa: E402
 from aecfe_cli import detector_training as training  # noqa: E402
 from aecfe_cli.masks import box_iou, mask_box, mask_iou  # noqa: E402
 from aecfe_cli.images import load_rgb  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+    parser.add_argument("--precision", default=DetectConfig.precision, choices=PRECISIONS,
                         help="detector training and detection, as detect.precision (auto: bfloat16 where native)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--save-models", type=Path, default=None, help="folder to keep the trained detectors in")
