@@ -80,7 +80,7 @@ for _name in ("stain_norm", "channel_scaling", "norm_first", "ssim_l1", "normali
     for _section, _values in LEVERS[_name].items():
         ALL_LEVERS.setdefault(_section, {}).update(_values)
 VARIANTS: dict[str, dict] = {"default": {}, **{f"default+{k}": v for k, v in LEVERS.items()}, "all_levers": ALL_LEVERS}
-QUICK = {"detect": {"train_steps": 30, "train_images": 120}, "train": {"epochs": 4}}
+QUICK = {"detect": {"train_steps": 120, "train_images": 120}, "train": {"epochs": 4}}
 CV_FOLDS, CV_REPEATS = 5, 2
 SPREAD_REPEATS = 3
 PARTS = ("latent", "morphology")  # columns of the learned features scored alone, not baselines
