@@ -22,6 +22,10 @@ DIGITS = 6
 # sampling noise (one cell has no spread at all: a single PBC cell against PBC itself "shifted" up to 51
 # of 86 columns), so such a dataset takes no part in choosing columns.
 MIN_CELLS_FOR_SHIFT = 30
+# Self-training labels at most this share of each predicted class of the target (its most confident cells):
+# the least confident fifth lies where the source's boundaries cut through the target's clusters and is the
+# likeliest to be wrong (docs/accuracy_notes.md, sixth step, for the shares tried).
+SELF_TRAINING_SHARE = 0.8
 
 
 def make_classifier(name: str, seed: int) -> BaseEstimator:
@@ -38,6 +42,54 @@ def make_classifier(name: str, seed: int) -> BaseEstimator:
     raise UserError(
         f"unknown classifier '{name}'{did_you_mean(name, CLASSIFIERS)}; choose one of {', '.join(CLASSIFIERS)}"
     )
+
+
+def fit_classifier(
+    name: str, seed: int, features: np.ndarray, labels: np.ndarray, target: np.ndarray | None = None, rounds: int = 0
+) -> BaseEstimator:
+    """A classifier fitted on ``features`` and ``labels``, then adapted to the unlabelled ``target`` cells
+    by ``rounds`` rounds of self-training (0, or no ``target``: the plain fit).
+
+    Each round labels the target with the current model and refits on the source cells plus, per predicted
+    class, the target's most confident cells under their predicted label; the share taken grows over the
+    rounds to :data:`SELF_TRAINING_SHARE`. The classifier then draws its boundaries where the target's own
+    cells are sparse, not only where the source's are: a stain that moves a whole class of the new lab
+    towards another class of the source moves the confident core of that class less than its edge. No
+    target label is used, so ``predict`` on a new lab adapts exactly as ``evaluate`` does on a labelled one.
+    """
+    check_self_training(rounds)
+    model = make_classifier(name, seed).fit(features, labels)
+    if target is None or len(target) == 0:
+        return model
+    for round_number in range(1, rounds + 1):
+        predicted, confidence = _predictions_and_confidence(model, target)
+        share = SELF_TRAINING_SHARE * round_number / rounds
+        chosen = []
+        for cls in np.unique(predicted):
+            members = np.flatnonzero(predicted == cls)
+            count = max(1, int(round(share * len(members))))
+            chosen.append(members[np.argsort(-confidence[members], kind="stable")[:count]])
+        chosen = np.concatenate(chosen)
+        model = make_classifier(name, seed).fit(np.concatenate([features, target[chosen]]),
+                                                np.concatenate([np.asarray(labels), predicted[chosen]]))
+    return model
+
+
+def check_self_training(rounds: int) -> None:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise UserError(f"evaluate.self_training is {rounds!r}: use 0 (off) or a whole number of rounds")
+
+
+def _predictions_and_confidence(model: BaseEstimator, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted classes and a confidence to rank them by: the class probability, or for a model without
+    probabilities (the linear SVM) the decision value of the predicted class."""
+    if hasattr(model, "predict_proba"):
+        scores = model.predict_proba(features)
+    else:
+        scores = model.decision_function(features)
+        if scores.ndim == 1:  # two classes: one signed margin
+            scores = np.stack([-scores, scores], axis=1)
+    return np.asarray(model.classes_)[scores.argmax(axis=1)], scores.max(axis=1)
 
 
 def normalise_features(features: np.ndarray, mode: str) -> np.ndarray:

@@ -138,6 +138,10 @@ class EvaluateConfig:
     # null keeps all (the paper), as does a source or target of fewer than 30 cells (classify.MIN_CELLS_FOR_SHIFT).
     # 1.5 raised the real cross-lab mean (docs/accuracy.md).
     max_shift: Optional[float] = 1.5
+    # Rounds of label-free self-training of each target's classifier on that target's own cells (evaluate and
+    # predict; aecfe_cli/classify.py, fit_classifier): the forest refits on the source plus the target cells it
+    # labels most confidently. Every method, baselines included, gets it alike. 0 is off (the paper).
+    self_training: int = 0
 
 
 @dataclass
@@ -172,7 +176,7 @@ PRESETS: dict[str, dict] = {
                   "align_weight": 5.0, "feature_scaling": "sample", "norm_first": False, "image_loss": "ssim",
                   "alignment": "paper", "image_bottleneck": 0, "precision": "fp32"},
         "extract": {"morphology": False},
-        "evaluate": {"classifier": "random_forest", "max_shift": None},
+        "evaluate": {"classifier": "random_forest", "max_shift": None, "self_training": 0},
     },
 }
 

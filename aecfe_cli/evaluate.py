@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import BASELINES, baseline_features, fit_projection, lab_statistics
-from .classify import dropped_column_names, make_classifier, normalise_features, score, stable_columns
+from .classify import check_self_training, dropped_column_names, fit_classifier, make_classifier, normalise_features, score, stable_columns
 from .errors import UserError
 from .evaluate_report import plot_confusion, plot_embedding, render_markdown
 from .feature_sets import (
@@ -73,6 +73,7 @@ def run_evaluation(
     baselines: bool = True,
     feature_norm: str = "none",
     max_shift: float | None = None,
+    self_training: int = 0,
 ) -> dict:
     """Run the protocol, write report.json/.md, split.csv and the figures into ``out_dir``; return the report.
 
@@ -86,12 +87,15 @@ def run_evaluation(
     and ``dropped_columns`` (per target, the learned-feature columns left out of its classifier as shifted
     between the source and that target: :func:`classify.stable_columns`; the parts lose them too). Each
     target's columns depend on the source and that target alone, so its score does not change with the
-    other targets of the command, and ``predict`` on the same cells gives the same labels.
+    other targets of the command, and ``predict`` on the same cells gives the same labels. ``self_training``:
+    rounds of label-free adaptation of each target's classifier to that target's cells
+    (:func:`classify.fit_classifier`), for every method alike; the in-domain score stays a plain fit.
     """
     out_dir = Path(out_dir)
     make_classifier(classifier, seed)  # fail on a bad name before any work
     normalise_features(np.zeros((1, 1)), feature_norm)  # likewise for the normalisation
     stable_columns([np.zeros((1, 1))], max_shift)  # and for max_shift
+    check_self_training(self_training)  # and for self_training
     _check_target_names(source, targets)
     level, source_y, target_ys, classes_per_target = compare_classes(
         source.name, source.labels, {target.name: target.labels for target in targets}, labels_mode)
@@ -112,7 +116,7 @@ def run_evaluation(
     results = {}
     for method in methods:
         results[method.key] = _evaluate_method(
-            method, source_y, target_ys, classes_per_target, train_idx, test_idx, classifier, seed
+            method, source_y, target_ys, classes_per_target, train_idx, test_idx, classifier, seed, self_training
         )
 
     report = {
@@ -138,6 +142,7 @@ def run_evaluation(
         "seed": seed,
         "feature_norm": feature_norm,
         "max_shift": max_shift,
+        "self_training": self_training,
         "dropped_columns": {name: dropped_column_names(source.columns, keep) for name, keep in normalised.keep.items()},
     }
     if baselines_note:
@@ -312,15 +317,17 @@ def _evaluate_method(
     test_idx: np.ndarray,
     classifier: str,
     seed: int,
+    self_training: int = 0,
 ) -> dict:
     every_column = np.ones(method.source.shape[1], bool)
-    models = {}  # one classifier per set of columns: targets that keep the same columns share it
+    models = {}  # one classifier per set of columns (and target, when it adapts): targets alike share it
 
-    def fitted(columns: np.ndarray):
-        if columns.tobytes() not in models:
-            models[columns.tobytes()] = make_classifier(classifier, seed).fit(
-                method.source[train_idx][:, columns], source_y[train_idx])
-        return models[columns.tobytes()]
+    def fitted(columns: np.ndarray, target: np.ndarray | None = None, target_name: str = ""):
+        key = (columns.tobytes(), target_name if self_training and target is not None else "")
+        if key not in models:
+            models[key] = fit_classifier(classifier, seed, method.source[train_idx][:, columns], source_y[train_idx],
+                                         target=target, rounds=self_training)
+        return models[key]
 
     test_y = source_y[test_idx]
     in_domain = score(test_y, fitted(every_column).predict(method.source[test_idx]), sorted(set(test_y.tolist())))
@@ -329,8 +336,10 @@ def _evaluate_method(
         columns = method.keep.get(name, every_column)
         compared = classes_per_target[name]["compared"]
         scored = np.isin(target_ys[name], compared)
-        cross_domain[name] = score(target_ys[name][scored], fitted(columns).predict(features[scored][:, columns]),
-                                   compared)
+        # Self-training adapts to all of the target's cells, as predict does: which cells belong to the
+        # compared classes is known from labels only.
+        model = fitted(columns, features[:, columns], name)
+        cross_domain[name] = score(target_ys[name][scored], model.predict(features[scored][:, columns]), compared)
     return {"in_domain": in_domain, "targets": cross_domain}
 
 

@@ -227,6 +227,7 @@ def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset])
         baselines=cfg.baselines,
         feature_norm=cfg.feature_norm,
         max_shift=cfg.max_shift,
+        self_training=cfg.self_training,
     )
     files = report["files"]
     outputs = ["report.json", files["report"], files["split"], files["embedding"], *files["confusion"].values()]
@@ -320,7 +321,8 @@ def prediction_fingerprint(session: Session, training: Sequence[str], inputs: di
     """predict depends on evaluate's classifier settings (it refits that classifier) and its own section."""
     cfg = session.config
     settings = {"evaluate": {key: getattr(cfg.evaluate, key)
-                             for key in ("classifier", "labels", "split_seed", "feature_norm", "max_shift")},
+                             for key in ("classifier", "labels", "split_seed", "feature_norm", "max_shift",
+                                         "self_training")},
                 "predict": dataclasses.asdict(cfg.predict), "training_datasets": list(training)}
     return fingerprint("predict", settings, session.seed, inputs)
 
@@ -343,7 +345,7 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
     if repeated:
         raise UserError(f"--data {', '.join(repeated)} given more than once")
     cfg = session.config
-    predict.check_settings(cfg.predict, cfg.evaluate.classifier)
+    predict.check_settings(cfg.predict, cfg.evaluate)
     model = current_model(session, [source, *datasets])
     training = list(model[1]["datasets"])
     source_manifest = ensure_features(session, source, model)
@@ -355,7 +357,9 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
             raise UserError(f"dataset '{dataset.name}': no cell was detected in any of its {images} images "
                             f"({dataset.root}); check that they are blood-cell images, or lower detect.score_threshold")
     source_cells = source_errors = None
-    fits = {}  # datasets that keep the same columns share one fitted classifier and its calibration
+    # Datasets that keep the same columns share one fitted classifier and its calibration, unless it adapts to
+    # each dataset's own cells (evaluate.self_training).
+    fits = {}
     summaries = []
     for dataset in datasets:
         features_manifest = features_manifests[dataset.name]
@@ -380,10 +384,10 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
         started = time.perf_counter()
         cells = load_feature_set(session.workdir.root, dataset.name)
         columns = predict.classifier_columns(source_cells, cells, cfg.evaluate)
-        key = columns.tobytes()
+        key = (columns.tobytes(), dataset.name if cfg.evaluate.self_training else "")
         if key not in fits:
             fits[key] = predict.fit_source(source_cells, source_errors, columns, cfg.evaluate, cfg.predict,
-                                           session.seed)
+                                           session.seed, cells=cells)
         fitted = fits[key]
         summary = predict.run_prediction(fitted, cells, _reconstruction_errors(session, model[0], dataset),
                                          predict.load_boxes(session.workdir.detect(dataset.name), cells),

@@ -37,7 +37,7 @@ from sklearn.base import BaseEstimator
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from .classify import dropped_column_names, make_classifier, normalise_features, rounded, stable_columns
+from .classify import check_self_training, dropped_column_names, fit_classifier, normalise_features, rounded, stable_columns
 from .config import EvaluateConfig, PredictConfig
 from .errors import UserError, did_you_mean
 from .feature_sets import FeatureSet, map_labels, morphology_columns, resolve_labels, stratified_split
@@ -68,6 +68,7 @@ class SourceClassifier:
     reject: dict  # by, target, threshold (None: every cell rejected), reachable, held_out
     shift: dict  # neighbours, quantile, warn_fraction, and per measure (distance, reconstruction) its scale
     shift_columns: np.ndarray  # (D,) bool: the feature columns the shift distance is measured in
+    self_training: int  # rounds of adaptation to the cells being labelled (0: the plain source fit)
 
 
 @dataclass
@@ -84,8 +85,9 @@ class CellPredictions:
     beyond: np.ndarray  # (N,) bool, either past the source's held-out quantile
 
 
-def check_settings(cfg: PredictConfig, classifier: str) -> None:
+def check_settings(cfg: PredictConfig, evaluate_cfg: EvaluateConfig) -> None:
     """Fail on settings that cannot work, before any work."""
+    check_self_training(evaluate_cfg.self_training)
     if cfg.reject_by not in REJECT_BY:
         raise UserError(
             f"predict.reject_by '{cfg.reject_by}'{did_you_mean(cfg.reject_by, REJECT_BY)}: "
@@ -100,7 +102,7 @@ def check_settings(cfg: PredictConfig, classifier: str) -> None:
     for key in ("neighbours", "montage_cells"):
         if getattr(cfg, key) < 1:
             raise UserError(f"predict.{key} is {getattr(cfg, key)}: use 1 or more")
-    if classifier == "linear_svm":
+    if evaluate_cfg.classifier == "linear_svm":
         raise UserError(
             "evaluate.classifier linear_svm gives no class probabilities, which predict needs for its confidence "
             "and reject option; set evaluate.classifier to random_forest, logistic_regression or knn"
@@ -117,17 +119,21 @@ def classifier_columns(source: FeatureSet, cells: FeatureSet, evaluate_cfg: Eval
 
 def fit_source(
     source: FeatureSet, reconstruction: np.ndarray, columns: np.ndarray, evaluate_cfg: EvaluateConfig,
-    cfg: PredictConfig, seed: int,
+    cfg: PredictConfig, seed: int, cells: FeatureSet | None = None,
 ) -> SourceClassifier:
     """Fit the classifier on the source's ``columns`` (:func:`classifier_columns`) and training split, and
     calibrate rejection and shift on its held-out cells.
+
+    ``cells``: the unlabelled cells to be labelled, to which ``evaluate.self_training`` adapts the classifier
+    as ``evaluate`` adapts it to a target (:func:`classify.fit_classifier`); the calibration is that of the
+    adapted classifier on the source's held-out cells.
 
     ``reconstruction``: the source cells' reconstruction errors (:func:`extract.reconstruction_errors`).
 
     The label level is ``evaluate.labels`` resolved on the source alone (``auto``: fine unless some source
     cell is labelled only coarsely), the level ``evaluate`` uses against a target labelled as finely.
     """
-    check_settings(cfg, evaluate_cfg.classifier)
+    check_settings(cfg, evaluate_cfg)
     if len(reconstruction) != len(source.features):
         raise ValueError(f"{len(reconstruction)} reconstruction errors for {len(source.features)} cells of {source.name}")
     level, to_class = resolve_labels(source.labels, [], evaluate_cfg.labels)
@@ -142,7 +148,9 @@ def fit_source(
     if len(test_idx) == 0:
         raise UserError(f"source '{source.name}': no class has two cells, so none can be held out to calibrate on")
     classified = normalise_features(source.features, evaluate_cfg.feature_norm)[:, columns]
-    model = make_classifier(evaluate_cfg.classifier, seed).fit(classified[train_idx], labels[train_idx])
+    target = None if cells is None else normalise_features(cells.features, evaluate_cfg.feature_norm)[:, columns]
+    model = fit_classifier(evaluate_cfg.classifier, seed, classified[train_idx], labels[train_idx], target=target,
+                           rounds=evaluate_cfg.self_training)
     shift_columns = latent_columns(source)
     scaler = StandardScaler().fit(source.features[train_idx][:, shift_columns])
     k = min(cfg.neighbours, len(train_idx))
@@ -162,6 +170,7 @@ def fit_source(
         reject={},
         shift={},
         shift_columns=shift_columns,
+        self_training=evaluate_cfg.self_training if cells is not None else 0,
     )
     held_out, predicted = _probabilities(fitted, classified[test_idx])
     fitted.reject = calibrate_rejection(held_out.max(axis=1), predicted == labels[test_idx], cfg.reject_by,
@@ -359,6 +368,7 @@ def run_prediction(
         "labels": fitted.level,
         "classes": fitted.classes,
         "dropped_columns": dropped_column_names(cells.columns, fitted.columns),
+        "self_training": fitted.self_training,
         "split": fitted.split,
         "reject": {**fitted.reject, "n_rejected": n_rejected, "rejection_rate": rounded(n_rejected / len(cells.features))},
         "shift": shift_summary(fitted, predictions),

@@ -18,9 +18,12 @@ has less variance) and for every cross-lab direction, with the wall time of each
 Results accumulate in a JSON file (one entry per suite, variant and seed; reruns replace their entry)
 and the Markdown report is rebuilt from all of it: ``docs/accuracy.json`` and ``docs/accuracy.md``.
 ``--quick`` (a before-and-after check in a few minutes: small subsets, short training) writes to
-``accuracy-quick/`` in the current folder instead, never to the committed reference.
+``accuracy-quick/`` in the current folder instead, never to the committed reference. ``--features-of
+VARIANT`` scores levers of the evaluate section alone on the finished workdirs of an earlier run of VARIANT
+(same seeds), so they differ from it in nothing else and only the evaluation runs.
 
     python benchmarks/accuracy.py [--suite real|synthetic] [--variants NAME,...] [--seeds 0,1,2] [--quick]
+    python benchmarks/accuracy.py --variants default+self_training --features-of default --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ LEVERS: dict[str, dict] = {
     "fp32": {"train": {"precision": "fp32"}},
     # The detector in bfloat16 (detect.precision): 6 minutes less on the triangle, at what cost?
     "detector_bf16": {"detect": {"precision": "bf16"}},
+    # Each target's classifier adapted to that target's own cells (label-free self-training), every method alike.
+    "self_training": {"evaluate": {"self_training": 3}},
 }
 ALL_LEVERS: dict[str, dict] = {}
 for _name in ("stain_norm", "channel_scaling", "norm_first", "ssim_l1", "normalised_alignment", "feature_norm"):
@@ -95,8 +100,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small subsets and short training; writes accuracy-quick/")
     parser.add_argument("--out", type=Path, default=None, help="folder of accuracy.json/.md (default docs/)")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/aecfe-accuracy"), help="workdirs and prepared data")
+    parser.add_argument("--features-of", default=None, metavar="VARIANT",
+                        help="score evaluate-only variants on the features of an earlier run of VARIANT (same seed) "
+                             "in --scratch instead of running the pipeline")
     args = parser.parse_args()
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    unknown = [v for v in [*args.variants.split(","), *([args.features_of] if args.features_of else [])]
+               if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if args.suite == "real" and not DATA.is_dir():
@@ -109,9 +118,13 @@ def main() -> int:
     labs = prepare_labs(args.suite, args.scratch / "data", per_class)
     for variant in args.variants.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            entry = run_variant(args.suite, variant, seed, labs, args.scratch, args.quick, per_class)
+            if args.features_of:
+                entry = rescore_variant(args.suite, variant, args.features_of, seed, list(labs), args.scratch,
+                                        args.quick, per_class)
+            else:
+                entry = run_variant(args.suite, variant, seed, labs, args.scratch, args.quick, per_class)
             results["runs"] = [r for r in results["runs"] if (r["suite"], r["variant"], r["seed"], r["quick"]) !=
-                               (args.suite, variant, seed, args.quick)] + [entry]
+                               (args.suite, entry["variant"], seed, args.quick)] + [entry]
             write_json(results_path, results)
             write_text(out / "accuracy.md", markdown(results))
             print(summary_line(entry), flush=True)
@@ -302,6 +315,20 @@ def classifier_spread(work: Path, names: list[str], seed: int, evaluate: dict, r
     (``repeats`` draws, the run's own first), mean and standard deviation: how much of a difference
     between runs the random forest and the 20 % split alone can make, on the same features. ``evaluate``:
     the variant's evaluate settings (feature normalisation, classifier, label level) beyond the defaults."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for draw in range(repeats):
+        for source, report in evaluate_in_process(work, names, seed, evaluate, draw).items():
+            for method, scored in report["methods"].items():
+                for target, metrics in scored.items():
+                    values.setdefault(method, {}).setdefault(f"{source}->{target}", []).append(metrics["balanced_accuracy"])
+    return {method: {d: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)} for d, v in directions.items()}
+            for method, directions in values.items()}
+
+
+def evaluate_in_process(work: Path, names: list[str], seed: int, evaluate: dict, draw: int = 0) -> dict[str, dict]:
+    """Every source against the other labs, on the features in ``work``, with the evaluate settings of the
+    defaults updated by ``evaluate``: the compact reports. Draw 0 is what ``aecfe evaluate`` computes with
+    these settings and ``seed``; draw k moves the classifier's seed and the split's seed by k."""
     import dataclasses
     import tempfile
 
@@ -311,19 +338,48 @@ def classifier_spread(work: Path, names: list[str], seed: int, evaluate: dict, r
 
     cfg = dataclasses.replace(EvaluateConfig(), **evaluate)
     sets = {n: load_feature_set(work, n) for n in names}
-    values: dict[str, dict[str, list[float]]] = {}
-    for draw in range(repeats):
-        for source in names:
-            with tempfile.TemporaryDirectory() as out:
-                report = compact(run_evaluation(
-                    sets[source], [sets[n] for n in names if n != source], Path(out), seed=seed + draw,
-                    split_seed=cfg.split_seed + draw, labels_mode=cfg.labels, classifier=cfg.classifier,
-                    feature_norm=cfg.feature_norm, max_shift=cfg.max_shift))
-            for method, scored in report["methods"].items():
-                for target, metrics in scored.items():
-                    values.setdefault(method, {}).setdefault(f"{source}->{target}", []).append(metrics["balanced_accuracy"])
-    return {method: {d: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)} for d, v in directions.items()}
-            for method, directions in values.items()}
+    reports = {}
+    for source in names:
+        with tempfile.TemporaryDirectory() as out:
+            reports[source] = compact(run_evaluation(
+                sets[source], [sets[n] for n in names if n != source], Path(out), seed=seed + draw,
+                split_seed=cfg.split_seed + draw, labels_mode=cfg.labels, classifier=cfg.classifier,
+                baselines=cfg.baselines, feature_norm=cfg.feature_norm, max_shift=cfg.max_shift,
+                self_training=cfg.self_training))
+    return reports
+
+
+def rescore_variant(suite: str, variant: str, features_of: str, seed: int, names: list[str], scratch: Path,
+                    quick: bool, per_class: int) -> dict:
+    """``variant``, a lever of the evaluate section alone, scored on the features of the earlier run
+    ``features_of`` with the same seed (its workdir in ``scratch``): the same detections and model, so the
+    lever is all that differs, and only the evaluation runs. The entry is named ``features_of`` plus the
+    lever."""
+    settings = VARIANTS[variant]
+    if set(settings) != {"evaluate"}:
+        raise SystemExit(f"--features-of scores levers of the evaluate section only; {variant} changes "
+                         f"{', '.join(sorted(set(settings) - {'evaluate'}))}")
+    earlier = scratch / f"{suite}-{'quick-' if quick else ''}{per_class}-{features_of}-seed{seed}"
+    work = earlier / "work"
+    if not all((work / "extract" / n / "manifest.json").is_file() for n in names):
+        raise SystemExit(f"no finished run of {features_of} seed {seed} in {earlier}")
+    merged = {section: dict(values) for section, values in VARIANTS[features_of].items()}
+    merged.setdefault("evaluate", {}).update(settings["evaluate"])
+    started = time.perf_counter()
+    reports = evaluate_in_process(work, names, seed, merged["evaluate"])
+    seconds = round(time.perf_counter() - started, 1)
+    return {
+        "suite": suite, "variant": f"{features_of}+{variant.removeprefix('default+')}", "seed": seed,
+        "quick": quick, "per_class": per_class, "settings": merged, "wall_seconds": seconds, "resumed": False,
+        "stage_seconds": {**stage_seconds(work, names), "evaluate": {"every source, in-process": seconds}},
+        "cells": {n: read_json(work / "detect" / n / "manifest.json")["counts"] for n in names},
+        "reports": reports,
+        "cross_validation": {n: cross_validated(work, n, seed) for n in names},
+        "classifier_spread": classifier_spread(work, names, seed, merged["evaluate"]),
+        "machine": machine_description(),
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "note": f"on the detections, model and features of {earlier.name}; only the evaluation ran ({seconds} s)",
+    }
 
 
 def cross_validated(work: Path, name: str, seed: int) -> dict:

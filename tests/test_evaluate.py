@@ -429,3 +429,46 @@ def test_columns_shifted_between_labs_are_left_out_and_the_target_is_classified_
     assert alone["targets"]["lab_b"] == filtered["targets"]["lab_b"]
     assert filtered["in_domain"] == kept["in_domain"]
     assert "lab_b: `m_colour`" in (tmp_path / "filtered" / "report.md").read_text()
+
+
+def _cluster_in_the_margin(seed: int = 0) -> tuple[FeatureSet, FeatureSet]:
+    """Two labs, two classes one column apart (and a noise column). In the target, class a is one tight
+    cluster that sits in the source's empty margin between the classes, where the forest's trees cut at
+    random: the plain forest splits that cluster, a forest adapted to the target's cells keeps it whole."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(["lymphocyte", "neutrophil"], 100)
+    is_b = labels == "neutrophil"
+    sets = []
+    for name, a_centre in (("lab_a", 0.0), ("lab_b", 1.5)):
+        features = np.stack([np.where(is_b, 4.0, a_centre) + rng.normal(0, 0.3, len(labels)),
+                             rng.normal(0, 1, len(labels))], 1).astype(np.float32)
+        ids = [f"{name}/{i}" for i in range(len(labels))]
+        sets.append(FeatureSet(name=name, features=features, instance_ids=ids, images=ids, labels=labels))
+    return sets[0], sets[1]
+
+
+def test_self_training_adapts_each_target_classifier_to_that_targets_cells(tmp_path):
+    from aecfe_cli.classify import fit_classifier
+
+    source, target = _cluster_in_the_margin()
+    plain = run_evaluation(source, [target], tmp_path / "plain", baselines=False)
+    adapted = run_evaluation(source, [target], tmp_path / "adapted", baselines=False, self_training=2)
+    assert plain["self_training"] == 0 and adapted["self_training"] == 2
+    assert plain["targets"]["lab_b"]["accuracy"] < 0.99
+    assert adapted["targets"]["lab_b"]["accuracy"] == 1.0
+    # The in-domain score is the plain forest's, whatever the setting.
+    assert adapted["in_domain"] == plain["in_domain"]
+    assert "2 rounds of self-training" in (tmp_path / "adapted" / "report.md").read_text()
+    # No rounds, or no target cells: the plain fit, tree for tree.
+    rounds_zero = fit_classifier("random_forest", 0, source.features, source.labels, target=target.features, rounds=0)
+    no_cells = fit_classifier("random_forest", 0, source.features, source.labels, target=target.features[:0], rounds=2)
+    plain_model = make_classifier("random_forest", 0).fit(source.features, source.labels)
+    for model in (rounds_zero, no_cells):
+        assert np.array_equal(model.predict_proba(target.features), plain_model.predict_proba(target.features))
+    # The linear SVM has no probabilities: its decision values rank the cells instead.
+    svm = fit_classifier("linear_svm", 0, source.features, source.labels, target=target.features, rounds=2)
+    assert set(svm.predict(target.features)) <= {"lymphocyte", "neutrophil"}
+    for bad in (-1, 1.5, True):
+        with pytest.raises(UserError, match="evaluate.self_training"):
+            run_evaluation(source, [target], tmp_path / "bad", baselines=False, self_training=bad)
+    assert not (tmp_path / "bad").exists()

@@ -242,3 +242,23 @@ def test_predict_leaves_out_the_columns_evaluate_leaves_out_and_labels_as_it_sco
     summary = run_prediction(fitted, target, _errors(target), _boxes(target), [], tmp_path / "predict",
                              PredictConfig(), [source.name], seed=0)
     assert summary["dropped_columns"] == ["m_colour"]
+
+
+def test_predict_adapts_to_the_cells_it_labels_as_evaluate_does(tmp_path: Path) -> None:
+    from test_evaluate import _cluster_in_the_margin
+
+    source, target = _cluster_in_the_margin()
+    report = run_evaluation(source, [target], tmp_path / "evaluate", baselines=False, max_shift=None, self_training=2)
+    cfg = EvaluateConfig(max_shift=None, self_training=2)
+    columns = classifier_columns(source, target, cfg)
+    fitted = fit_source(source, _errors(source), columns, cfg, PredictConfig(), seed=0, cells=target)
+    predicted = classify(fitted, target, _errors(target)).predicted
+    assert (predicted == target.labels).mean() == pytest.approx(report["targets"]["lab_b"]["accuracy"]) == 1.0
+    plain = fit_source(source, _errors(source), columns, EvaluateConfig(max_shift=None), PredictConfig(), seed=0,
+                       cells=target)
+    assert (classify(plain, target, _errors(target)).predicted == target.labels).mean() < 0.99
+    summary = run_prediction(fitted, target, _errors(target), _boxes(target), [], tmp_path / "predict",
+                             PredictConfig(), [source.name], seed=0)
+    assert summary["self_training"] == 2
+    with pytest.raises(UserError, match="evaluate.self_training"):
+        fit_source(source, _errors(source), columns, EvaluateConfig(self_training=-1), PredictConfig(), seed=0)
