@@ -77,6 +77,8 @@ def test_paper_preset_sits_below_the_yaml_and_the_flag(tmp_path):
     assert paper.detect.backbone == "resnet101_fpn" and paper.detect.stain_norm == "none"
     # The speed settings of the default are not the paper's: its image decoder reads all 256 channels.
     assert (paper.train.image_bottleneck, paper.train.precision, paper.detect.precision) == (0, "fp32", "fp32")
+    # Nor is adapting the classifier to each target: the paper's forest is trained on the source alone.
+    assert (paper.evaluate.self_training, load_config(None, None).evaluate.self_training) == (0, 3)
     path = tmp_path / "cfg.yaml"
     path.write_text("preset: paper\ntrain:\n  epochs: 3\n")
     config = load_config(path)
