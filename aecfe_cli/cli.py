@@ -117,7 +117,8 @@ def _session(options: Options, sections: Optional[dict] = None, force: bool = Fa
     from .reporting import Reporter
     from .workdir import Workdir
 
-    config = _config(options, sections)
+    reporter = Reporter(quiet=options.quiet)
+    config, _ = _workdir_config(options, reporter, sections)
     if strict is not None:
         config.runtime.strict = strict
     device = resolve_device(config.runtime.device)
@@ -125,7 +126,7 @@ def _session(options: Options, sections: Optional[dict] = None, force: bool = Fa
     workdir = Workdir(options.workdir)
     workdir.prepare()
     write_text(workdir.root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return Session(workdir, config, device, Reporter(quiet=options.quiet),
+    return Session(workdir, config, device, reporter,
                    force=frozenset(stages) if force else frozenset(), strict=config.runtime.strict)
 
 
@@ -527,7 +528,7 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
     if not (options.workdir / "datasets.json").is_file():
         raise UserError(f"{options.workdir}: no aecfe work here yet; run a command first or pass --workdir")
     reporter = Reporter(quiet=options.quiet)
-    config, judged_by = _status_config(options, reporter)
+    config, judged_by = _workdir_config(options, reporter)
     # A Session only to share the stages' fingerprint code: status never prepares, locks or registers.
     session = pipeline.Session(Workdir(options.workdir), config, torch.device("cpu"), reporter)
     rows = pipeline.status_rows(session)
@@ -540,19 +541,22 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
     _print_table(f"status of {options.workdir} (settings: {judged_by})", ["stage", "dataset", "state", "detail"], table)
 
 
-def _status_config(options: Options, reporter) -> tuple:
-    """The config status judges by, and where it came from (see ``status --help``)."""
+def _workdir_config(options: Options, reporter, sections: Optional[dict] = None) -> tuple:
+    """The settings of a command, and where they came from: --config FILE, else ./aecfe.yaml, else the
+    workdir's own config.yaml (the settings of the command that last wrote there, so a command after
+    `aecfe demo` in its workdir reuses the demo's detector and model instead of retraining both with the
+    built-in defaults), else the built-in defaults; flags and ``sections`` on top."""
     from .config import default_config_path
 
     chosen = options.config or default_config_path()
     saved = options.workdir / "config.yaml"
     if chosen is not None or not saved.is_file():
-        return _config(options), str(chosen or "built-in defaults")
+        return _config(options, sections), str(chosen or "built-in defaults")
     try:
-        return _config(options, fallback=saved), str(saved)
+        return _config(options, sections, fallback=saved), str(saved)
     except UserError as exc:  # written by another aecfe version, say
-        reporter.warn(f"{exc}; judging by the built-in defaults instead")
-        return _config(options), "built-in defaults"
+        reporter.warn(f"{exc}; using the built-in defaults instead")
+        return _config(options, sections), "built-in defaults"
 
 
 def main() -> None:

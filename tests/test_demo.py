@@ -40,6 +40,10 @@ def test_demo_features_beat_chance_and_the_pixel_and_colour_baselines_across_lab
     assert {r["stage"] for r in rows} == {"detector", "detect", "train", "extract", "evaluate"}
     assert {r["state"] for r in rows} == {"done"}, rows
     assert (tmp_path / "aecfe-demo" / "config.yaml").read_bytes() == saved
+    # A working command in the demo's workdir, with no config of its own, goes on with the demo's settings.
+    follow_up = run_cli("--workdir", "aecfe-demo", "evaluate", "--source", "lab_a", "--target", "lab_b", cwd=tmp_path)
+    assert follow_up.returncode == 0, follow_up.stderr
+    assert "evaluate lab_a: up to date, reusing" in follow_up.stderr and "training" not in follow_up.stderr
     again = run_cli("demo", *PER_CLASS, cwd=tmp_path, env=EVERY_CORE)
     assert again.returncode == 0
     assert "training" not in again.stderr and "train (lab_a, lab_b): up to date, reusing" in again.stderr

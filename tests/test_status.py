@@ -69,3 +69,27 @@ def test_status_reads_a_saved_config_another_version_wrote_as_the_defaults(tmp_p
     assert "unknown key 'a_key_of_another_version'" in result.stderr and "built-in defaults" in result.stderr
     assert {(r["stage"], r["state"]) for r in json.loads(result.stdout)} == {("detector", "missing"), ("train", "missing")}
     assert sorted((p.name, p.stat().st_mtime_ns) for p in work.iterdir()) == before
+
+
+def test_a_command_without_a_config_keeps_the_settings_of_the_command_that_last_wrote_the_workdir(tmp_path):
+    """After `aecfe demo` (its own small settings), `aecfe --workdir aecfe-demo predict ...` must reuse the
+    demo's detector and model, not retrain both with the built-in defaults; ./aecfe.yaml and flags still win."""
+    import yaml
+
+    from conftest import run_cli
+
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "config.yaml").write_text("train:\n  epochs: 7\nruntime:\n  seed: 3\n")
+
+    def settings_after_a_command(*flags):
+        # The dataset is unknown, so the command stops (exit 2) after resolving and saving its settings.
+        result = run_cli("--workdir", "w", *flags, "evaluate", "--source", "nosuch", "--target", "other", cwd=tmp_path)
+        assert result.returncode == 2 and "unknown dataset 'nosuch'" in result.stderr
+        saved = yaml.safe_load((work / "config.yaml").read_text())
+        return saved["train"]["epochs"], saved["runtime"]["seed"]
+
+    assert settings_after_a_command() == (7, 3)
+    assert settings_after_a_command("--seed", "1") == (7, 1)
+    (tmp_path / "aecfe.yaml").write_text("train:\n  epochs: 12\n")
+    assert settings_after_a_command() == (12, 0)
