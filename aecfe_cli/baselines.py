@@ -39,6 +39,7 @@ def baseline_features(
     kind: str,
     *,
     reference: np.ndarray | None = None,
+    statistics: np.ndarray | None = None,
     pixel_size: int = 16,
     histogram_bins: int = 16,
     chunk_size: int = 128,
@@ -49,7 +50,8 @@ def baseline_features(
     :func:`fit_projection` fitted on the source training cells. ``color_histogram``: per-crop normalised
     histograms of R, G, B, hue, saturation and value. ``stain_normalized_histogram``: the same histograms of
     the crops stain-normalised onto ``reference`` (the source's :func:`lab_statistics`; default: these crops'
-    own, which changes little).
+    own, which changes little). ``statistics``: these crops' own :func:`lab_statistics` where the caller has
+    them already (the source's are also the reference), which saves a pass over every crop.
     """
     if kind not in BASELINES:
         raise UserError(
@@ -76,7 +78,7 @@ def baseline_features(
 
     else:
         dimension = 6 * histogram_bins
-        own = lab_statistics(crops, chunk_size)
+        own = lab_statistics(crops, chunk_size) if statistics is None else statistics
         target = own if reference is None else reference
 
         def describe(chunk: np.ndarray) -> np.ndarray:

@@ -294,7 +294,7 @@ def _baseline_methods(
     for kind in BASELINES:
         # Stain normalisation maps every dataset, the source included, onto the source's colour statistics.
         reference = lab_statistics(source.crops) if kind == "stain_normalized_histogram" else None
-        source_descriptors = baseline_features(source.crops, kind, reference=reference)
+        source_descriptors = baseline_features(source.crops, kind, reference=reference, statistics=reference)
         target_descriptors = {
             target.name: baseline_features(target.crops, kind, reference=reference) for target in targets
         }

@@ -106,3 +106,15 @@ def test_evaluate_reports_the_stain_normalised_baseline_and_it_survives_a_stain_
     markdown = (tmp_path / "report.md").read_text()
     assert "| stain-normalised colour histogram |" in markdown
     assert "best simple method" in markdown
+
+
+def test_statistics_handed_in_give_the_descriptors_computed_from_the_crops() -> None:
+    # evaluate hands the source's statistics in (they are also the reference) to save a pass over its crops.
+    crops = np.random.default_rng(0).integers(0, 256, (40, 3, 32, 32), dtype=np.uint8)
+    reference = lab_statistics(crops[:20])
+    computed = baseline_features(crops, "stain_normalized_histogram", reference=reference)
+    handed_in = baseline_features(crops, "stain_normalized_histogram", reference=reference,
+                                  statistics=lab_statistics(crops))
+    assert np.array_equal(computed, handed_in)
+    wrong = baseline_features(crops, "stain_normalized_histogram", reference=reference, statistics=reference)
+    assert not np.array_equal(computed, wrong)
