@@ -311,14 +311,17 @@ def compact(report: dict) -> dict:
     return {"labels": report.get("labels"), "classes": report.get("classes"), "methods": methods}
 
 
-def classifier_spread(work: Path, names: list[str], seed: int, evaluate: dict, repeats: int = SPREAD_REPEATS) -> dict:
+def classifier_spread(work: Path, names: list[str], seed: int, evaluate: dict, repeats: int = SPREAD_REPEATS,
+                      first: dict | None = None) -> dict:
     """Balanced accuracy of every method and direction when only the classifier's split and seed change
     (``repeats`` draws, the run's own first), mean and standard deviation: how much of a difference
     between runs the random forest and the 20 % split alone can make, on the same features. ``evaluate``:
-    the variant's evaluate settings (feature normalisation, classifier, label level) beyond the defaults."""
+    the variant's evaluate settings (feature normalisation, classifier, label level) beyond the defaults.
+    ``first``: the reports of draw 0 (:func:`evaluate_in_process`), where the caller has computed them."""
     values: dict[str, dict[str, list[float]]] = {}
     for draw in range(repeats):
-        for source, report in evaluate_in_process(work, names, seed, evaluate, draw).items():
+        reports = first if draw == 0 and first is not None else evaluate_in_process(work, names, seed, evaluate, draw)
+        for source, report in reports.items():
             for method, scored in report["methods"].items():
                 for target, metrics in scored.items():
                     values.setdefault(method, {}).setdefault(f"{source}->{target}", []).append(metrics["balanced_accuracy"])
@@ -376,7 +379,7 @@ def rescore_variant(suite: str, variant: str, features_of: str, seed: int, names
         "cells": {n: read_json(work / "detect" / n / "manifest.json")["counts"] for n in names},
         "reports": reports,
         "cross_validation": {n: cross_validated(work, n, seed) for n in names},
-        "classifier_spread": classifier_spread(work, names, seed, merged["evaluate"]),
+        "classifier_spread": classifier_spread(work, names, seed, merged["evaluate"], first=reports),
         "machine": machine_description(),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "note": f"on the detections, model and features of {earlier.name}; only the evaluation ran ({seconds} s)",
