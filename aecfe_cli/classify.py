@@ -45,10 +45,17 @@ def make_classifier(name: str, seed: int) -> BaseEstimator:
 
 
 def fit_classifier(
-    name: str, seed: int, features: np.ndarray, labels: np.ndarray, target: np.ndarray | None = None, rounds: int = 0
+    name: str,
+    seed: int,
+    features: np.ndarray,
+    labels: np.ndarray,
+    target: np.ndarray | None = None,
+    rounds: int = 0,
+    plain: BaseEstimator | None = None,
 ) -> BaseEstimator:
     """A classifier fitted on ``features`` and ``labels``, then adapted to the unlabelled ``target`` cells
-    by ``rounds`` rounds of self-training (0, or no ``target``: the plain fit).
+    by ``rounds`` rounds of self-training (0, or no ``target``: the plain fit). ``plain``: that plain fit,
+    where the caller has it already (``evaluate`` shares it between the in-domain score and every target).
 
     Each round labels the target with the current model and refits on the source cells plus, per predicted
     class, the target's most confident cells under their predicted label; the share taken grows over the
@@ -58,7 +65,7 @@ def fit_classifier(
     target label is used, so ``predict`` on a new lab adapts exactly as ``evaluate`` does on a labelled one.
     """
     check_self_training(rounds)
-    model = make_classifier(name, seed).fit(features, labels)
+    model = make_classifier(name, seed).fit(features, labels) if plain is None else plain
     if target is None or len(target) == 0:
         return model
     for round_number in range(1, rounds + 1):

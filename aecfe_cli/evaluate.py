@@ -320,17 +320,16 @@ def _evaluate_method(
     self_training: int = 0,
 ) -> dict:
     every_column = np.ones(method.source.shape[1], bool)
-    models = {}  # one classifier per set of columns (and target, when it adapts): targets alike share it
+    plain_fits = {}  # one per set of columns, shared by the in-domain score and every target using them
 
-    def fitted(columns: np.ndarray, target: np.ndarray | None = None, target_name: str = ""):
-        key = (columns.tobytes(), target_name if self_training and target is not None else "")
-        if key not in models:
-            models[key] = fit_classifier(classifier, seed, method.source[train_idx][:, columns], source_y[train_idx],
-                                         target=target, rounds=self_training)
-        return models[key]
+    def plain_fit(columns: np.ndarray):
+        if columns.tobytes() not in plain_fits:
+            plain_fits[columns.tobytes()] = fit_classifier(classifier, seed, method.source[train_idx][:, columns],
+                                                           source_y[train_idx])
+        return plain_fits[columns.tobytes()]
 
     test_y = source_y[test_idx]
-    in_domain = score(test_y, fitted(every_column).predict(method.source[test_idx]), sorted(set(test_y.tolist())))
+    in_domain = score(test_y, plain_fit(every_column).predict(method.source[test_idx]), sorted(set(test_y.tolist())))
     cross_domain = {}
     for name, features in method.targets.items():
         columns = method.keep.get(name, every_column)
@@ -338,7 +337,8 @@ def _evaluate_method(
         scored = np.isin(target_ys[name], compared)
         # Self-training adapts to all of the target's cells, as predict does: which cells belong to the
         # compared classes is known from labels only.
-        model = fitted(columns, features[:, columns], name)
+        model = fit_classifier(classifier, seed, method.source[train_idx][:, columns], source_y[train_idx],
+                               target=features[:, columns], rounds=self_training, plain=plain_fit(columns))
         cross_domain[name] = score(target_ys[name][scored], model.predict(features[scored][:, columns]), compared)
     return {"in_domain": in_domain, "targets": cross_domain}
 
