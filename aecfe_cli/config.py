@@ -41,9 +41,9 @@ class DatasetConfig:
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def _check_precision(value: str) -> None:
+def _check_precision(value: str, key: str = "precision") -> None:
     if value not in PRECISIONS:
-        raise UserError(f"precision: '{value}' is not one of {', '.join(PRECISIONS)}")
+        raise UserError(f"{key}: '{value}' is not one of {', '.join(PRECISIONS)}")
 
 
 @dataclass
@@ -71,10 +71,12 @@ class DetectConfig:
     # each dataset's CIELAB means and deviations onto one reference (Reinhard), "image" each image's own,
     # "none" keeps the colours. Off until benchmarks/accuracy.py shows it helps on real labs.
     stain_norm: str = "none"
-    # bf16 (or auto: bfloat16 where the CPU or GPU computes it natively) trains the detector and runs its
-    # backbone, FPN and RPN in bfloat16: 6 minutes less on the real triangle, but lower accuracy on the mean of
-    # three seeds (the latent most), so the default stays float32 (docs/accuracy_notes.md, "Fifth step").
-    precision: str = "fp32"  # fp32 | auto | bf16
+    # The detector's training runs in bfloat16 where the CPU or GPU computes it natively ("auto"): 2.2 s a
+    # step became 1.1 s on the real triangle's CPU. Detection, whose RoI features the autoencoder learns from,
+    # stays float32: with the backbone, FPN and RPN in bfloat16 the autoencoder's image term stalled on 2
+    # seeds of 3 (docs/accuracy_notes.md, "Fifth step" and "Seventh step").
+    train_precision: str = "auto"  # auto | fp32 | bf16
+    precision: str = "fp32"  # fp32 | auto | bf16, of detection
     weights: Optional[str] = None  # a Mask R-CNN state dict to use instead of training one
     init_weights: Optional[str] = None  # a torchvision COCO Mask R-CNN or ImageNet ResNet to fine-tune from
     annotations: Optional[str] = None  # VOC folder or COCO JSON to train the detector on
@@ -83,6 +85,7 @@ class DetectConfig:
     def __post_init__(self):
         if not 0 <= self.max_missing_fraction <= 1:
             raise UserError(f"max_missing_fraction: expected a fraction from 0 to 1, got {self.max_missing_fraction}")
+        _check_precision(self.train_precision, "train_precision")
         _check_precision(self.precision)
 
 
@@ -172,7 +175,7 @@ class RuntimeConfig:
 PRESETS: dict[str, dict] = {
     "paper": {
         "detect": {"backbone": "resnet101_fpn", "min_size": 900, "max_size": 1024, "score_threshold": 0.7,
-                   "stain_norm": "none", "precision": "fp32"},
+                   "stain_norm": "none", "train_precision": "fp32", "precision": "fp32"},
         "train": {"image_size": 128, "width": 1.0, "epochs": 150, "batch_size": 500, "lr": 0.001,
                   "align_weight": 5.0, "feature_scaling": "sample", "norm_first": False, "image_loss": "ssim",
                   "alignment": "paper", "image_bottleneck": 0, "precision": "fp32"},

@@ -32,7 +32,7 @@ INSTANCE_COLUMNS = ("instance_id", "image", "dataset", "label", "x0", "y0", "x1"
 FEATURE_SHAPE = (256, 14, 14)
 # Keys that decide how the detector is built and trained; the rest only affect detection.
 DETECTOR_KEYS = ("backbone", "min_size", "max_size", "train_images", "train_epochs", "train_steps", "train_batch_size",
-                 "train_lr", "stain_norm", "precision")
+                 "train_lr", "stain_norm", "train_precision")
 DETECTION_KEYS = ("score_threshold", "crop_size", "all_cells", "chunk_images", "stain_norm", "precision")
 # Images a dataset's stain statistics are measured on: evenly spaced over the dataset, so every process
 # of a sharded run measures the same ones; 64 images hold millions of pixels, plenty for 6 numbers.
@@ -78,7 +78,7 @@ def obtain_detector(
         return net.load_detector(folder / "model.pt", device), read_manifest(folder)
     invalidate(folder)
     started = time.perf_counter()
-    autocast_dtype = precision.autocast_dtype(cfg.precision, device)
+    autocast_dtype = precision.autocast_dtype(cfg.train_precision, device)
     if cfg.weights:
         reporter.info(f"detector: loading weights from {cfg.weights}")
         model = net.load_detector(Path(cfg.weights), device, backbone_hint=cfg.backbone)

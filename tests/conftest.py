@@ -95,6 +95,7 @@ detect:
   train_batch_size: 4
   train_lr: 0.001
   chunk_images: 8
+  train_precision: fp32  # as train.precision below: the same numbers on every machine
 train:
   image_size: 32
   width: 0.25

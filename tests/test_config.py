@@ -41,6 +41,8 @@ def test_wrong_type_names_the_key():
         config_from_dict({"train": {"precision": "fp16"}}, "cfg.yaml")
     with pytest.raises(UserError, match=r"cfg.yaml: detect.precision: 'half' is not one of auto, fp32, bf16"):
         config_from_dict({"detect": {"precision": "half"}}, "cfg.yaml")
+    with pytest.raises(UserError, match=r"cfg.yaml: detect.train_precision: 'fp16' is not one of auto, fp32, bf16"):
+        config_from_dict({"detect": {"train_precision": "fp16"}}, "cfg.yaml")
     with pytest.raises(UserError, match=r"cfg.yaml: train.image_bottleneck: expected 0"):
         config_from_dict({"train": {"image_bottleneck": -8}}, "cfg.yaml")
 
@@ -76,7 +78,8 @@ def test_paper_preset_sits_below_the_yaml_and_the_flag(tmp_path):
         ("paper", 128, 500, "sample")
     assert paper.detect.backbone == "resnet101_fpn" and paper.detect.stain_norm == "none"
     # The speed settings of the default are not the paper's: its image decoder reads all 256 channels.
-    assert (paper.train.image_bottleneck, paper.train.precision, paper.detect.precision) == (0, "fp32", "fp32")
+    assert (paper.train.image_bottleneck, paper.train.precision, paper.detect.precision,
+            paper.detect.train_precision) == (0, "fp32", "fp32", "fp32")
     # Nor is adapting the classifier to each target: the paper's forest is trained on the source alone.
     assert (paper.evaluate.self_training, load_config(None, None).evaluate.self_training) == (0, 3)
     path = tmp_path / "cfg.yaml"

@@ -173,8 +173,9 @@ def test_central_only_detection_is_the_central_detection_of_the_full_pass(traine
 
 
 def test_bfloat16_trains_and_detects_with_a_bfloat16_trunk_and_float32_results(samples, images):
-    """detect.precision bf16: training runs the network in bfloat16 and keeps float32 weights; detection
-    runs the backbone in bfloat16 and hands float32 features to the heads, so what it returns is float32."""
+    """detect.train_precision bf16: training runs the network in bfloat16 and keeps float32 weights.
+    detect.precision bf16: detection runs the backbone in bfloat16 and hands float32 features to the heads,
+    so what it returns is float32."""
     torch.manual_seed(0)
     model = net.build_detector("resnet18_fpn", **TINY)
     trunk_dtypes = []

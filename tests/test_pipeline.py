@@ -99,6 +99,16 @@ def test_touching_a_detect_key_recomputes_detections_not_the_detector(finished_p
     assert status[("detect", "lab_b")] == "done" and status[("detect", "lab_a")] == "stale"
 
 
+def test_detection_precision_is_a_detection_key_and_training_precision_a_detector_key(finished_project, tmp_path):
+    """detect.precision sets how cells are detected only; detect.train_precision how the detector was trained."""
+    root = _copy_with_config_edit(finished_project[0], tmp_path, "chunk_images: 8", "chunk_images: 8\n  precision: bf16")
+    status = _status(root)
+    assert status[("detector", "-")] == "done" and status[("detect", "lab_a")] == "stale"
+    root = _copy_with_config_edit(finished_project[0], tmp_path / "again", "train_precision: fp32",
+                                  "train_precision: bf16")
+    assert _status(root)[("detector", "-")] == "stale"
+
+
 def test_evaluate_json_is_the_report_only(finished_project, tmp_path):
     root = _copy(finished_project[0], tmp_path)
     result = run_cli("--quiet", "evaluate", "--source", "lab_b", "--target", "lab_a", "--json", cwd=root)
