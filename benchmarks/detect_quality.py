@@ -63,8 +63,10 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-precision", default=DetectConfig.train_precision, choices=PRECISIONS,
+                        help="detector training, as detect.train_precision (auto: bfloat16 where native)")
     parser.add_argument("--precision", default=DetectConfig.precision, choices=PRECISIONS,
-                        help="detector training and detection, as detect.precision (auto: bfloat16 where native)")
+                        help="detection, as detect.precision")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--save-models", type=Path, default=None, help="folder to keep the trained detectors in")
     parser.add_argument("--out", type=Path, default=None,
@@ -75,6 +77,7 @@ def main() -> int:
         print(f"skipped: real data folder {DATA.resolve()} is absent")
         return 0
     torch.set_num_threads(args.threads)
+    args.train_autocast_dtype = precision.autocast_dtype(args.train_precision, "cpu")
     args.autocast_dtype = precision.autocast_dtype(args.precision, "cpu")
     if args.out is None and not args.quick:
         args.out = RESULTS
@@ -251,7 +254,7 @@ def train_model(args, samples, epochs: float, part: str):
 
     losses = training.train_detector(model, subset, epochs=whole_epochs, batch_size=args.batch_size, lr=args.lr,
                                 device="cpu", seed=args.seed, train_size=args.train_size, on_step=report,
-                                autocast_dtype=args.autocast_dtype)
+                                autocast_dtype=args.train_autocast_dtype)
     seconds = time.perf_counter() - started
     if args.save_models:
         net.save_detector(args.save_models / f"detector_{part}.pt", model)
@@ -266,7 +269,8 @@ def train_model(args, samples, epochs: float, part: str):
         "optimizer": "AdamW wd 1e-4, warm-up + cosine, grad-norm clip 10",
         "scale_jitter": list(training.SCALE_JITTER),
         "seed": args.seed,
-        "precision": precision.name(args.autocast_dtype),
+        "precision": precision.name(args.train_autocast_dtype),
+        "detection_precision": precision.name(args.autocast_dtype),
         "seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / max(1, len(losses)), 2),
         "first_loss": round(losses[0], 4),
