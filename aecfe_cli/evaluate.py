@@ -320,12 +320,12 @@ def _evaluate_method(
     self_training: int = 0,
 ) -> dict:
     every_column = np.ones(method.source.shape[1], bool)
+    train_features, train_y = method.source[train_idx], source_y[train_idx]
     plain_fits = {}  # one per set of columns, shared by the in-domain score and every target using them
 
     def plain_fit(columns: np.ndarray):
         if columns.tobytes() not in plain_fits:
-            plain_fits[columns.tobytes()] = fit_classifier(classifier, seed, method.source[train_idx][:, columns],
-                                                           source_y[train_idx])
+            plain_fits[columns.tobytes()] = fit_classifier(classifier, seed, train_features[:, columns], train_y)
         return plain_fits[columns.tobytes()]
 
     test_y = source_y[test_idx]
@@ -337,8 +337,8 @@ def _evaluate_method(
         scored = np.isin(target_ys[name], compared)
         # Self-training adapts to all of the target's cells, as predict does: which cells belong to the
         # compared classes is known from labels only.
-        model = fit_classifier(classifier, seed, method.source[train_idx][:, columns], source_y[train_idx],
-                               target=features[:, columns], rounds=self_training, plain=plain_fit(columns))
+        model = fit_classifier(classifier, seed, train_features[:, columns], train_y, target=features[:, columns],
+                               rounds=self_training, plain=plain_fit(columns))
         cross_domain[name] = score(target_ys[name][scored], model.predict(features[scored][:, columns]), compared)
     return {"in_domain": in_domain, "targets": cross_domain}
 
