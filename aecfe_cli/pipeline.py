@@ -358,8 +358,8 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
                             f"({dataset.root}); check that they are blood-cell images, or lower detect.score_threshold")
     source_cells = source_errors = None
     # Datasets that keep the same columns share one fitted classifier and its calibration, unless it adapts to
-    # each dataset's own cells (evaluate.self_training).
-    fits = {}
+    # each dataset's own cells (evaluate.self_training); then they share the plain fit it adapts from.
+    fits, plain_fits = {}, {}
     summaries = []
     for dataset in datasets:
         features_manifest = features_manifests[dataset.name]
@@ -387,7 +387,7 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
         key = (columns.tobytes(), dataset.name if cfg.evaluate.self_training else "")
         if key not in fits:
             fits[key] = predict.fit_source(source_cells, source_errors, columns, cfg.evaluate, cfg.predict,
-                                           session.seed, cells=cells)
+                                           session.seed, cells=cells, plain_fits=plain_fits)
         fitted = fits[key]
         summary = predict.run_prediction(fitted, cells, _reconstruction_errors(session, model[0], dataset),
                                          predict.load_boxes(session.workdir.detect(dataset.name), cells),

@@ -119,14 +119,16 @@ def classifier_columns(source: FeatureSet, cells: FeatureSet, evaluate_cfg: Eval
 
 def fit_source(
     source: FeatureSet, reconstruction: np.ndarray, columns: np.ndarray, evaluate_cfg: EvaluateConfig,
-    cfg: PredictConfig, seed: int, cells: FeatureSet | None = None,
+    cfg: PredictConfig, seed: int, cells: FeatureSet | None = None, plain_fits: dict | None = None,
 ) -> SourceClassifier:
     """Fit the classifier on the source's ``columns`` (:func:`classifier_columns`) and training split, and
     calibrate rejection and shift on its held-out cells.
 
     ``cells``: the unlabelled cells to be labelled, to which ``evaluate.self_training`` adapts the classifier
     as ``evaluate`` adapts it to a target (:func:`classify.fit_classifier`); the calibration is that of the
-    adapted classifier on the source's held-out cells.
+    adapted classifier on the source's held-out cells. ``plain_fits``: the plain (unadapted) fits of earlier
+    calls on the same source, settings and seed, by columns; this call adds its own, so a caller labelling
+    several datasets fits the source once per set of columns, not once per dataset.
 
     ``reconstruction``: the source cells' reconstruction errors (:func:`extract.reconstruction_errors`).
 
@@ -149,8 +151,12 @@ def fit_source(
         raise UserError(f"source '{source.name}': no class has two cells, so none can be held out to calibrate on")
     classified = normalise_features(source.features, evaluate_cfg.feature_norm)[:, columns]
     target = None if cells is None else normalise_features(cells.features, evaluate_cfg.feature_norm)[:, columns]
+    plain_fits = {} if plain_fits is None else plain_fits
+    if columns.tobytes() not in plain_fits:
+        plain_fits[columns.tobytes()] = fit_classifier(evaluate_cfg.classifier, seed, classified[train_idx],
+                                                       labels[train_idx])
     model = fit_classifier(evaluate_cfg.classifier, seed, classified[train_idx], labels[train_idx], target=target,
-                           rounds=evaluate_cfg.self_training)
+                           rounds=evaluate_cfg.self_training, plain=plain_fits[columns.tobytes()])
     shift_columns = latent_columns(source)
     scaler = StandardScaler().fit(source.features[train_idx][:, shift_columns])
     k = min(cfg.neighbours, len(train_idx))

@@ -254,6 +254,11 @@ def test_predict_adapts_to_the_cells_it_labels_as_evaluate_does(tmp_path: Path) 
     fitted = fit_source(source, _errors(source), columns, cfg, PredictConfig(), seed=0, cells=target)
     predicted = classify(fitted, target, _errors(target)).predicted
     assert (predicted == target.labels).mean() == pytest.approx(report["targets"]["lab_b"]["accuracy"]) == 1.0
+    shared = {}  # as `aecfe predict` labelling several datasets: one plain source fit for them all
+    for _ in range(2):
+        adapted = fit_source(source, _errors(source), columns, cfg, PredictConfig(), seed=0, cells=target, plain_fits=shared)
+        assert np.array_equal(classify(adapted, target, _errors(target)).predicted, predicted)
+    assert len(shared) == 1
     plain = fit_source(source, _errors(source), columns, EvaluateConfig(max_shift=None, self_training=0), PredictConfig(), seed=0,
                        cells=target)
     assert (classify(plain, target, _errors(target)).predicted == target.labels).mean() < 0.99
