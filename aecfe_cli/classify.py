@@ -16,6 +16,7 @@ from sklearn.svm import LinearSVC
 from .errors import UserError, did_you_mean
 
 CLASSIFIERS = ("random_forest", "logistic_regression", "knn", "linear_svm")
+CLASS_WEIGHTS = ("none", "balanced")
 FEATURE_NORMS = ("none", "dataset")
 DIGITS = 6
 # Fewer cells than this say too little about a dataset's medians and spreads to tell a stain's shift from
@@ -28,17 +29,31 @@ MIN_CELLS_FOR_SHIFT = 30
 SELF_TRAINING_SHARE = 0.8
 
 
-def make_classifier(name: str, seed: int) -> BaseEstimator:
-    """A fresh, seeded classifier; the linear and neighbour models see standardised features."""
+def make_classifier(name: str, seed: int, class_weight: str = "none") -> BaseEstimator:
+    """A fresh, seeded classifier; the linear and neighbour models see standardised features.
+
+    ``class_weight`` "balanced" weighs each class inversely to its number of training cells, so every class
+    counts alike whatever the mix the source lab happened to sample (Zheng's cells are 59 % neutrophils):
+    a lab's class mix is no prior for another lab's, and balanced accuracy, the score, weighs classes alike.
+    """
+    if class_weight not in CLASS_WEIGHTS:
+        raise UserError(f"evaluate.class_weight '{class_weight}'{did_you_mean(class_weight, CLASS_WEIGHTS)}: "
+                        f"choose one of {', '.join(CLASS_WEIGHTS)}")
+    weights = None if class_weight == "none" else class_weight
     if name == "random_forest":
         # The paper's forest (method.md); n_jobs does not change the result, only the speed.
-        return RandomForestClassifier(n_estimators=100, max_depth=16, random_state=seed, n_jobs=-1)
+        return RandomForestClassifier(n_estimators=100, max_depth=16, random_state=seed, n_jobs=-1,
+                                      class_weight=weights)
     if name == "logistic_regression":
-        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed,
+                                                                  class_weight=weights))
     if name == "knn":
+        if weights is not None:
+            raise UserError("evaluate.classifier knn cannot weigh classes (it votes among neighbours); "
+                            "set evaluate.class_weight: none, or choose another classifier")
         return make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=5))
     if name == "linear_svm":
-        return make_pipeline(StandardScaler(), LinearSVC(max_iter=10000, random_state=seed))
+        return make_pipeline(StandardScaler(), LinearSVC(max_iter=10000, random_state=seed, class_weight=weights))
     raise UserError(
         f"unknown classifier '{name}'{did_you_mean(name, CLASSIFIERS)}; choose one of {', '.join(CLASSIFIERS)}"
     )
@@ -52,10 +67,12 @@ def fit_classifier(
     target: np.ndarray | None = None,
     rounds: int = 0,
     plain: BaseEstimator | None = None,
+    class_weight: str = "none",
 ) -> BaseEstimator:
     """A classifier fitted on ``features`` and ``labels``, then adapted to the unlabelled ``target`` cells
     by ``rounds`` rounds of self-training (0, or no ``target``: the plain fit). ``plain``: that plain fit,
     where the caller has it already (``evaluate`` shares it between the in-domain score and every target).
+    ``class_weight``: as :func:`make_classifier`; every refit weighs the source and target cells it is given.
 
     Each round labels the target with the current model and refits on the source cells plus, per predicted
     class, the target's most confident cells under their predicted label; the share taken grows over the
@@ -65,7 +82,7 @@ def fit_classifier(
     target label is used, so ``predict`` on a new lab adapts exactly as ``evaluate`` does on a labelled one.
     """
     check_self_training(rounds)
-    model = make_classifier(name, seed).fit(features, labels) if plain is None else plain
+    model = make_classifier(name, seed, class_weight).fit(features, labels) if plain is None else plain
     if target is None or len(target) == 0:
         return model
     for round_number in range(1, rounds + 1):
@@ -77,7 +94,7 @@ def fit_classifier(
             count = max(1, int(round(share * len(members))))
             chosen.append(members[np.argsort(-confidence[members], kind="stable")[:count]])
         chosen = np.concatenate(chosen)
-        model = make_classifier(name, seed).fit(np.concatenate([features, target[chosen]]),
+        model = make_classifier(name, seed, class_weight).fit(np.concatenate([features, target[chosen]]),
                                                 np.concatenate([np.asarray(labels), predicted[chosen]]))
     return model
 

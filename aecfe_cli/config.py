@@ -146,6 +146,10 @@ class EvaluateConfig:
     # labels most confidently. Every method, baselines included, gets it alike. 0 is off (the paper). 3 raised
     # the real cross-lab mean on 5 of 6 feature sets (docs/accuracy_notes.md, sixth step).
     self_training: int = 3
+    # balanced: the classifier weighs each source class inversely to its number of cells (evaluate and
+    # predict; aecfe_cli/classify.py, make_classifier), so a source lab's class mix (Zheng: 59 % neutrophils)
+    # is no prior for another lab. none: every cell alike (the paper). knn cannot weigh classes.
+    class_weight: str = "balanced"
 
 
 @dataclass
@@ -180,7 +184,7 @@ PRESETS: dict[str, dict] = {
                   "align_weight": 5.0, "feature_scaling": "sample", "norm_first": False, "image_loss": "ssim",
                   "alignment": "paper", "image_bottleneck": 0, "precision": "fp32"},
         "extract": {"morphology": False},
-        "evaluate": {"classifier": "random_forest", "max_shift": None, "self_training": 0},
+        "evaluate": {"classifier": "random_forest", "max_shift": None, "self_training": 0, "class_weight": "none"},
     },
 }
 

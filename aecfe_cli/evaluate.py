@@ -74,6 +74,7 @@ def run_evaluation(
     feature_norm: str = "none",
     max_shift: float | None = None,
     self_training: int = 0,
+    class_weight: str = "none",
 ) -> dict:
     """Run the protocol, write report.json/.md, split.csv and the figures into ``out_dir``; return the report.
 
@@ -90,9 +91,11 @@ def run_evaluation(
     other targets of the command, and ``predict`` on the same cells gives the same labels. ``self_training``:
     rounds of label-free adaptation of each target's classifier to that target's cells
     (:func:`classify.fit_classifier`), for every method alike; the in-domain score stays a plain fit.
+    ``class_weight``: how the classifier weighs the source's classes (:func:`classify.make_classifier`), for
+    every method alike.
     """
     out_dir = Path(out_dir)
-    make_classifier(classifier, seed)  # fail on a bad name before any work
+    make_classifier(classifier, seed, class_weight)  # fail on a bad name or weighting before any work
     normalise_features(np.zeros((1, 1)), feature_norm)  # likewise for the normalisation
     stable_columns([np.zeros((1, 1))], max_shift)  # and for max_shift
     check_self_training(self_training)  # and for self_training
@@ -116,8 +119,8 @@ def run_evaluation(
     results = {}
     for method in methods:
         results[method.key] = _evaluate_method(
-            method, source_y, target_ys, classes_per_target, train_idx, test_idx, classifier, seed, self_training
-        )
+            method, source_y, target_ys, classes_per_target, train_idx, test_idx, classifier, seed, self_training,
+            class_weight)
 
     report = {
         "source": source.name,
@@ -143,6 +146,7 @@ def run_evaluation(
         "feature_norm": feature_norm,
         "max_shift": max_shift,
         "self_training": self_training,
+        "class_weight": class_weight,
         "dropped_columns": {name: dropped_column_names(source.columns, keep) for name, keep in normalised.keep.items()},
     }
     if baselines_note:
@@ -318,6 +322,7 @@ def _evaluate_method(
     classifier: str,
     seed: int,
     self_training: int = 0,
+    class_weight: str = "none",
 ) -> dict:
     every_column = np.ones(method.source.shape[1], bool)
     train_features, train_y = method.source[train_idx], source_y[train_idx]
@@ -325,7 +330,8 @@ def _evaluate_method(
 
     def plain_fit(columns: np.ndarray):
         if columns.tobytes() not in plain_fits:
-            plain_fits[columns.tobytes()] = fit_classifier(classifier, seed, train_features[:, columns], train_y)
+            plain_fits[columns.tobytes()] = fit_classifier(classifier, seed, train_features[:, columns], train_y,
+                                                           class_weight=class_weight)
         return plain_fits[columns.tobytes()]
 
     test_y = source_y[test_idx]
@@ -338,7 +344,7 @@ def _evaluate_method(
         # Self-training adapts to all of the target's cells, as predict does: which cells belong to the
         # compared classes is known from labels only.
         model = fit_classifier(classifier, seed, train_features[:, columns], train_y, target=features[:, columns],
-                               rounds=self_training, plain=plain_fit(columns))
+                               rounds=self_training, plain=plain_fit(columns), class_weight=class_weight)
         cross_domain[name] = score(target_ys[name][scored], model.predict(features[scored][:, columns]), compared)
     return {"in_domain": in_domain, "targets": cross_domain}
 

@@ -65,6 +65,9 @@ def _dropped_lines(report: dict) -> list[str]:
     return lines + [""]
 
 
+_WEIGHTING = {"none": "", "balanced": "; classes weighted alike, `evaluate.class_weight`"}
+
+
 def _self_training_lines(report: dict) -> list[str]:
     rounds = report.get("self_training", 0)
     if not rounds:
@@ -80,7 +83,8 @@ def render_markdown(report: dict) -> str:
     methods = {"aecfe": report} | report.get("parts", {}) | report["baselines"]
     lines = [f"# Evaluation: trained on {source}", ""]
     lines += [
-        f"Classifier `{report['classifier']}` (seed {report['seed']}), {report['labels']} labels "
+        f"Classifier `{report['classifier']}` (seed {report['seed']}{_WEIGHTING[report['class_weight']]}), "
+        f"{report['labels']} labels "
         f"(asked: {report['labels_requested']}), trained on {report['split']['n_train']} {source} cells; in-domain = "
         f"the held-out {report['split']['n_test']} cells, cross-domain = every target cell of a shared class.",
         "",

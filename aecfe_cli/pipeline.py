@@ -228,6 +228,7 @@ def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset])
         feature_norm=cfg.feature_norm,
         max_shift=cfg.max_shift,
         self_training=cfg.self_training,
+        class_weight=cfg.class_weight,
     )
     files = report["files"]
     outputs = ["report.json", files["report"], files["split"], files["embedding"], *files["confusion"].values()]
@@ -322,7 +323,7 @@ def prediction_fingerprint(session: Session, training: Sequence[str], inputs: di
     cfg = session.config
     settings = {"evaluate": {key: getattr(cfg.evaluate, key)
                              for key in ("classifier", "labels", "split_seed", "feature_norm", "max_shift",
-                                         "self_training")},
+                                         "self_training", "class_weight")},
                 "predict": dataclasses.asdict(cfg.predict), "training_datasets": list(training)}
     return fingerprint("predict", settings, session.seed, inputs)
 

@@ -37,7 +37,8 @@ from sklearn.base import BaseEstimator
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from .classify import check_self_training, dropped_column_names, fit_classifier, normalise_features, rounded, stable_columns
+from .classify import (check_self_training, dropped_column_names, fit_classifier, make_classifier, normalise_features,
+                       rounded, stable_columns)
 from .config import EvaluateConfig, PredictConfig
 from .errors import UserError, did_you_mean
 from .feature_sets import FeatureSet, map_labels, morphology_columns, resolve_labels, stratified_split
@@ -56,6 +57,7 @@ class SourceClassifier:
 
     source: str
     classifier: str
+    class_weight: str  # evaluate.class_weight
     level: str
     to_class: Callable[[str], str]
     classes: list[str]  # haematology order; the probability columns follow it
@@ -88,6 +90,7 @@ class CellPredictions:
 def check_settings(cfg: PredictConfig, evaluate_cfg: EvaluateConfig) -> None:
     """Fail on settings that cannot work, before any work."""
     check_self_training(evaluate_cfg.self_training)
+    make_classifier(evaluate_cfg.classifier, 0, evaluate_cfg.class_weight)  # a bad name or weighting fails here
     if cfg.reject_by not in REJECT_BY:
         raise UserError(
             f"predict.reject_by '{cfg.reject_by}'{did_you_mean(cfg.reject_by, REJECT_BY)}: "
@@ -154,9 +157,10 @@ def fit_source(
     plain_fits = {} if plain_fits is None else plain_fits
     if columns.tobytes() not in plain_fits:
         plain_fits[columns.tobytes()] = fit_classifier(evaluate_cfg.classifier, seed, classified[train_idx],
-                                                       labels[train_idx])
+                                                       labels[train_idx], class_weight=evaluate_cfg.class_weight)
     model = fit_classifier(evaluate_cfg.classifier, seed, classified[train_idx], labels[train_idx], target=target,
-                           rounds=evaluate_cfg.self_training, plain=plain_fits[columns.tobytes()])
+                           rounds=evaluate_cfg.self_training, plain=plain_fits[columns.tobytes()],
+                           class_weight=evaluate_cfg.class_weight)
     shift_columns = latent_columns(source)
     scaler = StandardScaler().fit(source.features[train_idx][:, shift_columns])
     k = min(cfg.neighbours, len(train_idx))
@@ -164,6 +168,7 @@ def fit_source(
     fitted = SourceClassifier(
         source=source.name,
         classifier=evaluate_cfg.classifier,
+        class_weight=evaluate_cfg.class_weight,
         level=level,
         to_class=to_class,
         classes=classes,
@@ -370,6 +375,7 @@ def run_prediction(
         "in_training": cells.name in training_datasets,
         "training_datasets": list(training_datasets),
         "classifier": fitted.classifier,
+        "class_weight": fitted.class_weight,
         "seed": seed,
         "labels": fitted.level,
         "classes": fitted.classes,

@@ -83,6 +83,8 @@ LEVERS: dict[str, dict] = {
     # The default adapts each target's classifier to that target's own cells (3 rounds of label-free
     # self-training, every method alike); taken back, as the paper has it:
     "no_self_training": {"evaluate": {"self_training": 0}},
+    # The default weighs each source class alike (evaluate.class_weight: balanced); taken back, as the paper:
+    "no_class_weight": {"evaluate": {"class_weight": "none"}},
 }
 ALL_LEVERS: dict[str, dict] = {}
 for _name in ("stain_norm", "channel_scaling", "norm_first", "ssim_l1", "normalised_alignment", "feature_norm"):
@@ -352,7 +354,7 @@ def evaluate_in_process(work: Path, names: list[str], seed: int, evaluate: dict,
                 sets[source], [sets[n] for n in names if n != source], Path(out), seed=seed + draw,
                 split_seed=cfg.split_seed + draw, labels_mode=cfg.labels, classifier=cfg.classifier,
                 baselines=cfg.baselines, feature_norm=cfg.feature_norm, max_shift=cfg.max_shift,
-                self_training=cfg.self_training))
+                self_training=cfg.self_training, class_weight=cfg.class_weight))
     return reports
 
 

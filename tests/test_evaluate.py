@@ -472,3 +472,42 @@ def test_self_training_adapts_each_target_classifier_to_that_targets_cells(tmp_p
         with pytest.raises(UserError, match="evaluate.self_training"):
             run_evaluation(source, [target], tmp_path / "bad", baselines=False, self_training=bad)
     assert not (tmp_path / "bad").exists()
+
+
+def _imbalanced_labs() -> tuple[FeatureSet, FeatureSet]:
+    """A source lab that sampled 18 lymphocytes for every neutrophil, and a target lab with as many of each.
+    Where the source's classes overlap (column value 1), its cells are 60 lymphocytes to 15 neutrophils; the
+    target's neutrophils all sit there."""
+    def lab(name: str, values_and_labels: list[tuple[float, str, int]]) -> FeatureSet:
+        # A second, empty column: the report's 2-D embedding needs two.
+        features = np.array([[value, 0.0] for value, _, count in values_and_labels for _ in range(count)], np.float32)
+        labels = np.array([label for _, label, count in values_and_labels for _ in range(count)])
+        ids = [f"{name}/{i}" for i in range(len(labels))]
+        return FeatureSet(name=name, features=features, instance_ids=ids, images=ids, labels=labels)
+
+    source = lab("lab_a", [(0.0, "lymphocyte", 300), (1.0, "lymphocyte", 60), (1.0, "neutrophil", 15),
+                           (2.0, "neutrophil", 5)])
+    target = lab("lab_b", [(0.0, "lymphocyte", 100), (1.0, "neutrophil", 100)])
+    return source, target
+
+
+def test_balanced_class_weights_keep_a_source_labs_class_mix_out_of_another_labs_labels(tmp_path):
+    source, target = _imbalanced_labs()
+    reports = {weight: run_evaluation(source, [target], tmp_path / weight, baselines=False, class_weight=weight)
+               for weight in ("none", "balanced")}
+    # Unweighted, the forest follows the source's mix where the classes overlap: every target neutrophil is
+    # called a lymphocyte. Weighted, the 15 neutrophils outweigh the 60 lymphocytes there.
+    assert reports["none"]["targets"]["lab_b"]["balanced_accuracy"] == pytest.approx(0.5)
+    assert reports["balanced"]["targets"]["lab_b"]["balanced_accuracy"] == pytest.approx(1.0)
+    assert reports["balanced"]["class_weight"] == "balanced"
+    assert "classes weighted alike" in (tmp_path / "balanced" / "report.md").read_text()
+    assert "classes weighted alike" not in (tmp_path / "none" / "report.md").read_text()
+
+
+def test_a_class_weighting_that_cannot_work_fails_before_any_work(tmp_path):
+    source, target = _imbalanced_labs()
+    with pytest.raises(UserError, match="did you mean 'balanced'"):
+        run_evaluation(source, [target], tmp_path / "typo", baselines=False, class_weight="balance")
+    with pytest.raises(UserError, match="knn cannot weigh classes"):
+        run_evaluation(source, [target], tmp_path / "knn", baselines=False, classifier="knn", class_weight="balanced")
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "knn").exists()

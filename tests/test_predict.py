@@ -75,8 +75,9 @@ def test_an_unreachable_accuracy_target_rejects_every_cell() -> None:
 def test_predictions_are_the_labels_of_the_classifier_evaluate_scores(tmp_path: Path) -> None:
     source = make_set("src", FINE_FOUR, per_class=60, spread=1.2)
     target = make_set("tgt", FINE_FOUR, per_class=50, shift=0.6, seed=1, spread=1.2)
-    report = run_evaluation(source, [target], tmp_path / "evaluate", baselines=False,
-                            max_shift=EvaluateConfig().max_shift)
+    cfg = EvaluateConfig()
+    report = run_evaluation(source, [target], tmp_path / "evaluate", baselines=False, max_shift=cfg.max_shift,
+                            class_weight=cfg.class_weight)
     assert 0.4 < report["targets"]["tgt"]["accuracy"] < 0.95  # overlapping classes: the check can fail
 
     fitted = _fit(source, target)
@@ -219,6 +220,9 @@ def test_a_classifier_without_probabilities_and_an_unlabelled_source_are_refused
     with pytest.raises(UserError, match="linear_svm gives no class probabilities"):
         cfg = EvaluateConfig(classifier="linear_svm")
         fit_source(source, _errors(source), classifier_columns(source, source, cfg), cfg, PredictConfig(), seed=0)
+    with pytest.raises(UserError, match="knn cannot weigh classes"):
+        cfg = EvaluateConfig(classifier="knn", class_weight="balanced")
+        fit_source(source, _errors(source), classifier_columns(source, source, cfg), cfg, PredictConfig(), seed=0)
     unlabelled = FeatureSet("flat", source.features, source.instance_ids, source.images, ["unlabelled"] * 40)
     with pytest.raises(UserError, match="source 'flat' has a single class .unlabelled.*labelled source"):
         _fit(unlabelled, source)
@@ -248,8 +252,9 @@ def test_predict_adapts_to_the_cells_it_labels_as_evaluate_does(tmp_path: Path) 
     from test_evaluate import _cluster_in_the_margin
 
     source, target = _cluster_in_the_margin()
-    report = run_evaluation(source, [target], tmp_path / "evaluate", baselines=False, max_shift=None, self_training=2)
     cfg = EvaluateConfig(max_shift=None, self_training=2)
+    report = run_evaluation(source, [target], tmp_path / "evaluate", baselines=False, max_shift=None, self_training=2,
+                            class_weight=cfg.class_weight)
     columns = classifier_columns(source, target, cfg)
     fitted = fit_source(source, _errors(source), columns, cfg, PredictConfig(), seed=0, cells=target)
     predicted = classify(fitted, target, _errors(target)).predicted
@@ -264,6 +269,6 @@ def test_predict_adapts_to_the_cells_it_labels_as_evaluate_does(tmp_path: Path) 
     assert (classify(plain, target, _errors(target)).predicted == target.labels).mean() < 0.99
     summary = run_prediction(fitted, target, _errors(target), _boxes(target), [], tmp_path / "predict",
                              PredictConfig(), [source.name], seed=0)
-    assert summary["self_training"] == 2
+    assert summary["self_training"] == 2 and summary["class_weight"] == cfg.class_weight == "balanced"
     with pytest.raises(UserError, match="evaluate.self_training"):
         fit_source(source, _errors(source), columns, EvaluateConfig(self_training=-1), PredictConfig(), seed=0)
