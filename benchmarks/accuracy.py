@@ -363,9 +363,11 @@ def rescore_variant(suite: str, variant: str, features_of: str, seed: int, names
     """``variant``, a lever of the evaluate section alone, scored on the features of the earlier run
     ``features_of`` with the same seed (its workdir in ``scratch``): the same detections and model, so the
     lever is all that differs, and only the evaluation runs. The entry is named ``features_of`` plus the
-    lever."""
+    lever. ``default`` scores those features under today's evaluate defaults, as a fresh run of
+    ``features_of`` would after a change of an evaluate default (its detections and features would be the
+    same): the entry is named ``features_of`` and replaces that run's."""
     settings = VARIANTS[variant]
-    if set(settings) != {"evaluate"}:
+    if not set(settings) <= {"evaluate"}:
         raise SystemExit(f"--features-of scores levers of the evaluate section only; {variant} changes "
                          f"{', '.join(sorted(set(settings) - {'evaluate'}))}")
     earlier = scratch / f"{suite}-{'quick-' if quick else ''}{per_class}-{features_of}-seed{seed}"
@@ -373,12 +375,13 @@ def rescore_variant(suite: str, variant: str, features_of: str, seed: int, names
     if not all((work / "extract" / n / "manifest.json").is_file() for n in names):
         raise SystemExit(f"no finished run of {features_of} seed {seed} in {earlier}")
     merged = {section: dict(values) for section, values in VARIANTS[features_of].items()}
-    merged.setdefault("evaluate", {}).update(settings["evaluate"])
+    merged.setdefault("evaluate", {}).update(settings.get("evaluate", {}))
     started = time.perf_counter()
     reports = evaluate_in_process(work, names, seed, merged["evaluate"])
     seconds = round(time.perf_counter() - started, 1)
     return {
-        "suite": suite, "variant": f"{features_of}+{variant.removeprefix('default+')}", "seed": seed,
+        "suite": suite, "seed": seed,
+        "variant": features_of if variant == "default" else f"{features_of}+{variant.removeprefix('default+')}",
         "quick": quick, "per_class": per_class, "settings": merged, "wall_seconds": seconds, "resumed": False,
         "stage_seconds": {**stage_seconds(work, names), "evaluate": {"every source, in-process": seconds}},
         "cells": {n: read_json(work / "detect" / n / "manifest.json")["counts"] for n in names},
