@@ -50,7 +50,7 @@ def make_classifier(name: str, seed: int, class_weight: str = "none") -> BaseEst
     if name == "knn":
         if weights is not None:
             raise UserError("evaluate.classifier knn cannot weigh classes (it votes among neighbours); "
-                            "set evaluate.class_weight: none, or choose another classifier")
+                            "set evaluate.class_weight: none (--class-weight none), or choose another classifier")
         return make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=5))
     if name == "linear_svm":
         return make_pipeline(StandardScaler(), LinearSVC(max_iter=10000, random_state=seed, class_weight=weights))

@@ -367,6 +367,8 @@ def evaluate(
     labels: Optional[str] = typer.Option(None, "--labels", help="fine, coarse or auto."),
     classifier: Optional[str] = typer.Option(None, "--classifier",
                                              help="random_forest, logistic_regression, knn or linear_svm."),
+    class_weight: Optional[str] = typer.Option(None, "--class-weight",
+                                               help="balanced (each source class weighs alike) or none."),
     baselines: Optional[bool] = typer.Option(None, "--baselines/--no-baselines", help="Score the baselines too."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json only."),
     force: bool = ForceOption,
@@ -374,7 +376,8 @@ def evaluate(
     """Train a classifier on the source's features and score it on every target."""
     if labels is not None and labels not in ("fine", "coarse", "auto"):
         raise UserError(f"--labels {labels}: expected fine, coarse or auto")
-    overrides = {"evaluate": {"labels": labels, "classifier": classifier, "baselines": baselines}}
+    overrides = {"evaluate": {"labels": labels, "classifier": classifier, "class_weight": class_weight,
+                              "baselines": baselines}}
     session = _session(ctx.obj, overrides, force, ("evaluate",))
     if as_json:
         session.reporter.quiet = True

@@ -209,6 +209,17 @@ def test_dataset_problems_exit_2(tmp_path, tiny_cells):
     assert not (root / "aecfe-work" / "detector" / "manifest.json").exists()
 
 
+def test_a_classifier_that_cannot_be_built_as_configured_exits_2_before_any_work(tmp_path, tiny_cells):
+    root = _project(tmp_path, tiny_cells)
+    result = run_cli("evaluate", "--source", "lab_a", "--target", "lab_b", "--classifier", "knn", cwd=root)
+    assert result.returncode == 2 and "knn cannot weigh classes" in result.stderr, result.stderr
+    assert "--class-weight none" in result.stderr
+    result = run_cli("evaluate", "--source", "lab_a", "--target", "lab_b", "--class-weight", "balance", cwd=root)
+    assert result.returncode == 2 and "did you mean 'balanced'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (root / "aecfe-work" / "detector" / "manifest.json").exists()
+
+
 def test_evaluating_datasets_that_share_no_class_exits_2_without_detecting(tmp_path, finished_project, tiny_cells):
     root = copy_project(finished_project[0], tmp_path)
     only = root / "only_monocytes"
