@@ -191,13 +191,10 @@ def evaluation_fingerprint(session: Session, targets: Sequence[str], inputs: dic
 
 
 def check_classes(session: Session, source: Dataset, targets: Sequence[Dataset]) -> None:
-    """Fail before any detection or training when the settings or the images' labels already rule out the
-    evaluation: a classifier that cannot be built as configured, a source with a single class, a target
-    sharing none with it, or a target that is the source."""
+    """Fail before any detection or training when the images' labels already rule out the evaluation:
+    a source with a single class, a target sharing none with it, or a target that is the source."""
     from . import evaluate
-    from .classify import make_classifier
 
-    make_classifier(session.config.evaluate.classifier, session.seed, session.config.evaluate.class_weight)
     if any(t.name == source.name for t in targets):
         raise UserError(f"--target {source.name}: the source is scored in-domain already; name other datasets")
     evaluate.compare_classes(source.name, [r.label for r in source.records],

@@ -218,6 +218,8 @@ def test_a_classifier_that_cannot_be_built_as_configured_exits_2_before_any_work
     assert result.returncode == 2 and "did you mean 'balanced'" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not (root / "aecfe-work" / "detector" / "manifest.json").exists()
+    # Nor is the refused setting saved for the next command in the workdir.
+    assert not (root / "aecfe-work" / "config.yaml").exists()
 
 
 def test_evaluating_datasets_that_share_no_class_exits_2_without_detecting(tmp_path, finished_project, tiny_cells):
