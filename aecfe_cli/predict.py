@@ -37,8 +37,7 @@ from sklearn.base import BaseEstimator
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from .classify import (check_self_training, dropped_column_names, fit_classifier, make_classifier, normalise_features,
-                       rounded, stable_columns)
+from .classify import check_self_training, dropped_column_names, fit_classifier, normalise_features, rounded, stable_columns
 from .config import EvaluateConfig, PredictConfig
 from .errors import UserError, did_you_mean
 from .feature_sets import FeatureSet, map_labels, morphology_columns, resolve_labels, stratified_split
@@ -90,7 +89,6 @@ class CellPredictions:
 def check_settings(cfg: PredictConfig, evaluate_cfg: EvaluateConfig) -> None:
     """Fail on settings that cannot work, before any work."""
     check_self_training(evaluate_cfg.self_training)
-    make_classifier(evaluate_cfg.classifier, 0, evaluate_cfg.class_weight)  # a bad name or weighting fails here
     if cfg.reject_by not in REJECT_BY:
         raise UserError(
             f"predict.reject_by '{cfg.reject_by}'{did_you_mean(cfg.reject_by, REJECT_BY)}: "
