@@ -19,6 +19,10 @@ CLASSIFIERS = ("random_forest", "logistic_regression", "knn", "linear_svm")
 CLASS_WEIGHTS = ("none", "balanced")
 FEATURE_NORMS = ("none", "dataset")
 DIGITS = 6
+# A class scored on fewer cells than this is all but a coin: Zheng's one basophil, right or wrong, moves a
+# five-class balanced accuracy by 0.20, more than any lever (docs/accuracy_notes.md). Reports name such
+# classes and give the balanced accuracy over the others beside the full one, which stays the score.
+RARE_CLASS_CELLS = 10
 # Fewer cells than this say too little about a dataset's medians and spreads to tell a stain's shift from
 # sampling noise (one cell has no spread at all: a single PBC cell against PBC itself "shifted" up to 51
 # of 86 columns), so such a dataset takes no part in choosing columns.
@@ -170,6 +174,8 @@ def score(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) 
 
     Balanced accuracy and macro-F1 average over the classes that have cells in ``y_true``. The confusion
     matrix is square over ``classes``; predictions outside them are counted in ``predicted_outside_classes``.
+    ``rare_classes``: the classes with cells but fewer than :data:`RARE_CLASS_CELLS`, by number of cells;
+    ``balanced_accuracy_common``: balanced accuracy over the other classes (None when none is left).
     """
     y_true, y_pred = np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)
     classes = [str(cls) for cls in classes]
@@ -194,6 +200,7 @@ def score(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) 
     f1_denominator = precision + recall
     f1 = np.divide(2 * precision * recall, f1_denominator, out=np.zeros(len(classes)), where=f1_denominator > 0)
     present = support > 0
+    common = present & (support >= RARE_CLASS_CELLS)
     return {
         "n": int(len(y_true)),
         "accuracy": rounded(correct.sum() / len(y_true)),
@@ -211,6 +218,8 @@ def score(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) 
         },
         "confusion": confusion.tolist(),
         "predicted_outside_classes": int((~inside).sum()),
+        "rare_classes": {classes[i]: int(support[i]) for i in np.flatnonzero(present & ~common)},
+        "balanced_accuracy_common": rounded(recall[common].mean()) if common.any() else None,
     }
 
 

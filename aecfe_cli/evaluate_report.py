@@ -10,6 +10,7 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.preprocessing import StandardScaler
 
+from .classify import RARE_CLASS_CELLS
 from .feature_sets import FeatureSet
 from .io import pyplot, write_figure
 from .mixing import balanced_indices
@@ -103,6 +104,7 @@ def render_markdown(report: dict) -> str:
         cells = [_triple(entry["in_domain"])] + [_triple(entry["targets"][name]) for name in targets]
         lines.append(_row([METHOD_TITLES.get(key, key), *cells]))
     lines += _best_baseline_lines(report)
+    lines += _rare_class_lines(report)
     if report.get("baselines_note"):
         lines += ["", f"Baselines {report['baselines_note']}."]
     lines += ["", *_classes_section(report), "", *_per_class_section(report, methods), "", *_mixing_section(report)]
@@ -145,6 +147,34 @@ def _best_baseline_lines(report: dict) -> list[str]:
             f"{METHOD_TITLES.get(best, best)} ({_percent(best_value)} %){margin}."
         )
     return lines
+
+
+def _rare_class_lines(report: dict) -> list[str]:
+    """Per split scored on a class of fewer than ``classify.RARE_CLASS_CELLS`` cells: how far that class
+    alone can move the balanced accuracy, and the balanced accuracy over the other classes."""
+    lines = []
+    splits = [(f"{report['source']} in-domain", lambda entry: entry["in_domain"])]
+    splits += [(name, lambda entry, t=name: entry["targets"][t]) for name in report["targets"]]
+    for title, pick in splits:
+        metrics = pick(report)
+        rare = metrics.get("rare_classes") or {}
+        if not rare:
+            continue
+        present = sum(1 for entry in metrics["per_class"].values() if entry["support"] > 0)
+        named = ", ".join(f"{cls} ({n} cell{'s' if n > 1 else ''})" for cls, n in rare.items())
+        subject = "is" if len(rare) == 1 else "are each"
+        line = (f"- {title}: {named} {subject} scored on fewer than {RARE_CLASS_CELLS} cells: one class's recall "
+                f"alone moves the balanced accuracy by up to {100 / present:.1f} points.")
+        common = metrics.get("balanced_accuracy_common")
+        if common is not None:
+            line += f" Over the other {present - len(rare)} classes AE-CFE scores {_percent(common)} %"
+            if report["baselines"]:
+                best = max(report["baselines"], key=lambda key: pick(report["baselines"][key])["balanced_accuracy_common"])
+                line += (f"; the best simple method there, {METHOD_TITLES.get(best, best)}, "
+                         f"{_percent(pick(report['baselines'][best])['balanced_accuracy_common'])} %")
+            line += "."
+        lines.append(line)
+    return ["", *lines] if lines else []
 
 
 def _classes_section(report: dict) -> list[str]:

@@ -304,9 +304,10 @@ def machine_description() -> str:
 
 
 def compact(report: dict) -> dict:
-    """Per method and scored set: balanced accuracy, accuracy, macro-F1 and n."""
+    """Per method and scored set: balanced accuracy, accuracy, macro-F1 and n, and the balanced accuracy over
+    the classes of 10 cells or more (``classify.score``; Zheng's one basophil is a fifth of the full one)."""
     def metrics(m: dict) -> dict:
-        return {k: m.get(k) for k in ("n", "balanced_accuracy", "accuracy", "macro_f1")}
+        return {k: m.get(k) for k in ("n", "balanced_accuracy", "accuracy", "macro_f1", "balanced_accuracy_common")}
 
     methods = {"aecfe": {"in_domain": metrics(report["in_domain"]),
                          **{t: metrics(m) for t, m in report["targets"].items()}}}
@@ -322,16 +323,25 @@ def classifier_spread(work: Path, names: list[str], seed: int, evaluate: dict, r
     (``repeats`` draws, the run's own first), mean and standard deviation: how much of a difference
     between runs the random forest and the 20 % split alone can make, on the same features. ``evaluate``:
     the variant's evaluate settings (feature normalisation, classifier, label level) beyond the defaults.
-    ``first``: the reports of draw 0 (:func:`evaluate_in_process`), where the caller has computed them."""
-    values: dict[str, dict[str, list[float]]] = {}
+    ``first``: the reports of draw 0 (:func:`evaluate_in_process`), where the caller has computed them.
+    ``common_mean``: the mean of the balanced accuracy over the classes of 10 cells or more, where one is rare."""
+    values: dict[str, dict[str, list[dict]]] = {}
     for draw in range(repeats):
         reports = first if draw == 0 and first is not None else evaluate_in_process(work, names, seed, evaluate, draw)
         for source, report in reports.items():
             for method, scored in report["methods"].items():
                 for target, metrics in scored.items():
-                    values.setdefault(method, {}).setdefault(f"{source}->{target}", []).append(metrics["balanced_accuracy"])
-    return {method: {d: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)} for d, v in directions.items()}
-            for method, directions in values.items()}
+                    values.setdefault(method, {}).setdefault(f"{source}->{target}", []).append(metrics)
+
+    def summary(draws: list[dict]) -> dict:
+        full = [m["balanced_accuracy"] for m in draws]
+        entry = {"mean": round(float(np.mean(full)), 4), "std": round(float(np.std(full)), 4)}
+        common = [m.get("balanced_accuracy_common") for m in draws]
+        if all(c is not None for c in common) and common != full:
+            entry["common_mean"] = round(float(np.mean(common)), 4)
+        return entry
+
+    return {method: {d: summary(draws) for d, draws in directions.items()} for method, directions in values.items()}
 
 
 def evaluate_in_process(work: Path, names: list[str], seed: int, evaluate: dict, draw: int = 0) -> dict[str, dict]:
@@ -513,6 +523,13 @@ def _run_table(entry: dict) -> list[str]:
             lines.append(f"| {direction} | " + " | ".join(
                 f"{m[direction]['mean']:.3f} ± {m[direction]['std']:.3f}" if direction in m else "-"
                 for m in spread.values()) + " |")
+        rare = [(direction, {method: m[direction]["common_mean"] for method, m in spread.items()
+                             if "common_mean" in m.get(direction, {})}) for direction in directions]
+        if any(common for _, common in rare):
+            lines += ["", "Where a scored class has fewer than 10 cells (one such class's recall moves the balanced "
+                      "accuracy by a whole share), the mean over the other classes: " + "; ".join(
+                          f"{direction} " + ", ".join(f"{method} {value:.3f}" for method, value in common.items())
+                          for direction, common in rare if common) + "."]
         lines.append("")
     return lines
 

@@ -86,3 +86,8 @@ def test_accuracy_report_keeps_parts_apart_from_baselines():
     mean_row = next(line for line in text.splitlines() if line.startswith("| default |"))
     assert mean_row.split(" | ")[-3:] == ["0.300", "0.200", "0.450 |"]  # best baseline, latent, morphology
     assert "(latent only 0.500) (morphology only 0.700)" in text
+    # Where a direction scores a class of a few cells, the run's table gives the mean without such classes.
+    entry["classifier_spread"] = {"aecfe": {"lab_a->lab_b": {"mean": 0.4, "std": 0.1, "common_mean": 0.55}},
+                                  "latent": {"lab_a->lab_b": {"mean": 0.2, "std": 0.0}}}
+    text = accuracy.markdown({"runs": [entry]})
+    assert "the mean over the other classes: lab_a->lab_b aecfe 0.550." in text

@@ -263,6 +263,38 @@ def test_score_counts_predictions_of_unscored_classes_as_errors() -> None:
         score(["c"], ["c"], ["a", "b"])
 
 
+def test_score_names_classes_too_small_to_score_and_the_balanced_accuracy_without_them() -> None:
+    y_true = ["a"] * 10 + ["b"] * 12 + ["c"]
+    y_pred = ["a"] * 10 + ["b"] * 6 + ["a"] * 6 + ["c"]
+    result = score(y_true, y_pred, ["a", "b", "c", "d"])
+    assert result["balanced_accuracy"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert result["rare_classes"] == {"c": 1}  # d has no cells: not scored, so not rare
+    assert result["balanced_accuracy_common"] == pytest.approx((1 + 0.5) / 2)
+    assert score(["a"] * 10, ["a"] * 10, ["a"])["rare_classes"] == {}
+    assert score(["a", "b"], ["a", "a"], ["a", "b"])["balanced_accuracy_common"] is None
+
+
+def test_report_says_how_far_a_class_of_a_few_cells_moves_the_score(tmp_path: Path) -> None:
+    labels = ["lymphocyte", "monocyte", "neutrophil"]
+    source = make_set("src", labels, per_class=20)
+    full = make_set("tgt", labels, per_class=20, seed=1)
+    keep = np.flatnonzero(full.labels != "neutrophil").tolist() + [int(np.flatnonzero(full.labels == "neutrophil")[0])]
+    target = dataclasses.replace(full, features=full.features[keep], instance_ids=full.instance_ids[keep],
+                                 images=full.images[keep], labels=full.labels[keep], crops=full.crops[keep])
+    report = run_evaluation(source, [target], tmp_path)
+    scored = report["targets"]["tgt"]
+    assert scored["rare_classes"] == {"neutrophil": 1}
+    recalls = [scored["per_class"][cls]["recall"] for cls in ("lymphocyte", "monocyte")]
+    assert scored["balanced_accuracy_common"] == pytest.approx(sum(recalls) / 2, abs=1e-5)
+    text = (tmp_path / "report.md").read_text()
+    assert "- tgt: neutrophil (1 cell) is scored on fewer than 10 cells" in text
+    assert "by up to 33.3 points" in text
+    assert f"Over the other 2 classes AE-CFE scores {100 * scored['balanced_accuracy_common']:.1f} %" in text
+    # the in-domain split holds 4 cells of each class: every one is rare, and none is left to score without them
+    in_domain = next(line for line in text.splitlines() if line.startswith("- src in-domain: lymphocyte (4 cells)"))
+    assert "are each scored on fewer than 10 cells" in in_domain and "Over the other" not in in_domain
+
+
 # ------------------------------------------------------------------------------------------------ baselines
 
 
