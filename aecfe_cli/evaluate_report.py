@@ -161,18 +161,23 @@ def _rare_class_lines(report: dict) -> list[str]:
         if not rare:
             continue
         present = sum(1 for entry in metrics["per_class"].values() if entry["support"] > 0)
+        common = metrics.get("balanced_accuracy_common")
+        if common is None:  # every class is rare: say how coarse the score is
+            fewest, most = min(rare.values()), max(rare.values())
+            counts = f"{fewest} each" if fewest == most else f"{fewest} to {most}"
+            lines.append(f"- {title}: every class is scored on fewer than {RARE_CLASS_CELLS} cells ({counts}): one "
+                         f"cell of the smallest moves the balanced accuracy by {100 / (fewest * present):.1f} points.")
+            continue
         named = ", ".join(f"{cls} ({n} cell{'s' if n > 1 else ''})" for cls, n in rare.items())
         subject = "is" if len(rare) == 1 else "are each"
         line = (f"- {title}: {named} {subject} scored on fewer than {RARE_CLASS_CELLS} cells: one class's recall "
-                f"alone moves the balanced accuracy by up to {100 / present:.1f} points.")
-        common = metrics.get("balanced_accuracy_common")
-        if common is not None:
-            line += f" Over the other {present - len(rare)} classes AE-CFE scores {_percent(common)} %"
-            if report["baselines"]:
-                best = max(report["baselines"], key=lambda key: pick(report["baselines"][key])["balanced_accuracy_common"])
-                line += (f"; the best simple method there, {METHOD_TITLES.get(best, best)}, "
-                         f"{_percent(pick(report['baselines'][best])['balanced_accuracy_common'])} %")
-            line += "."
+                f"alone moves the balanced accuracy by up to {100 / present:.1f} points. Over the other "
+                f"{present - len(rare)} classes AE-CFE scores {_percent(common)} %")
+        if report["baselines"]:
+            best = max(report["baselines"], key=lambda key: pick(report["baselines"][key])["balanced_accuracy_common"])
+            line += (f"; the best simple method there, {METHOD_TITLES.get(best, best)}, "
+                     f"{_percent(pick(report['baselines'][best])['balanced_accuracy_common'])} %")
+        line += "."
         lines.append(line)
     return ["", *lines] if lines else []
 
