@@ -324,7 +324,8 @@ def classifier_spread(work: Path, names: list[str], seed: int, evaluate: dict, r
     between runs the random forest and the 20 % split alone can make, on the same features. ``evaluate``:
     the variant's evaluate settings (feature normalisation, classifier, label level) beyond the defaults.
     ``first``: the reports of draw 0 (:func:`evaluate_in_process`), where the caller has computed them.
-    ``common_mean``: the mean of the balanced accuracy over the classes of 10 cells or more, where one is rare."""
+    ``common_mean``: the mean of the balanced accuracy over the classes of 10 cells or more, where it differs
+    from the full one (a class of fewer cells is scored)."""
     values: dict[str, dict[str, list[dict]]] = {}
     for draw in range(repeats):
         reports = first if draw == 0 and first is not None else evaluate_in_process(work, names, seed, evaluate, draw)
