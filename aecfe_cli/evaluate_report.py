@@ -129,16 +129,26 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _splits(report: dict) -> list[tuple[str, object]]:
+    """(title, pick) per scored split: the in-domain split, then each target; ``pick(entry)`` is that split's
+    metrics in a method's entry (the report itself for AE-CFE, or one of its parts or baselines)."""
+    splits = [(f"{report['source']} in-domain", lambda entry: entry["in_domain"])]
+    return splits + [(name, lambda entry, t=name: entry["targets"][t]) for name in report["targets"]]
+
+
+def _best_baseline(report: dict, pick, metric: str) -> tuple[str, float]:
+    """The baseline with the highest ``metric`` on the split ``pick`` selects, and that value."""
+    best = max(report["baselines"], key=lambda key: pick(report["baselines"][key])[metric])
+    return best, pick(report["baselines"][best])[metric]
+
+
 def _best_baseline_lines(report: dict) -> list[str]:
     """Per split, AE-CFE against the best simple method there, in balanced-accuracy points."""
     if not report["baselines"]:
         return []
     lines = [""]
-    splits = [(f"{report['source']} in-domain", None)] + [(name, name) for name in report["targets"]]
-    for title, target in splits:
-        pick = (lambda entry: entry["in_domain"]) if target is None else (lambda entry, t=target: entry["targets"][t])
-        best = max(report["baselines"], key=lambda key: pick(report["baselines"][key])["balanced_accuracy"])
-        best_value = pick(report["baselines"][best])["balanced_accuracy"]
+    for title, pick in _splits(report):
+        best, best_value = _best_baseline(report, pick, "balanced_accuracy")
         ours = pick(report)["balanced_accuracy"]
         verdict = "beats" if ours > best_value else ("ties with" if ours == best_value else "trails")
         margin = "" if ours == best_value else f", by {100 * abs(ours - best_value):.1f} points"
@@ -153,9 +163,7 @@ def _rare_class_lines(report: dict) -> list[str]:
     """Per split scored on a class of fewer than ``classify.RARE_CLASS_CELLS`` cells: how far that class
     alone can move the balanced accuracy, and the balanced accuracy over the other classes."""
     lines = []
-    splits = [(f"{report['source']} in-domain", lambda entry: entry["in_domain"])]
-    splits += [(name, lambda entry, t=name: entry["targets"][t]) for name in report["targets"]]
-    for title, pick in splits:
+    for title, pick in _splits(report):
         metrics = pick(report)
         rare = metrics.get("rare_classes") or {}
         if not rare:
@@ -174,9 +182,8 @@ def _rare_class_lines(report: dict) -> list[str]:
                 f"alone moves the balanced accuracy by up to {100 / present:.1f} points. Over the other "
                 f"{present - len(rare)} classes AE-CFE scores {_percent(common)} %")
         if report["baselines"]:
-            best = max(report["baselines"], key=lambda key: pick(report["baselines"][key])["balanced_accuracy_common"])
-            line += (f"; the best simple method there, {METHOD_TITLES.get(best, best)}, "
-                     f"{_percent(pick(report['baselines'][best])['balanced_accuracy_common'])} %")
+            best, best_value = _best_baseline(report, pick, "balanced_accuracy_common")
+            line += f"; the best simple method there, {METHOD_TITLES.get(best, best)}, {_percent(best_value)} %"
         line += "."
         lines.append(line)
     return ["", *lines] if lines else []
@@ -202,9 +209,7 @@ def _classes_section(report: dict) -> list[str]:
 def _per_class_section(report: dict, methods: dict) -> list[str]:
     baseline_keys = [key for key in methods if key != "aecfe"]
     lines = ["## Per class", "", "AE-CFE precision, recall and F1 in %, with the baselines' recall beside them."]
-    splits = [(f"{report['source']} in-domain", None)] + [(name, name) for name in report["targets"]]
-    for title, target in splits:
-        pick = (lambda entry: entry["in_domain"]) if target is None else (lambda entry, t=target: entry["targets"][t])
+    for title, pick in _splits(report):
         metrics = pick(report)
         header = [
             "class",

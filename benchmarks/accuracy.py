@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from aecfe_cli.classify import RARE_CLASS_CELLS  # noqa: E402
 from aecfe_cli.feature_sets import ID_COLUMNS, morphology_columns  # noqa: E402
 from aecfe_cli.io import read_json, write_json, write_text  # noqa: E402
 from machine import machine_info  # noqa: E402
@@ -527,8 +528,8 @@ def _run_table(entry: dict) -> list[str]:
         rare = [(direction, {method: m[direction]["common_mean"] for method, m in spread.items()
                              if "common_mean" in m.get(direction, {})}) for direction in directions]
         if any(common for _, common in rare):
-            lines += ["", "Where a scored class has fewer than 10 cells (one such class's recall moves the balanced "
-                      "accuracy by a whole share), the mean over the other classes: " + "; ".join(
+            lines += ["", f"Where a scored class has fewer than {RARE_CLASS_CELLS} cells (one such class's recall moves "
+                      "the balanced accuracy by a whole share), the mean over the other classes: " + "; ".join(
                           f"{direction} " + ", ".join(f"{method} {value:.3f}" for method, value in common.items())
                           for direction, common in rare if common) + "."]
         lines.append("")
