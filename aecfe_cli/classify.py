@@ -103,6 +103,19 @@ def fit_classifier(
     return model
 
 
+def cached_plain_fit(
+    cache: dict, name: str, seed: int, features: np.ndarray, labels: np.ndarray, columns: np.ndarray,
+    class_weight: str = "none",
+) -> BaseEstimator:
+    """The plain fit of ``features[:, columns]`` (:func:`fit_classifier` without a target), made once per set of
+    ``columns``: ``cache`` holds the fits of one source's training cells, classifier, seed and settings by
+    their columns, so the in-domain score and every target that keeps the same columns share one forest."""
+    key = np.asarray(columns, bool).tobytes()
+    if key not in cache:
+        cache[key] = fit_classifier(name, seed, features[:, columns], labels, class_weight=class_weight)
+    return cache[key]
+
+
 def check_self_training(rounds: int) -> None:
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise UserError(f"evaluate.self_training is {rounds!r}: use 0 (off) or a whole number of rounds")

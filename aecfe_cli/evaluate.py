@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import BASELINES, baseline_features, fit_projection, lab_statistics
-from .classify import check_self_training, dropped_column_names, fit_classifier, make_classifier, normalise_features, score, stable_columns
+from .classify import cached_plain_fit, check_self_training, dropped_column_names, fit_classifier, make_classifier, normalise_features, score, stable_columns
 from .errors import UserError
 from .evaluate_report import plot_confusion, plot_embedding, render_markdown
 from .feature_sets import (
@@ -326,13 +326,10 @@ def _evaluate_method(
 ) -> dict:
     every_column = np.ones(method.source.shape[1], bool)
     train_features, train_y = method.source[train_idx], source_y[train_idx]
-    plain_fits = {}  # one per set of columns, shared by the in-domain score and every target using them
+    plain_fits = {}  # shared by the in-domain score and every target that keeps the same columns
 
     def plain_fit(columns: np.ndarray):
-        if columns.tobytes() not in plain_fits:
-            plain_fits[columns.tobytes()] = fit_classifier(classifier, seed, train_features[:, columns], train_y,
-                                                           class_weight=class_weight)
-        return plain_fits[columns.tobytes()]
+        return cached_plain_fit(plain_fits, classifier, seed, train_features, train_y, columns, class_weight)
 
     test_y = source_y[test_idx]
     in_domain = score(test_y, plain_fit(every_column).predict(method.source[test_idx]), sorted(set(test_y.tolist())))

@@ -37,7 +37,7 @@ from sklearn.base import BaseEstimator
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from .classify import check_self_training, dropped_column_names, fit_classifier, normalise_features, rounded, stable_columns
+from .classify import cached_plain_fit, check_self_training, dropped_column_names, fit_classifier, normalise_features, rounded, stable_columns
 from .config import EvaluateConfig, PredictConfig
 from .errors import UserError, did_you_mean
 from .feature_sets import FeatureSet, map_labels, morphology_columns, resolve_labels, stratified_split
@@ -150,14 +150,13 @@ def fit_source(
     train_idx, test_idx = stratified_split(labels, evaluate_cfg.split_seed)
     if len(test_idx) == 0:
         raise UserError(f"source '{source.name}': no class has two cells, so none can be held out to calibrate on")
-    classified = normalise_features(source.features, evaluate_cfg.feature_norm)[:, columns]
+    normalised = normalise_features(source.features, evaluate_cfg.feature_norm)
+    classified = normalised[:, columns]
     target = None if cells is None else normalise_features(cells.features, evaluate_cfg.feature_norm)[:, columns]
-    plain_fits = {} if plain_fits is None else plain_fits
-    if columns.tobytes() not in plain_fits:
-        plain_fits[columns.tobytes()] = fit_classifier(evaluate_cfg.classifier, seed, classified[train_idx],
-                                                       labels[train_idx], class_weight=evaluate_cfg.class_weight)
-    model = fit_classifier(evaluate_cfg.classifier, seed, classified[train_idx], labels[train_idx], target=target,
-                           rounds=evaluate_cfg.self_training, plain=plain_fits[columns.tobytes()],
+    plain = cached_plain_fit({} if plain_fits is None else plain_fits, evaluate_cfg.classifier, seed,
+                             normalised[train_idx], labels[train_idx], columns, evaluate_cfg.class_weight)
+    model = fit_classifier(evaluate_cfg.classifier, seed, classified[train_idx], labels[train_idx],
+                           target=target, rounds=evaluate_cfg.self_training, plain=plain,
                            class_weight=evaluate_cfg.class_weight)
     shift_columns = latent_columns(source)
     scaler = StandardScaler().fit(source.features[train_idx][:, shift_columns])

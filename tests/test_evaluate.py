@@ -506,6 +506,21 @@ def test_self_training_adapts_each_target_classifier_to_that_targets_cells(tmp_p
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_plain_fit_is_made_once_per_set_of_columns_and_fits_those_columns_only():
+    from aecfe_cli.classify import cached_plain_fit
+
+    source, _ = _cluster_in_the_margin()
+    features = np.concatenate([source.features, -source.features], axis=1)
+    cache, first, second = {}, np.array([True, True, False, False]), np.array([False, False, True, True])
+    model = cached_plain_fit(cache, "random_forest", 0, features, source.labels, first)
+    assert cached_plain_fit(cache, "random_forest", 0, features, source.labels, first.copy()) is model
+    other = cached_plain_fit(cache, "random_forest", 0, features, source.labels, second)
+    assert other is not model and len(cache) == 2
+    assert model.n_features_in_ == 2 and other.n_features_in_ == 2
+    alone = make_classifier("random_forest", 0).fit(features[:, second], source.labels)
+    assert np.array_equal(other.predict_proba(features[:, second]), alone.predict_proba(features[:, second]))
+
+
 def _imbalanced_labs() -> tuple[FeatureSet, FeatureSet]:
     """A source lab that sampled 18 lymphocytes for every neutrophil, and a target lab with as many of each.
     Where the source's classes overlap (column value 1), its cells are 60 lymphocytes to 15 neutrophils; the
