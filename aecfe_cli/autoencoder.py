@@ -37,7 +37,7 @@ CHECKPOINT_FORMAT = "aecfe-autoencoder/1"
 FEATURE_SIZE = 14  # side of the RoIAlign feature map the encoder expects
 IMAGE_SIZES = (32, 64, 128)
 ANCHOR_DOMAIN = 0  # the first dataset; every other domain is aligned to it
-LOSS_TERMS = ("feature", "image", "align", "total")
+LOSS_TERMS = ("feature", "image", "align", "views", "total")
 FEATURE_SCALINGS = ("sample", "channel")  # the paper's per-sample min-max, or per-channel standardisation
 IMAGE_LOSSES = ("ssim", "ssim_l1")
 ALIGNMENTS = ("paper", "normalised")
@@ -179,11 +179,19 @@ class AECFE(nn.Module):
             raise UserError(f"features have shape {tuple(features.shape[1:])} per cell; the autoencoder expects {expected}")
         return self.encoder(features)
 
-    def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(z, feature_recon, image_recon)``; the image is decoded from the reconstructed feature."""
-        z = self.encode(features)
+    def forward(self, features: Tensor, views: Optional[Tensor] = None) -> tuple[Tensor, ...]:
+        """``(z, feature_recon, image_recon)``; the image is decoded from the reconstructed feature.
+
+        With ``views`` (scaled features of augmented views, any number per cell) a fourth element holds
+        their latents: they are encoded in the same pass (so DistributedDataParallel sees one forward) and
+        not decoded, since only their agreement with ``z`` is trained."""
+        if views is None:
+            z = self.encode(features)
+        else:
+            z, view_z = self.encode(torch.cat([features, views])).split([len(features), len(views)])
         feature_recon = self.feature_decoder(z)
-        return z, feature_recon, self.image_decoder(feature_recon)
+        outputs = (z, feature_recon, self.image_decoder(feature_recon))
+        return outputs if views is None else (*outputs, view_z)
 
 
 def _unwrap(model: nn.Module) -> AECFE:
@@ -284,16 +292,33 @@ def alignment_distance(z_a: Tensor, z_b: Tensor) -> Tensor:
     return mean_term + 0.5 * (kl_pq + kl_qp)
 
 
+def view_consistency(z: Tensor, view_z: Tensor) -> Tensor:
+    """Mean squared distance of each view's latent to its cell's (held constant: the view moves towards
+    the original, not the reverse), over the batch's mean latent variance, so that shrinking every latent,
+    which also erases what separates the classes, does not lower it. ``view_z`` holds the views of each
+    cell in turn: ``len(view_z)`` is a multiple of ``len(z)``."""
+    target = z.detach()
+    per_cell = len(view_z) // max(len(z), 1)
+    if per_cell * len(z) != len(view_z) or per_cell == 0:
+        raise StageError(f"{len(view_z)} view latents for {len(z)} cells: expected a whole number of views per cell")
+    spread = target.var(dim=0).mean().clamp_min(1e-6) if len(z) > 1 else target.new_ones(())
+    return F.mse_loss(view_z, target.repeat_interleave(per_cell, dim=0)) / spread
+
+
 def aecfe_loss(
-    model_outputs: tuple[Tensor, Tensor, Tensor],
+    model_outputs: tuple[Tensor, ...],
     features: Tensor,
     images: Tensor,
     domains: Tensor,
     align_weight: float = 5.0,
     image_loss: str = "ssim",
     alignment: str = "paper",
+    view_weight: float = 0.0,
 ) -> dict[str, Tensor]:
     """The paper's loss terms and their weighted total; ``align`` is 0 for a single-domain batch.
+
+    ``model_outputs`` is the model's output: with a fourth element (the latents of augmented views) the
+    ``views`` term (:func:`view_consistency`) joins the total at ``view_weight``; without, it is 0.
 
     ``image_loss`` "ssim" is the paper's 1 - SSIM; "ssim_l1" scores the borders too (padded SSIM) and adds
     the mean absolute pixel error, which SSIM alone leaves free (it ignores a uniform colour offset).
@@ -304,7 +329,8 @@ def aecfe_loss(
     if image_loss not in IMAGE_LOSSES or alignment not in ALIGNMENTS:
         raise UserError(f"image_loss must be one of {IMAGE_LOSSES} and alignment one of {ALIGNMENTS}, "
                         f"got {image_loss!r} and {alignment!r}")
-    z, feature_recon, image_recon = model_outputs
+    z, feature_recon, image_recon = model_outputs[:3]
+    views_term = view_consistency(z, model_outputs[3]) if len(model_outputs) > 3 else z.new_zeros(())
     feature_term = F.mse_loss(feature_recon, features)
     if image_loss == "ssim":
         image_term = 1 - ssim(image_recon, images)
@@ -324,8 +350,8 @@ def aecfe_loss(
         for domain in present:
             if domain != ANCHOR_DOMAIN:
                 align_term = align_term + alignment_distance(anchor, z[domains == domain])
-    total = feature_term + image_term + align_weight * align_term
-    return {"feature": feature_term, "image": image_term, "align": align_term, "total": total}
+    total = feature_term + image_term + align_weight * align_term + view_weight * views_term
+    return {"feature": feature_term, "image": image_term, "align": align_term, "views": views_term, "total": total}
 
 
 class DomainBalancedBatchSampler(torch.utils.data.Sampler):
@@ -420,9 +446,11 @@ def train_one_epoch(
     image_loss: str = "ssim",
     alignment: str = "paper",
     autocast_dtype: Optional[torch.dtype] = None,
+    view_weight: float = 0.0,
 ) -> dict[str, float]:
-    """Train one pass over ``loader`` (yielding ``(features, crops, domain_ids)``); return the
-    sample-weighted mean of every loss term, averaged over all ranks under DDP.
+    """Train one pass over ``loader`` (yielding ``(features, crops, domain_ids)``, or with a fourth
+    element the (N, V, 256, 14, 14) features of V augmented views per cell for the ``views`` term at
+    ``view_weight``); return the sample-weighted mean of every loss term, averaged over all ranks under DDP.
 
     ``autocast_dtype`` (see :func:`aecfe_cli.precision.autocast_dtype`) runs the forward pass in that dtype; the loss is
     computed in float32 on the widened outputs."""
@@ -432,14 +460,16 @@ def train_one_epoch(
     distributed = isinstance(model, DistributedDataParallel) and dist.is_available() and dist.is_initialized()
     model.train()
     sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64)  # the loss terms, then the sample count
-    for batch_index, (features, crops, domains) in enumerate(loader):
+    for batch_index, (features, crops, domains, *view_batch) in enumerate(loader):
         features, images = prepare_batch(features, crops, image_size, device, core.scale)
         domains = domains.to(device, non_blocking=True)
+        # Flattened cell-major, so the views of one cell follow each other as view_consistency expects.
+        views = core.scale(view_batch[0].to(device, non_blocking=True).float().flatten(0, 1)) if view_batch else None
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, autocast_dtype):
-            outputs = model(features)
+            outputs = model(features, views)
         outputs = tuple(output.float() for output in outputs)
-        terms = aecfe_loss(outputs, features, images, domains, align_weight, image_loss, alignment)
+        terms = aecfe_loss(outputs, features, images, domains, align_weight, image_loss, alignment, view_weight)
         # Backward runs even for a NaN loss: under DDP every rank must join the gradient all-reduce,
         # and the averaged gradient then carries any rank's NaN, so all ranks stop at the same batch.
         terms["total"].backward()

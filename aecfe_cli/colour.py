@@ -59,6 +59,12 @@ def stain_jitter(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(pixels, 0, 1).astype(np.float32)
 
 
+def augmented_copy(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An (H, W, 3) uint8 image as another lab might show it (``stain_jitter``), for view-consistency features."""
+    jittered = stain_jitter(image.astype(np.float32) / 255.0, rng)
+    return np.round(jittered * 255.0).astype(np.uint8)
+
+
 def _rotate_hue(pixels: np.ndarray, angle: float, saturation: float) -> np.ndarray:
     grey_axis = np.full(3, 1 / math.sqrt(3))
     cos, sin = math.cos(angle), math.sin(angle)

@@ -77,6 +77,10 @@ class DetectConfig:
     # seeds of 3 (docs/accuracy_notes.md, "Fifth step" and "Seventh step").
     train_precision: str = "auto"  # auto | fp32 | bf16
     precision: str = "fp32"  # fp32 | auto | bf16, of detection
+    # Colour-augmented views per detected cell (stain, lamp, hue, focus and camera jitter, as in detector
+    # training) whose RoI features, taken at the cell's own box, are stored beside the original's
+    # (roi_views.npy) for train.view_weight to make the latent invariant to them. 0 stores none.
+    views: int = 0
     weights: Optional[str] = None  # a Mask R-CNN state dict to use instead of training one
     init_weights: Optional[str] = None  # a torchvision COCO Mask R-CNN or ImageNet ResNet to fine-tune from
     annotations: Optional[str] = None  # VOC folder or COCO JSON to train the detector on
@@ -87,6 +91,8 @@ class DetectConfig:
             raise UserError(f"max_missing_fraction: expected a fraction from 0 to 1, got {self.max_missing_fraction}")
         _check_precision(self.train_precision, "train_precision")
         _check_precision(self.precision)
+        if self.views < 0:
+            raise UserError(f"views: expected 0 (none) or a number of augmented views per cell, got {self.views}")
 
 
 @dataclass
@@ -107,6 +113,10 @@ class TrainConfig:
     norm_first: bool = False  # true: GroupNorm before ReLU; the paper's ReLU-then-norm plants a spot in images
     image_loss: str = "ssim"  # ssim (the paper) | ssim_l1 (padded SSIM + L1: borders and colour count)
     alignment: str = "paper"  # paper | normalised (distance of latents in batch-std units: no shrinking)
+    # Weight of the view-consistency term: the latent of each colour-augmented view (detect.views) is pulled
+    # towards the latent of the original cell, in units of the batch's latent variance so that shrinking
+    # every latent cannot satisfy it. 0 (the paper) leaves it out.
+    view_weight: float = 0.0
     # Speed, chosen to meet the time budget of the real triangle (docs/accuracy_notes.md, "Fourth step").
     # Channels the image decoder reduces the 256-channel feature to before upsampling (0: none, the paper).
     image_bottleneck: int = 64
@@ -116,6 +126,8 @@ class TrainConfig:
         _check_precision(self.precision)
         if self.image_bottleneck < 0:
             raise UserError(f"image_bottleneck: expected 0 (none) or a channel count, got {self.image_bottleneck}")
+        if self.view_weight < 0:
+            raise UserError(f"view_weight: expected 0 (off) or a positive weight, got {self.view_weight}")
 
 
 @dataclass

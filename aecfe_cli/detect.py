@@ -11,6 +11,7 @@ import dataclasses
 import random
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,10 +31,11 @@ from .workdir import fingerprint, invalidate, output_digest, read_manifest, stat
 
 INSTANCE_COLUMNS = ("instance_id", "image", "dataset", "label", "x0", "y0", "x1", "y1", "score", "mask_area")
 FEATURE_SHAPE = (256, 14, 14)
+VIEWS_FILE = "roi_views.npy"  # (N, detect.views, 256, 14, 14): RoI features of colour-augmented views
 # Keys that decide how the detector is built and trained; the rest only affect detection.
 DETECTOR_KEYS = ("backbone", "min_size", "max_size", "train_images", "train_epochs", "train_steps", "train_batch_size",
                  "train_lr", "stain_norm", "train_precision")
-DETECTION_KEYS = ("score_threshold", "crop_size", "all_cells", "chunk_images", "stain_norm", "precision")
+DETECTION_KEYS = ("score_threshold", "crop_size", "all_cells", "chunk_images", "stain_norm", "precision", "views")
 # Images a dataset's stain statistics are measured on: evenly spaced over the dataset, so every process
 # of a sharded run measures the same ones; 64 images hold millions of pixels, plenty for 6 numbers.
 STAIN_SAMPLE_IMAGES = 64
@@ -275,7 +277,7 @@ def _reset_parts_if_changed(parts: Path, expected: str) -> None:
 
 def _detect_chunk(dataset, k, model, cfg, stain, autocast_dtype, parts, device, bar, strict) -> None:
     records = dataset.records[k * cfg.chunk_images:(k + 1) * cfg.chunk_images]
-    rows, features, crops, unreadable, missed = [], [], [], [], []
+    rows, features, crops, views, unreadable, missed = [], [], [], [], [], []
     for start in range(0, len(records), cfg.batch_size):
         batch, images = [], []
         for record in records[start:start + cfg.batch_size]:
@@ -297,12 +299,28 @@ def _detect_chunk(dataset, k, model, cfg, stain, autocast_dtype, parts, device, 
                              x0, y0, x1, y1, round(float(det.score), 4), int(det.mask.sum())])
                 features.append(det.roi_feature.astype(np.float16))
                 crops.append(net.crop_cell(image, det.box, size=cfg.crop_size))
+            if cfg.views and kept:
+                views.extend(_view_features(model, record.rel, image, [d.box for d in kept], cfg.views, autocast_dtype, device))
         bar.advance(len(records[start:start + cfg.batch_size]))
     write_npy(parts / f"part_{k:05d}_roi.npy", np.stack(features) if features else np.zeros((0, *FEATURE_SHAPE), np.float16))
+    if cfg.views:
+        write_npy(parts / f"part_{k:05d}_views.npy",
+                  np.stack(views) if views else np.zeros((0, cfg.views, *FEATURE_SHAPE), np.float16))
     write_npy(parts / f"part_{k:05d}_crops.npy",
               np.stack(crops) if crops else np.zeros((0, 3, cfg.crop_size, cfg.crop_size), np.uint8))
     # The JSON goes last: a chunk with its JSON present is complete.
     write_json(parts / f"part_{k:05d}.json", {"rows": rows, "unreadable": unreadable, "no_detection": missed})
+
+
+def _view_features(model, rel: str, image: np.ndarray, boxes: list, count: int, autocast_dtype, device) -> list[np.ndarray]:
+    """(count, 256, 14, 14) float16 per box: RoI features of ``count`` colour-augmented copies of the image
+    at the boxes found in the original. Seeded by the image's path, so a view is the same whatever the
+    chunking, sharding or resumption of the run."""
+    rng = np.random.default_rng(zlib.crc32(rel.encode("utf-8")))
+    copies = [colour.augmented_copy(image, rng) for _ in range(count)]
+    pooled = net.roi_features_at(model, copies, [np.stack(boxes)] * count, device, autocast_dtype)
+    per_box = pooled.reshape(count, len(boxes), *FEATURE_SHAPE).transpose(1, 0, 2, 3, 4)
+    return list(per_box.astype(np.float16))
 
 
 def _merge(dataset, parts, folder, expected, cfg, stain, autocast_dtype, device, seconds, images_done) -> dict:
@@ -312,6 +330,13 @@ def _merge(dataset, parts, folder, expected, cfg, stain, autocast_dtype, device,
     total = sum(len(m["rows"]) for m in metas)
     _stream_concatenate(roi_parts, folder / "roi_features.npy", (total, *FEATURE_SHAPE), np.float16)
     _stream_concatenate(crop_parts, folder / "crops.npy", (total, 3, cfg.crop_size, cfg.crop_size), np.uint8)
+    outputs = ["instances.csv", "roi_features.npy", "crops.npy"]
+    if cfg.views:
+        _stream_concatenate(sorted(parts.glob("part_*_views.npy")), folder / VIEWS_FILE,
+                            (total, cfg.views, *FEATURE_SHAPE), np.float16)
+        outputs.append(VIEWS_FILE)
+    else:  # a rerun without views must not leave an earlier run's views beside new features
+        (folder / VIEWS_FILE).unlink(missing_ok=True)
     write_csv(folder / "instances.csv", INSTANCE_COLUMNS, [row for m in metas for row in m["rows"]])
     unreadable = [u for m in metas for u in m["unreadable"]]
     missed = [u for m in metas for u in m["no_detection"]]
@@ -325,7 +350,7 @@ def _merge(dataset, parts, folder, expected, cfg, stain, autocast_dtype, device,
         seed=None,
         device=str(device),
         inputs={"dataset": dataset.spec(), "images": dataset.fingerprint()},
-        outputs=["instances.csv", "roi_features.npy", "crops.npy"],
+        outputs=outputs,
         counts=counts,
         timings={"seconds": round(seconds, 2),
                  "images_per_second": round(images_done / seconds, 2) if seconds > 0 and images_done else None},

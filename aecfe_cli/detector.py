@@ -417,6 +417,32 @@ def detect(model, images: Sequence[np.ndarray], device, score_threshold: float =
     return results
 
 
+def roi_features_at(model, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], device,
+                    autocast_dtype: Optional[torch.dtype] = None) -> np.ndarray:
+    """The mask-branch RoIAlign features ``detect`` stores, taken at given boxes instead of detected ones:
+    ``boxes[i]`` is an (n_i, 4) array in image i's pixels; returns (sum n_i, 256, 14, 14) float32 in that
+    order. It runs the backbone alone, so an altered copy of an image (a colour-augmented view) yields
+    the feature of the very cell found in the original."""
+    from torchvision.models.detection.transform import resize_boxes
+
+    device = torch.device(device)
+    model.eval()
+    white_balance = getattr(model, "aecfe_args", {}).get("white_balance", False)
+    pooled = []
+    with torch.inference_mode():
+        for start in range(0, len(images), DETECT_BATCH):
+            batch = [_as_input(image, white_balance).to(device) for image in images[start:start + DETECT_BATCH]]
+            resized, _ = model.transform(batch)
+            with autocast(device, autocast_dtype):
+                features = model.backbone(resized.tensors)
+            features = OrderedDict((level, value.float()) for level, value in features.items())
+            scaled = [resize_boxes(torch.as_tensor(np.asarray(b, np.float32).reshape(-1, 4), device=device),
+                                   tuple(tensor.shape[-2:]), size)
+                      for b, tensor, size in zip(boxes[start:start + DETECT_BATCH], batch, resized.image_sizes)]
+            pooled.append(model.roi_heads.mask_roi_pool(features, scaled, resized.image_sizes).float().cpu())
+    return torch.cat(pooled).numpy() if pooled else np.zeros((0, *FEATURE_SHAPE), np.float32)
+
+
 def _as_input(image: np.ndarray, white_balance: bool) -> torch.Tensor:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise UserError(f"detect expects (H, W, 3) uint8 images, got {image.dtype} {image.shape}")

@@ -21,6 +21,7 @@ import torch
 from . import autoencoder as ae
 from . import precision
 from .config import TrainConfig
+from .detect import VIEWS_FILE
 from .errors import UserError
 from .io import iter_npy_blocks, read_npy, write_csv, write_figure
 from .reporting import Reporter
@@ -31,14 +32,19 @@ SAMPLES_PER_DOMAIN = 6  # cells shown in each reconstruction grid, per dataset
 
 
 class CellArrays(torch.utils.data.Dataset):
-    """Detected cells of several datasets as one indexable set: (feature, crop, domain id).
+    """Detected cells of several datasets as one indexable set: (feature, crop, domain id), and with
+    ``views`` the RoI features of each cell's augmented views (``detect.views``) as a fourth element.
 
     Arrays stay memory-mapped; a batch is gathered with one sorted fancy index per dataset.
     """
 
-    def __init__(self, detect_dirs: Sequence[Path]):
+    def __init__(self, detect_dirs: Sequence[Path], views: bool = False):
         self.features = [read_npy(Path(d) / "roi_features.npy") for d in detect_dirs]
         self.crops = [read_npy(Path(d) / "crops.npy") for d in detect_dirs]
+        self.views = [_read_views(Path(d), len(f)) for d, f in zip(detect_dirs, self.features)] if views else None
+        if self.views and len({v.shape[1] for v in self.views}) > 1:
+            raise UserError("the datasets were detected with different detect.views "
+                            f"({', '.join(str(v.shape[1]) for v in self.views)}); detect them again with one setting")
         sizes = [len(f) for f in self.features]
         self.domains = np.concatenate([np.full(n, i, dtype=np.int64) for i, n in enumerate(sizes)])
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -54,14 +60,29 @@ class CellArrays(torch.utils.data.Dataset):
 
     def _gather(self, indices):
         indices = np.asarray(indices)
-        features, crops, domains = [], [], []
+        features, crops, domains, views = [], [], [], []
         for domain in np.unique(self.domains[indices]):
             local = np.sort(indices[self.domains[indices] == domain]) - self.offsets[domain]
             features.append(np.asarray(self.features[domain][local]))
             crops.append(np.asarray(self.crops[domain][local]))
             domains.append(np.full(len(local), domain, dtype=np.int64))
-        return (torch.from_numpy(np.concatenate(features)), torch.from_numpy(np.concatenate(crops)),
-                torch.from_numpy(np.concatenate(domains)))
+            if self.views:
+                views.append(np.asarray(self.views[domain][local]))
+        batch = (torch.from_numpy(np.concatenate(features)), torch.from_numpy(np.concatenate(crops)),
+                 torch.from_numpy(np.concatenate(domains)))
+        return (*batch, torch.from_numpy(np.concatenate(views))) if self.views else batch
+
+
+def _read_views(folder: Path, cells: int) -> np.ndarray:
+    path = folder / VIEWS_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing: train.view_weight needs the RoI features of augmented views; "
+                        "set detect.views (for example 1) so that detection stores them, or train.view_weight: 0")
+    views = read_npy(path)
+    if views.ndim != 5 or len(views) != cells or views.shape[2:] != (FEATURE_CHANNELS, 14, 14):
+        raise UserError(f"{path}: shape {views.shape} does not match the {cells} cells of roi_features.npy; "
+                        "run detection again")
+    return views
 
 
 def _identity_collate(batch):
@@ -89,7 +110,7 @@ def run_training(
     require_resume: bool = False,
 ) -> Optional[dict]:
     """Train, or continue an interrupted training with the same inputs; returns the manifest (rank 0)."""
-    dataset = CellArrays(detect_dirs)
+    dataset = CellArrays(detect_dirs, views=cfg.view_weight > 0)
     for name, directory, features in zip(names, detect_dirs, dataset.features):
         if not len(features):
             raise UserError(f"{directory}: dataset '{name}' has no detected cell to train on; check its detections")
@@ -129,7 +150,7 @@ def run_training(
 
             terms = ae.train_one_epoch(model, loader, optimizer, device, cfg.align_weight, cfg.image_size,
                                        on_batch=on_batch, image_loss=cfg.image_loss, alignment=cfg.alignment,
-                                       autocast_dtype=autocast_dtype)
+                                       autocast_dtype=autocast_dtype, view_weight=cfg.view_weight)
         history.append({"epoch": epoch + 1, **terms})
         if rank == 0:
             ae.save_checkpoint(folder / "model.pt", model, optimizer, epoch + 1,
@@ -220,7 +241,7 @@ def _write_reconstructions(path: Path, model, dataset: CellArrays, cfg: TrainCon
     # Evenly spaced cells of each dataset, so the grid spans its classes (rows are sorted by folder).
     indices = [int(dataset.offsets[d]) + int(i) for d in range(len(dataset.features))
                for i in np.unique(np.linspace(0, len(dataset.features[d]) - 1, SAMPLES_PER_DOMAIN).astype(int))]
-    features, crops, _ = dataset._gather(indices)
+    features, crops = dataset._gather(indices)[:2]
     features, images = ae.prepare_batch(features, crops, cfg.image_size, device, core.scale)
     was_training = core.training
     core.eval()

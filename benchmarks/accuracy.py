@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from aecfe_cli.classify import RARE_CLASS_CELLS  # noqa: E402
+from aecfe_cli.detect import DETECTOR_KEYS  # noqa: E402
 from aecfe_cli.feature_sets import ID_COLUMNS, morphology_columns  # noqa: E402
 from aecfe_cli.io import read_json, write_json, write_text  # noqa: E402
 from machine import machine_info  # noqa: E402
@@ -75,6 +76,10 @@ LEVERS: dict[str, dict] = {
     "epochs15": {"train": {"epochs": 15}},
     # The image loss still falls at epoch 30 on every seed of the default: what does twice the training give?
     "epochs60": {"train": {"epochs": 60}},
+    # Colour-augmented views of each cell (the detector's own stain and optics jitter), their RoI features
+    # taken at the cell's box, each view's latent pulled towards the cell's: invariance to other labs'
+    # stains learnt from the user's own cells. One view each, the least that fits the time budget.
+    "views": {"detect": {"views": 1}, "train": {"view_weight": 1.0}},
     # The two speed settings of the default, each taken back alone: what does the time budget cost?
     "no_bottleneck": {"train": {"image_bottleneck": 0}},
     "fp32": {"train": {"precision": "fp32"}},
@@ -275,18 +280,35 @@ def run_variant(suite: str, variant: str, seed: int, labs: dict, scratch: Path, 
     }
 
 
+def _detector_key(config: str, seed: int) -> str:
+    """What decides the detector alone (detect.DETECTOR_KEYS): runs that differ only in how detection
+    runs with it (detect.views, say) share it."""
+    settings = json.loads(config)
+    detector = {k: v for k, v in settings.get("detect", {}).items() if k in DETECTOR_KEYS}
+    return json.dumps([settings["datasets"], detector, seed], sort_keys=True)
+
+
+def _seed_of(workdir: Path) -> int:
+    return int(workdir.name.rsplit("-seed", 1)[1])  # run_variant names every workdir ...-seed<N>
+
+
 def _reuse_earlier_stages(scratch: Path, workdir: Path, config: str, seed: int) -> None:
     """Copy the finished stages of an earlier run whose settings up to them, data and seed were identical:
-    detector and detections, and the trained model and features too when the train section also agrees.
-    aecfe itself then judges them up to date (or not) from their fingerprints, as in any workdir."""
+    detector and detections, and the trained model and features too when the train section also agrees;
+    else the detector alone when what builds and trains it agrees. aecfe itself then judges them up to
+    date (or not) from their fingerprints, as in any workdir."""
     settings = json.loads(config)
     detect_key = json.dumps([settings["datasets"], settings.get("detect", {}), seed], sort_keys=True)
     train_key = json.dumps([detect_key, settings.get("train", {})], sort_keys=True)
     keys = {"detect": detect_key, "train": train_key}
+    same_detector = [p.parent for p in sorted(scratch.glob("*/aecfe.yaml"))
+                     if p.parent != workdir and _detector_key(p.read_text(), _seed_of(p.parent)) == _detector_key(config, seed)]
     for stage, marker, parts in (("train", "train", ("detector", "detect", "train", "extract", "datasets.json")),
-                                 ("detect", "detector", ("detector", "detect", "datasets.json"))):
-        earlier = [p.parent for p in sorted(scratch.glob(f"*/{stage}_key.txt"))
-                   if p.read_text() == keys[stage] and (p.parent / "work" / marker / "manifest.json").is_file()]
+                                 ("detect", "detector", ("detector", "detect", "datasets.json")),
+                                 ("detector", "detector", ("detector", "datasets.json"))):
+        earlier = same_detector if stage == "detector" else [
+            p.parent for p in sorted(scratch.glob(f"*/{stage}_key.txt")) if p.read_text() == keys[stage]]
+        earlier = [folder for folder in earlier if (folder / "work" / marker / "manifest.json").is_file()]
         if earlier:
             (workdir / "work").mkdir()
             for part in parts:
