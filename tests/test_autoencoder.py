@@ -25,6 +25,7 @@ from aecfe_cli.autoencoder import (
     scale_features,
     ssim,
     train_one_epoch,
+    view_consistency,
 )
 from aecfe_cli.errors import StageError, UserError
 from aecfe_cli.precision import autocast_dtype
@@ -238,7 +239,8 @@ def test_loss_terms_and_single_domain_alignment():
     features, crops, _ = random_cells(8)
     features, images = prepare_batch(features, crops, 32, "cpu")
     one_domain = aecfe_loss(model(features), features, images, torch.zeros(8, dtype=torch.long))
-    assert set(one_domain) == {"feature", "image", "align", "total"}
+    assert set(one_domain) == {"feature", "image", "align", "views", "total"}
+    assert one_domain["views"].item() == 0  # no views given
     assert one_domain["align"].item() == 0
     assert one_domain["total"].item() == pytest.approx(one_domain["feature"].item() + one_domain["image"].item())
     two = aecfe_loss(model(features), features, images, torch.arange(8) % 2, align_weight=5.0)
@@ -277,6 +279,52 @@ def test_train_one_epoch_reports_means_and_progress():
     assert means["total"] == pytest.approx(sum(t["total"] for t, _ in seen) / 3)
     with pytest.raises(UserError, match="image_size"):
         train_one_epoch(model, loader, torch.optim.Adam(model.parameters()), "cpu", 5.0, 64)
+
+
+def test_view_consistency_is_zero_for_identical_views_and_blind_to_the_latents_scale():
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 50, generator=generator)
+    assert view_consistency(z, z.repeat_interleave(2, dim=0)).item() == pytest.approx(0, abs=1e-7)
+    views = z.repeat_interleave(2, dim=0) + 0.3 * torch.randn(12, 50, generator=generator)
+    apart = view_consistency(z, views).item()
+    assert apart > 0.05
+    # Shrinking every latent, the cheap way out of a plain distance, leaves it where it was.
+    assert view_consistency(0.1 * z, 0.1 * views).item() == pytest.approx(apart, rel=1e-4)
+    # Each view moves towards its own cell: cell-major order matters.
+    assert view_consistency(z, z.repeat(2, 1)).item() > 1.0
+    with pytest.raises(StageError, match="views per cell"):
+        view_consistency(z, views[:5])
+
+
+def test_views_are_encoded_with_the_cells_and_pull_only_their_own_latents():
+    model = tiny_model()
+    features, crops, domains = random_cells(8)
+    features, images = prepare_batch(features, crops, 32, "cpu")
+    views = features.repeat_interleave(2, dim=0) + 0.5 * torch.randn(16, 256, 14, 14)
+    outputs = model(features, views)
+    assert len(outputs) == 4 and outputs[3].shape == (16, 50)
+    assert torch.allclose(outputs[0], model(features)[0], atol=1e-5)  # the cells' latents do not see the views
+    assert torch.allclose(outputs[3], model.encode(views), atol=1e-5)
+    terms = aecfe_loss(outputs, features, images, domains, view_weight=2.0)
+    assert terms["views"].item() > 0
+    expected = terms["feature"] + terms["image"] + 5.0 * terms["align"] + 2.0 * terms["views"]
+    assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # With views identical to the cells the term vanishes.
+    assert aecfe_loss(model(features, features.repeat_interleave(2, dim=0)), features, images, domains)["views"].item() \
+        == pytest.approx(0, abs=1e-6)
+
+
+def test_train_one_epoch_trains_views_towards_their_cells():
+    model = tiny_model()
+    features, crops, domains = random_cells(24)
+    views = (features.float().unsqueeze(1) + 2.0 * torch.randn(24, 1, 256, 14, 14)).half()
+    sampler = DomainBalancedBatchSampler(domains.tolist(), batch_size=8, seed=0)
+    loader = DataLoader(TensorDataset(features, crops, domains, views), batch_sampler=sampler)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    first = train_one_epoch(model, loader, optimizer, "cpu", 5.0, 32, view_weight=10.0)
+    for _ in range(8):
+        last = train_one_epoch(model, loader, optimizer, "cpu", 5.0, 32, view_weight=10.0)
+    assert first["views"] > 0 and last["views"] < 0.5 * first["views"], (first, last)
 
 
 def test_sampler_every_batch_holds_every_domain_with_equal_shares():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aecfe_cli import annotations, pseudo_labels, synth
+from aecfe_cli import annotations, colour, pseudo_labels, synth
 from aecfe_cli import detector as net
 from aecfe_cli import detector_training as training
 from aecfe_cli.errors import UserError
@@ -146,6 +146,20 @@ def test_detect_returns_mask_branch_features_of_the_final_boxes(trained, images)
         pooled = model.roi_heads.mask_roi_pool(features, [boxes], batch.image_sizes)
     expected = pooled.numpy()
     assert np.allclose(np.stack([d.roi_feature for d in detections]), expected, atol=1e-3, rtol=1e-3)
+
+
+def test_roi_features_at_the_detected_boxes_are_the_stored_features_and_follow_the_image(trained, images):
+    """Views for train.view_weight: RoIAlign at given boxes of any copy of an image, in the boxes' order."""
+    model, _, _ = trained
+    found = net.detect(model, images[:2], "cpu", score_threshold=0.0)
+    boxes = [np.stack([d.box for d in detections[:2]]) for detections in found]
+    pooled = net.roi_features_at(model, images[:2], boxes, "cpu")
+    stored = np.stack([d.roi_feature for detections in found for d in detections[:2]])
+    assert pooled.shape == (len(stored), 256, 14, 14)
+    assert np.allclose(pooled, stored, atol=1e-3, rtol=1e-3)
+    copy = colour.augmented_copy(images[0], np.random.default_rng(0))
+    assert copy.dtype == np.uint8 and copy.shape == images[0].shape and not np.array_equal(copy, images[0])
+    assert not np.allclose(net.roi_features_at(model, [copy], boxes[:1], "cpu"), pooled[:len(boxes[0])], atol=1e-3)
 
 
 def test_detect_applies_the_score_threshold(trained, images):

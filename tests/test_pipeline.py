@@ -109,6 +109,27 @@ def test_detection_precision_is_a_detection_key_and_training_precision_a_detecto
     assert _status(root)[("detector", "-")] == "stale"
 
 
+def test_view_consistency_needs_stored_views_and_then_trains_on_them(finished_project, tmp_path):
+    """train.view_weight without detect.views: one line naming the missing file and the fix, exit 2. With
+    both, detection (not the detector) runs again and stores one view per cell beside its feature."""
+    root = _copy_with_config_edit(finished_project[0], tmp_path, "precision: fp32\nevaluate",
+                                  "precision: fp32\n  view_weight: 1.0\nevaluate")
+    result = run_cli("train", "--data", "lab_a", "--data", "lab_b", cwd=root)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(error) == 1 and "roi_views.npy" in error[0] and "detect.views" in error[0]
+    config = root / "aecfe.yaml"
+    config.write_text(config.read_text().replace("chunk_images: 8", "chunk_images: 8\n  views: 1"))
+    result = run_cli("train", "--data", "lab_a", "--data", "lab_b", cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "detector: up to date" in result.stderr
+    detect = root / "aecfe-work" / "detect" / "lab_a"
+    views = np.load(detect / "roi_views.npy")
+    assert views.shape == (len(np.load(detect / "roi_features.npy")), 1, 256, 14, 14)
+    history = _rows(root / "aecfe-work" / "train" / "history.csv")
+    assert all(float(row["views"]) > 0 for row in history)
+
+
 def test_evaluate_json_is_the_report_only(finished_project, tmp_path):
     root = _copy(finished_project[0], tmp_path)
     result = run_cli("--quiet", "evaluate", "--source", "lab_b", "--target", "lab_a", "--json", cwd=root)
