@@ -67,6 +67,11 @@ class DetectConfig:
     train_steps: int = 240
     train_batch_size: int = 4
     train_lr: float = 0.001
+    # Self-supervised pretraining of the backbone on the training images' own cells before Mask R-CNN
+    # training (SimCLR on stain-jittered views, aecfe_cli/backbone_pretraining.py): steps of
+    # pretrain_batch_size cells, two views each. 0 (the paper, which starts from ImageNet) skips it.
+    pretrain_steps: int = 0
+    pretrain_batch_size: int = 64
     # Stain normalisation before the detector, for training, RoI features and crops alike: "dataset" maps
     # each dataset's CIELAB means and deviations onto one reference (Reinhard), "image" each image's own,
     # "none" keeps the colours. Off until benchmarks/accuracy.py shows it helps on real labs.
@@ -91,6 +96,9 @@ class DetectConfig:
             raise UserError(f"max_missing_fraction: expected a fraction from 0 to 1, got {self.max_missing_fraction}")
         _check_precision(self.train_precision, "train_precision")
         _check_precision(self.precision)
+        if self.pretrain_steps < 0 or self.pretrain_batch_size < 2:
+            raise UserError(f"pretrain_steps: expected 0 (none) or more, with pretrain_batch_size 2 or more; got "
+                            f"{self.pretrain_steps} and {self.pretrain_batch_size}")
         if self.views < 0:
             raise UserError(f"views: expected 0 (none) or a number of augmented views per cell, got {self.views}")
 

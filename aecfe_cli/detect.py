@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import annotations, colour, precision, pseudo_labels
+from . import annotations, backbone_pretraining, colour, precision, pseudo_labels
 from . import detector as net
 from . import detector_training as training
 from .config import DetectConfig
@@ -34,7 +34,7 @@ FEATURE_SHAPE = (256, 14, 14)
 VIEWS_FILE = "roi_views.npy"  # (N, detect.views, 256, 14, 14): RoI features of colour-augmented views
 # Keys that decide how the detector is built and trained; the rest only affect detection.
 DETECTOR_KEYS = ("backbone", "min_size", "max_size", "train_images", "train_epochs", "train_steps", "train_batch_size",
-                 "train_lr", "stain_norm", "train_precision")
+                 "train_lr", "stain_norm", "train_precision", "pretrain_steps", "pretrain_batch_size")
 DETECTION_KEYS = ("score_threshold", "crop_size", "all_cells", "chunk_images", "stain_norm", "precision", "views")
 # Images a dataset's stain statistics are measured on: evenly spaced over the dataset, so every process
 # of a sharded run measures the same ones; 64 images hold millions of pixels, plenty for 6 numbers.
@@ -116,6 +116,13 @@ def obtain_detector(
         else:
             model = net.build_detector(cfg.backbone, min_size=cfg.min_size, max_size=cfg.max_size)
         model.to(device)
+        if cfg.pretrain_steps:
+            with reporter.progress(f"pretraining the detector's backbone on the cells of {len(samples)} images",
+                                   cfg.pretrain_steps, unit="step") as bar:
+                how["pretraining"] = backbone_pretraining.pretrain_backbone(
+                    model.backbone.body, samples, cfg.pretrain_steps, cfg.pretrain_batch_size, device, seed,
+                    stain_norm=cfg.stain_norm, white_balance=net.detector_args(model)["white_balance"],
+                    on_step=lambda step, total, loss: bar.advance(1, loss=loss), autocast_dtype=autocast_dtype)
         steps = training.training_steps(len(samples), cfg.train_epochs, cfg.train_batch_size, cfg.train_steps)
         with reporter.progress(f"training detector on {len(samples)} images", steps, unit="step") as bar:
             losses = training.train_detector(

@@ -83,14 +83,7 @@ def train_detector(
     model.to(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
-    warmup = max(1, min(200, total_steps // 5))
-
-    def lr_factor(step: int) -> float:
-        # Linear warm-up from lr/10 (never a full-size first step), then cosine decay to 2 %.
-        ramp = 0.1 + 0.9 * min(1.0, step / warmup)
-        return ramp * max(0.02, 0.5 * (1 + math.cos(math.pi * step / total_steps)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_factor)
+    schedule = warmup_cosine(optimiser, total_steps, warmup=max(1, min(200, total_steps // 5)))
     transform = model.transform
     sizes = (transform.min_size, transform.max_size)
     # The views are already at detection scale: the model's own resize must leave them as they are.
@@ -111,21 +104,37 @@ def train_detector(
                 with autocast(device, autocast_dtype):
                     terms = model(images, targets)
                 loss = sum(term.float() for term in terms.values())
-                if not torch.isfinite(loss):
-                    raise StageError(f"detector training diverged at step {len(losses) + 1} "
-                                     f"(loss {float(loss)}); use a lower learning rate")
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, 10.0)
-                optimiser.step()
-                schedule.step()
-                losses.append(float(loss.detach()))
+                losses.append(clipped_step(loss, parameters, optimiser, schedule, "detector training", len(losses) + 1))
                 if on_step is not None:
                     on_step(len(losses), total_steps, {key: float(value.detach()) for key, value in terms.items()})
     finally:
         transform.min_size, transform.max_size = sizes
         model.eval()
     return losses
+
+
+def warmup_cosine(optimiser: torch.optim.Optimizer, total_steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from a tenth of the rate (never a full-size first step from random weights), then
+    cosine decay to 2 % at ``total_steps``."""
+    def factor(step: int) -> float:
+        ramp = 0.1 + 0.9 * min(1.0, step / warmup)
+        return ramp * max(0.02, 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+
+
+def clipped_step(loss: torch.Tensor, parameters: list, optimiser: torch.optim.Optimizer, schedule,
+                 what: str, step: int) -> float:
+    """One optimiser step on ``loss`` with gradients clipped at norm 10; a non-finite loss stops ``what``
+    with the step it happened at instead of corrupting the weights. Returns the loss as a float."""
+    if not torch.isfinite(loss):
+        raise StageError(f"{what} diverged at step {step} (loss {float(loss)}); use a lower learning rate")
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 10.0)
+    optimiser.step()
+    schedule.step()
+    return float(loss.detach())
 
 
 def training_steps(samples: int, epochs: int, batch_size: int, min_steps: int) -> int:

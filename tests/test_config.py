@@ -45,6 +45,8 @@ def test_wrong_type_names_the_key():
         config_from_dict({"detect": {"train_precision": "fp16"}}, "cfg.yaml")
     with pytest.raises(UserError, match=r"cfg.yaml: train.image_bottleneck: expected 0"):
         config_from_dict({"train": {"image_bottleneck": -8}}, "cfg.yaml")
+    with pytest.raises(UserError, match=r"cfg.yaml: detect.pretrain_steps: expected 0 \(none\) or more"):
+        config_from_dict({"detect": {"pretrain_steps": 10, "pretrain_batch_size": 1}}, "cfg.yaml")
     with pytest.raises(UserError, match=r"cfg.yaml: detect.views: expected 0 \(none\) or a number"):
         config_from_dict({"detect": {"views": -1}}, "cfg.yaml")
     with pytest.raises(UserError, match=r"cfg.yaml: train.view_weight: expected 0 \(off\) or a positive weight"):

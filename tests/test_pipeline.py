@@ -130,6 +130,17 @@ def test_view_consistency_needs_stored_views_and_then_trains_on_them(finished_pr
     assert all(float(row["views"]) > 0 for row in history)
 
 
+def test_backbone_pretraining_is_a_detector_key_and_runs_before_detector_training(finished_project, tmp_path):
+    root = _copy_with_config_edit(finished_project[0], tmp_path, "train_lr: 0.001",
+                                  "train_lr: 0.001\n  pretrain_steps: 2\n  pretrain_batch_size: 4")
+    assert _status(root)[("detector", "-")] == "stale"
+    result = run_cli("detect", "--data", "lab_a", cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "pretraining the detector's backbone" in result.stderr
+    obtained = json.loads((root / "aecfe-work" / "detector" / "manifest.json").read_text())["obtained"]
+    assert obtained["pretraining"]["steps"] == 2 and obtained["pretraining"]["batch_size"] == 4
+
+
 def test_evaluate_json_is_the_report_only(finished_project, tmp_path):
     root = _copy(finished_project[0], tmp_path)
     result = run_cli("--quiet", "evaluate", "--source", "lab_b", "--target", "lab_a", "--json", cwd=root)
