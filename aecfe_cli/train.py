@@ -25,6 +25,7 @@ from .detect import VIEWS_FILE
 from .errors import UserError
 from .io import iter_npy_blocks, read_npy, write_csv, write_figure
 from .reporting import Reporter
+from .sampling import DomainBalancedBatchSampler
 from .workdir import fingerprint, invalidate, output_digest, write_manifest
 
 FEATURE_CHANNELS = 256
@@ -131,7 +132,7 @@ def run_training(
         invalidate(folder)
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = ae.DomainBalancedBatchSampler(dataset.domains.tolist(), cfg.batch_size, seed, rank, world_size)
+    sampler = DomainBalancedBatchSampler(dataset.domains.tolist(), cfg.batch_size, seed, rank, world_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_identity_collate,
                                          pin_memory=device.type == "cuda")
     started = time.perf_counter()

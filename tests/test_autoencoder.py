@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from aecfe_cli.autoencoder import (
     AECFE,
-    DomainBalancedBatchSampler,
     NonFiniteLoss,
     aecfe_loss,
     alignment_distance,
@@ -28,6 +27,7 @@ from aecfe_cli.autoencoder import (
     view_consistency,
 )
 from aecfe_cli.errors import StageError, UserError
+from aecfe_cli.sampling import DomainBalancedBatchSampler
 from aecfe_cli.precision import autocast_dtype
 from conftest import CreatesMarkerWhenUnpickled
 
