@@ -121,9 +121,9 @@ class TrainConfig:
     norm_first: bool = False  # true: GroupNorm before ReLU; the paper's ReLU-then-norm plants a spot in images
     image_loss: str = "ssim"  # ssim (the paper) | ssim_l1 (padded SSIM + L1: borders and colour count)
     alignment: str = "paper"  # paper | normalised (distance of latents in batch-std units: no shrinking)
-    # Weight of the view-consistency term: the latent of each colour-augmented view (detect.views) is pulled
-    # towards the latent of the original cell, in units of the batch's latent variance so that shrinking
-    # every latent cannot satisfy it. 0 (the paper) leaves it out.
+    # Weight of the view-consistency term: the latent of each colour-augmented view (detect.views) must find
+    # its own cell's latent among the batch's (InfoNCE over ln(batch): 1 is chance, 0 certainty), so that
+    # mapping every cell to one latent cannot satisfy it. 0 (the paper) leaves it out.
     view_weight: float = 0.0
     # Speed, chosen to meet the time budget of the real triangle (docs/accuracy_notes.md, "Fourth step").
     # Channels the image decoder reduces the 256-channel feature to before upsampling (0: none, the paper).

@@ -77,8 +77,8 @@ LEVERS: dict[str, dict] = {
     # The image loss still falls at epoch 30 on every seed of the default: what does twice the training give?
     "epochs60": {"train": {"epochs": 60}},
     # Colour-augmented views of each cell (the detector's own stain and optics jitter), their RoI features
-    # taken at the cell's box, each view's latent pulled towards the cell's: invariance to other labs'
-    # stains learnt from the user's own cells. One view each, the least that fits the time budget.
+    # taken at the cell's box, each view's latent made to find the cell's among the batch's: invariance to
+    # other labs' stains learnt from the user's own cells. One view each, the least that costs.
     "views": {"detect": {"views": 1}, "train": {"view_weight": 1.0}},
     # Self-supervised pretraining of the detector's backbone on the training images' cells (SimCLR on
     # stain-jittered views): 200 steps of 64 cells, about 10 passes over the cells of 1,000 images.

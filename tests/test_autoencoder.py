@@ -281,17 +281,19 @@ def test_train_one_epoch_reports_means_and_progress():
         train_one_epoch(model, loader, torch.optim.Adam(model.parameters()), "cpu", 5.0, 64)
 
 
-def test_view_consistency_is_zero_for_identical_views_and_blind_to_the_latents_scale():
+def test_view_consistency_is_low_when_views_find_their_cells_and_chance_when_the_latent_collapses():
     generator = torch.Generator().manual_seed(0)
-    z = torch.randn(6, 50, generator=generator)
-    assert view_consistency(z, z.repeat_interleave(2, dim=0)).item() == pytest.approx(0, abs=1e-7)
-    views = z.repeat_interleave(2, dim=0) + 0.3 * torch.randn(12, 50, generator=generator)
-    apart = view_consistency(z, views).item()
-    assert apart > 0.05
-    # Shrinking every latent, the cheap way out of a plain distance, leaves it where it was.
-    assert view_consistency(0.1 * z, 0.1 * views).item() == pytest.approx(apart, rel=1e-4)
-    # Each view moves towards its own cell: cell-major order matters.
-    assert view_consistency(z, z.repeat(2, 1)).item() > 1.0
+    z = torch.randn(16, 50, generator=generator)
+    own = view_consistency(z, z.repeat_interleave(2, dim=0) + 0.1 * torch.randn(32, 50, generator=generator)).item()
+    assert own < 0.05
+    # One latent for every cell, the collapse a plain distance rewards: chance (1), not zero.
+    collapsed = torch.ones(16, 50)
+    assert view_consistency(collapsed, collapsed.repeat_interleave(2, dim=0)).item() == pytest.approx(1.0, abs=1e-5)
+    # Shrinking every latent changes nothing (cosine similarity).
+    views = z.repeat_interleave(2, dim=0) + 0.8 * torch.randn(32, 50, generator=generator)
+    assert view_consistency(0.1 * z, 0.1 * views).item() == pytest.approx(view_consistency(z, views).item(), rel=1e-4)
+    # Each view must find its own cell: cell-major order matters.
+    assert view_consistency(z, z.repeat(2, 1)).item() > 0.5
     with pytest.raises(StageError, match="views per cell"):
         view_consistency(z, views[:5])
 
@@ -309,9 +311,9 @@ def test_views_are_encoded_with_the_cells_and_pull_only_their_own_latents():
     assert terms["views"].item() > 0
     expected = terms["feature"] + terms["image"] + 5.0 * terms["align"] + 2.0 * terms["views"]
     assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-5)
-    # With views identical to the cells the term vanishes.
-    assert aecfe_loss(model(features, features.repeat_interleave(2, dim=0)), features, images, domains)["views"].item() \
-        == pytest.approx(0, abs=1e-6)
+    # Views identical to their cells find them better than noisy ones.
+    same = aecfe_loss(model(features, features.repeat_interleave(2, dim=0)), features, images, domains)["views"].item()
+    assert same < terms["views"].item()
 
 
 def test_train_one_epoch_trains_views_towards_their_cells():
@@ -324,7 +326,7 @@ def test_train_one_epoch_trains_views_towards_their_cells():
     first = train_one_epoch(model, loader, optimizer, "cpu", 5.0, 32, view_weight=10.0)
     for _ in range(8):
         last = train_one_epoch(model, loader, optimizer, "cpu", 5.0, 32, view_weight=10.0)
-    assert first["views"] > 0 and last["views"] < 0.5 * first["views"], (first, last)
+    assert first["views"] > 0.9 and last["views"] < 0.7 * first["views"], (first, last)  # 1 is chance
 
 
 def test_sampler_every_batch_holds_every_domain_with_equal_shares():
