@@ -114,13 +114,13 @@ def cell_windows(samples: Sequence[TrainSample], stain_norm: str) -> list[np.nda
         except UnreadableImage as exc:
             raise UserError(f"{exc}; remove it from the training data") from None
         picture = Image.fromarray(image)
+        fill = tuple(int(v) for v in np.median(image.reshape(-1, 3), axis=0))  # one per image, not per box
         for x0, y0, x1, y1 in np.asarray(sample.boxes, np.float32).reshape(-1, 4):
             half = WINDOW_MARGIN * max(x1 - x0, y1 - y0) / 2
             if half < 2:
                 continue
             centre_x, centre_y = (x0 + x1) / 2, (y0 + y1) / 2
             extent = (centre_x - half, centre_y - half, centre_x + half, centre_y + half)
-            fill = tuple(int(v) for v in np.median(image.reshape(-1, 3), axis=0))
             windows.append(np.asarray(picture.transform((WINDOW_SIZE, WINDOW_SIZE), Image.EXTENT, extent,
                                                         Image.BILINEAR, fillcolor=fill)))
     return windows
