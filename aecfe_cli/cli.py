@@ -319,10 +319,12 @@ def train(
     if result is None:
         return
     manifest = result[1]
+    from .autoencoder import LOSS_TERMS
+
     final = manifest.get("final_loss") or {}
-    _print_table("train", ["datasets", "cells", "epochs", "feature", "image", "align", "total", "samples/s"],
+    _print_table("train", ["datasets", "cells", "epochs", *LOSS_TERMS, "samples/s"],
                  [(", ".join(manifest["datasets"]), manifest["counts"]["cells"], manifest["counts"]["epochs"],
-                   *(float(final.get(k, float("nan"))) for k in ("feature", "image", "align", "total")),
+                   *(float(final.get(k, float("nan"))) for k in LOSS_TERMS),
                    manifest["timings"].get("samples_per_second") or "-")])
 
 

@@ -306,8 +306,8 @@ def _detect_chunk(dataset, k, model, cfg, stain, autocast_dtype, parts, device, 
                              x0, y0, x1, y1, round(float(det.score), 4), int(det.mask.sum())])
                 features.append(det.roi_feature.astype(np.float16))
                 crops.append(net.crop_cell(image, det.box, size=cfg.crop_size))
-            if cfg.views and kept:
-                views.extend(_view_features(model, record.rel, image, [d.box for d in kept], cfg.views, autocast_dtype, device))
+        if cfg.views:
+            views.extend(_view_features(model, [r.rel for r in batch], images, results, cfg.views, autocast_dtype, device))
         bar.advance(len(records[start:start + cfg.batch_size]))
     write_npy(parts / f"part_{k:05d}_roi.npy", np.stack(features) if features else np.zeros((0, *FEATURE_SHAPE), np.float16))
     if cfg.views:
@@ -319,15 +319,27 @@ def _detect_chunk(dataset, k, model, cfg, stain, autocast_dtype, parts, device, 
     write_json(parts / f"part_{k:05d}.json", {"rows": rows, "unreadable": unreadable, "no_detection": missed})
 
 
-def _view_features(model, rel: str, image: np.ndarray, boxes: list, count: int, autocast_dtype, device) -> list[np.ndarray]:
-    """(count, 256, 14, 14) float16 per box: RoI features of ``count`` colour-augmented copies of the image
-    at the boxes found in the original. Seeded by the image's path, so a view is the same whatever the
-    chunking, sharding or resumption of the run."""
-    rng = np.random.default_rng(zlib.crc32(rel.encode("utf-8")))
-    copies = [colour.augmented_copy(image, rng) for _ in range(count)]
-    pooled = net.roi_features_at(model, copies, [np.stack(boxes)] * count, device, autocast_dtype)
-    per_box = pooled.reshape(count, len(boxes), *FEATURE_SHAPE).transpose(1, 0, 2, 3, 4)
-    return list(per_box.astype(np.float16))
+def _view_features(model, rels: list[str], images: list[np.ndarray], results: list, count: int, autocast_dtype,
+                   device) -> list[np.ndarray]:
+    """(count, 256, 14, 14) float16 per kept detection, in detection order: RoI features of ``count``
+    colour-augmented copies of each image at the boxes found in the original, all copies of the batch in
+    one ``roi_features_at`` call. Seeded by the image's path, so a view is the same whatever the chunking,
+    sharding or resumption of the run."""
+    copies, boxes, owners = [], [], []
+    for rel, image, kept in zip(rels, images, results):
+        if not kept:
+            continue
+        rng = np.random.default_rng(zlib.crc32(rel.encode("utf-8")))
+        copies.extend(colour.augmented_copy(image, rng) for _ in range(count))
+        boxes.extend([np.stack([d.box for d in kept])] * count)
+        owners.append(len(kept))
+    pooled = net.roi_features_at(model, copies, boxes, device, autocast_dtype)
+    per_cell, offset = [], 0
+    for cells in owners:  # the image's block is (count copies) x (its cells), copy-major
+        block = pooled[offset:offset + count * cells].reshape(count, cells, *FEATURE_SHAPE)
+        per_cell.extend(block.transpose(1, 0, 2, 3, 4).astype(np.float16))
+        offset += count * cells
+    return per_cell
 
 
 def _merge(dataset, parts, folder, expected, cfg, stain, autocast_dtype, device, seconds, images_done) -> dict:

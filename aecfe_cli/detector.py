@@ -372,27 +372,14 @@ def detect(model, images: Sequence[np.ndarray], device, score_threshold: float =
     from torchvision.models.detection.roi_heads import maskrcnn_inference
     from torchvision.models.detection.transform import resize_boxes
 
-    device = torch.device(device)
-    model.eval()
-    if device.type == "cpu":
-        # oneDNN convolutions run ~10 % faster on channels-last weights; the values are unchanged.
-        model.to(memory_format=torch.channels_last)
-    white_balance = getattr(model, "aecfe_args", {}).get("white_balance", False)
     heads = model.roi_heads
     saved_threshold = heads.score_thresh
     heads.score_thresh = float(score_threshold)
     results: list[list[Detection]] = []
     try:
         with torch.inference_mode():
-            for start in range(0, len(images), DETECT_BATCH):
-                batch = [_as_input(image, white_balance).to(device) for image in images[start:start + DETECT_BATCH]]
-                original_sizes = [tuple(tensor.shape[-2:]) for tensor in batch]
-                resized, _ = model.transform(batch)
-                with autocast(device, autocast_dtype):
-                    features = model.backbone(resized.tensors)
-                    proposals, _ = model.rpn(resized, features)
-                features = OrderedDict((level, value.float()) for level, value in features.items())
-                proposals = [proposal.float() for proposal in proposals]
+            for original_sizes, resized, features, proposals in _trunk_batches(model, images, device, autocast_dtype,
+                                                                               proposals=True):
                 box_features = heads.box_head(heads.box_roi_pool(features, proposals, resized.image_sizes))
                 boxes, scores, labels = heads.postprocess_detections(*heads.box_predictor(box_features), proposals,
                                                                      resized.image_sizes)
@@ -425,22 +412,37 @@ def roi_features_at(model, images: Sequence[np.ndarray], boxes: Sequence[np.ndar
     the feature of the very cell found in the original."""
     from torchvision.models.detection.transform import resize_boxes
 
-    device = torch.device(device)
-    model.eval()
-    white_balance = getattr(model, "aecfe_args", {}).get("white_balance", False)
     pooled = []
     with torch.inference_mode():
-        for start in range(0, len(images), DETECT_BATCH):
-            batch = [_as_input(image, white_balance).to(device) for image in images[start:start + DETECT_BATCH]]
-            resized, _ = model.transform(batch)
-            with autocast(device, autocast_dtype):
-                features = model.backbone(resized.tensors)
-            features = OrderedDict((level, value.float()) for level, value in features.items())
-            scaled = [resize_boxes(torch.as_tensor(np.asarray(b, np.float32).reshape(-1, 4), device=device),
-                                   tuple(tensor.shape[-2:]), size)
-                      for b, tensor, size in zip(boxes[start:start + DETECT_BATCH], batch, resized.image_sizes)]
+        for start, (original_sizes, resized, features, _) in zip(range(0, len(images), DETECT_BATCH),
+                                                                 _trunk_batches(model, images, device, autocast_dtype)):
+            scaled = [resize_boxes(torch.as_tensor(np.asarray(b, np.float32).reshape(-1, 4), device=resized.tensors.device),
+                                   original, size)
+                      for b, original, size in zip(boxes[start:start + DETECT_BATCH], original_sizes, resized.image_sizes)]
             pooled.append(model.roi_heads.mask_roi_pool(features, scaled, resized.image_sizes).float().cpu())
     return torch.cat(pooled).numpy() if pooled else np.zeros((0, *FEATURE_SHAPE), np.float32)
+
+
+def _trunk_batches(model, images: Sequence[np.ndarray], device, autocast_dtype: Optional[torch.dtype],
+                   proposals: bool = False):
+    """The shared start of ``detect`` and ``roi_features_at``, per batch of ``DETECT_BATCH`` images: their
+    original sizes, the resized ImageList, the float32 FPN features and (when asked) the RPN's float32
+    proposals. Backbone, FPN and RPN run under autocast; what follows gets float32 inputs."""
+    device = torch.device(device)
+    model.eval()
+    if device.type == "cpu":
+        # oneDNN convolutions run ~10 % faster on channels-last weights; the values are unchanged.
+        model.to(memory_format=torch.channels_last)
+    white_balance = getattr(model, "aecfe_args", {}).get("white_balance", False)
+    for start in range(0, len(images), DETECT_BATCH):
+        batch = [_as_input(image, white_balance).to(device) for image in images[start:start + DETECT_BATCH]]
+        original_sizes = [tuple(tensor.shape[-2:]) for tensor in batch]
+        resized, _ = model.transform(batch)
+        with autocast(device, autocast_dtype):
+            features = model.backbone(resized.tensors)
+            found = model.rpn(resized, features)[0] if proposals else None
+        features = OrderedDict((level, value.float()) for level, value in features.items())
+        yield original_sizes, resized, features, None if found is None else [p.float() for p in found]
 
 
 def _as_input(image: np.ndarray, white_balance: bool) -> torch.Tensor:

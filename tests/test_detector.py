@@ -162,6 +162,22 @@ def test_roi_features_at_the_detected_boxes_are_the_stored_features_and_follow_t
     assert not np.allclose(net.roi_features_at(model, [copy], boxes[:1], "cpu"), pooled[:len(boxes[0])], atol=1e-3)
 
 
+def test_views_of_a_detection_batch_are_those_of_each_image_alone(trained, images):
+    """detect.views copies every image of a detection batch in one call: each cell's views, in detection
+    order, are those its image yields alone (seeded by its path), and an image without cells adds none."""
+    from aecfe_cli.detect import _view_features
+
+    model, _, _ = trained
+    found = net.detect(model, images[:2], "cpu", score_threshold=0.0)
+    results = [found[0][:2], [], found[1][:1]]
+    rels, batch = ["a.png", "empty.png", "b.png"], [images[0], images[1], images[1]]
+    together = _view_features(model, rels, batch, results, 2, None, "cpu")
+    alone = [v for r, i, k in zip(rels, batch, results) for v in _view_features(model, [r], [i], [k], 2, None, "cpu")]
+    assert len(together) == 3 and all(v.shape == (2, 256, 14, 14) and v.dtype == np.float16 for v in together)
+    assert all(np.allclose(a, b, atol=2e-3) for a, b in zip(together, alone))
+    assert not np.allclose(together[0][0], together[0][1], atol=1e-2)  # two different copies
+
+
 def test_detect_applies_the_score_threshold(trained, images):
     model, _, _ = trained
     everything = net.detect(model, images[:1], "cpu", score_threshold=0.0)[0]

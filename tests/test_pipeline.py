@@ -123,6 +123,8 @@ def test_view_consistency_needs_stored_views_and_then_trains_on_them(finished_pr
     result = run_cli("train", "--data", "lab_a", "--data", "lab_b", cwd=root)
     assert result.returncode == 0, result.stderr
     assert "detector: up to date" in result.stderr
+    header = next(line for line in result.stdout.splitlines() if "feature" in line and "total" in line)
+    assert "views" in header  # the printed table shows every loss term
     detect = root / "aecfe-work" / "detect" / "lab_a"
     views = np.load(detect / "roi_views.npy")
     assert views.shape == (len(np.load(detect / "roi_features.npy")), 1, 256, 14, 14)
