@@ -12,6 +12,8 @@ costs no extra segmentation; a square window around each is kept decoded, small,
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -72,6 +74,7 @@ def pretrain_backbone(
     schedule = warmup_cosine(optimiser, steps, warmup=max(1, steps // 10))
     cells = min(batch_size, len(windows))
     losses = []
+    started = time.perf_counter()
     body.train()
     for step in range(steps):
         chosen = rng.choice(len(windows), size=cells, replace=False)
@@ -83,8 +86,10 @@ def pretrain_backbone(
         if on_step is not None:
             on_step(step + 1, steps, losses[-1])
     body.eval()
+    # chance_loss is the NT-Xent of projections that carry nothing: ln of the 2N - 1 candidates per view.
     return {"steps": steps, "cells": len(windows), "batch_size": cells, "first_loss": round(losses[0], 4),
-            "final_loss": round(float(np.mean(losses[-10:])), 4)}
+            "final_loss": round(float(np.mean(losses[-10:])), 4), "chance_loss": round(math.log(2 * cells - 1), 4),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _pooled(body: nn.Module, images: torch.Tensor) -> torch.Tensor:

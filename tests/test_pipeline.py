@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import shutil
 
 import numpy as np
@@ -141,6 +142,8 @@ def test_backbone_pretraining_is_a_detector_key_and_runs_before_detector_trainin
     assert "pretraining the detector's backbone" in result.stderr
     obtained = json.loads((root / "aecfe-work" / "detector" / "manifest.json").read_text())["obtained"]
     assert obtained["pretraining"]["steps"] == 2 and obtained["pretraining"]["batch_size"] == 4
+    assert obtained["pretraining"]["chance_loss"] == pytest.approx(math.log(7), abs=1e-3)  # 2 x 4 - 1 candidates
+    assert obtained["pretraining"]["seconds"] > 0
 
 
 def test_evaluate_json_is_the_report_only(finished_project, tmp_path):
