@@ -235,6 +235,32 @@ def prepare_batch(
     return features, images
 
 
+@torch.no_grad()
+def feature_r2(model: AECFE, feature_batches, device: Device) -> float:
+    """Coefficient of determination of the feature reconstruction over ``feature_batches`` (raw RoI
+    features, (N, C, 14, 14) each), in the scaled space the feature term is computed in: 1 is exact,
+    0 is no better than predicting every cell's mean feature, which a collapsed latent gives.
+    Float32 without autocast, so one number serves every precision setting."""
+    core = _unwrap(model)
+    was_training = core.training
+    core.eval()
+    count, total, squares, errors = 0, 0.0, 0.0, 0.0
+    for batch in feature_batches:
+        features = core.scale(torch.as_tensor(batch).to(device).float())
+        recon = core.feature_decoder(core.encode(features))
+        flat = features.double().reshape(len(features), -1)
+        count += len(features)
+        total = total + flat.sum(dim=0)
+        squares = squares + (flat**2).sum(dim=0)
+        errors += float(((recon.double().reshape(len(features), -1) - flat) ** 2).sum())
+    core.train(was_training)
+    if count < 2:
+        raise UserError("the feature R^2 needs at least two cells")
+    # Sum over elements of each element's squared deviation from its mean over the cells.
+    spread = float((squares - total**2 / count).sum())
+    return 1.0 - errors / spread if spread > 0 else float("nan")
+
+
 def _gaussian_window(window: int, sigma: float, device: torch.device, dtype: torch.dtype) -> Tensor:
     offsets = torch.arange(window, device=device, dtype=dtype) - (window - 1) / 2
     weights = torch.exp(-(offsets**2) / (2 * sigma**2))

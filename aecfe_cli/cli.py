@@ -322,9 +322,10 @@ def train(
     from .autoencoder import LOSS_TERMS
 
     final = manifest.get("final_loss") or {}
-    _print_table("train", ["datasets", "cells", "epochs", *LOSS_TERMS, "samples/s"],
+    # feature R^2: 1 is an exact feature reconstruction, 0 no better than every cell's mean feature.
+    _print_table("train", ["datasets", "cells", "epochs", *LOSS_TERMS, "feature R^2", "samples/s"],
                  [(", ".join(manifest["datasets"]), manifest["counts"]["cells"], manifest["counts"]["epochs"],
-                   *(float(final.get(k, float("nan"))) for k in LOSS_TERMS),
+                   *(float(final.get(k, float("nan"))) for k in LOSS_TERMS), float(manifest.get("feature_r2", float("nan"))),
                    manifest["timings"].get("samples_per_second") or "-")])
 
 

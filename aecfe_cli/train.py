@@ -30,6 +30,7 @@ from .workdir import fingerprint, invalidate, output_digest, write_manifest
 
 FEATURE_CHANNELS = 256
 SAMPLES_PER_DOMAIN = 6  # cells shown in each reconstruction grid, per dataset
+R2_CELLS = 2048  # evenly spaced training cells the feature R^2 is measured on (seconds, not minutes)
 
 
 class CellArrays(torch.utils.data.Dataset):
@@ -164,8 +165,9 @@ def run_training(
     if rank != 0:
         return None
     _write_history(folder, history)
-    outputs = ["model.pt", "history.csv", "loss.png"]
     core = model.module if world_size > 1 else model
+    r2 = ae.feature_r2(core, _feature_sample(dataset, R2_CELLS), device)
+    outputs = ["model.pt", "history.csv", "loss.png"]
     return write_manifest(
         folder,
         "train",
@@ -181,8 +183,15 @@ def run_training(
                  "samples_per_second": round(samples_seen / seconds, 1) if seconds > 0 and samples_seen else None},
         extra={"datasets": list(names), "anchor": names[0], "flops_per_sample": ae.count_flops(core),
                "precision": precision.name(autocast_dtype),
-               "final_loss": history[-1] if history else None},
+               "final_loss": history[-1] if history else None, "feature_r2": round(r2, 4)},
     )
+
+
+def _feature_sample(dataset: CellArrays, cells: int, batch: int = 256):
+    """RoI features of up to ``cells`` evenly spaced training cells, in batches."""
+    indices = np.unique(np.linspace(0, len(dataset) - 1, min(cells, len(dataset))).astype(int))
+    for start in range(0, len(indices), batch):
+        yield dataset._gather(indices[start:start + batch])[0]
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from aecfe_cli.autoencoder import (
     alignment_distance,
     build_model,
     count_flops,
+    feature_r2,
     load_checkpoint,
     prepare_batch,
     save_checkpoint,
@@ -182,6 +183,36 @@ def test_channel_scaling_is_fitted_on_training_cells_and_travels_with_the_checkp
     assert torch.equal(restored.scale(cells), scaled)
     with pytest.raises(UserError, match="feature_scaling 'minmax'"):
         AECFE(**TINY, feature_scaling="minmax")
+
+
+class _Constant(torch.nn.Module):
+    """A feature decoder that ignores its latent: every cell gets one fixed feature map."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(len(z), *self.value.shape)
+
+
+def test_feature_r2_is_one_for_an_exact_reconstruction_and_zero_for_the_mean_cell():
+    """The number a user reads to see whether the feature term learnt anything: 1 for a perfect
+    reconstruction, 0 for a latent that carries nothing (every cell decoded to the mean cell), in the
+    scaled space the loss uses, and the same whether the cells come in one batch or several."""
+    torch.manual_seed(0)
+    cells = torch.randn(30, 256, 14, 14) * 2 + 1
+    model = AECFE(**TINY, feature_scaling="channel")
+    model.fit_feature_scaling([cells])
+    model.encoder = torch.nn.Flatten()
+    model.feature_decoder = torch.nn.Unflatten(1, (256, 14, 14))
+    assert feature_r2(model, [cells[:7], cells[7:]], "cpu") == pytest.approx(1.0, abs=1e-6)
+    model.feature_decoder = _Constant(model.scale(cells).mean(dim=0))
+    assert feature_r2(model, [cells], "cpu") == pytest.approx(0.0, abs=1e-5)
+    assert feature_r2(model, [cells[:13], cells[13:]], "cpu") == pytest.approx(0.0, abs=1e-5)
+    model.feature_decoder = _Constant(model.scale(cells).mean(dim=0) + 0.5)  # worse than the mean
+    assert feature_r2(model, [cells], "cpu") < -0.1
+    assert model.training  # left as it was found
 
 
 def test_padded_ssim_scores_the_border_that_valid_windows_ignore():

@@ -126,6 +126,9 @@ def test_view_consistency_needs_stored_views_and_then_trains_on_them(finished_pr
     assert "detector: up to date" in result.stderr
     header = next(line for line in result.stdout.splitlines() if "feature" in line and "total" in line)
     assert "views" in header  # the printed table shows every loss term
+    assert "R^2" in header  # and whether the feature reconstruction beats every cell's mean feature
+    r2 = json.loads((root / "aecfe-work" / "train" / "manifest.json").read_text())["feature_r2"]
+    assert r2 <= 1 and f"{r2:.3f}" in result.stdout
     detect = root / "aecfe-work" / "detect" / "lab_a"
     views = np.load(detect / "roi_views.npy")
     assert views.shape == (len(np.load(detect / "roi_features.npy")), 1, 256, 14, 14)
