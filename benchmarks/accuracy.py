@@ -275,6 +275,8 @@ def run_variant(suite: str, variant: str, seed: int, labs: dict, scratch: Path, 
         "settings": settings, "wall_seconds": round(wall, 1), "resumed": resumed,
         "stage_seconds": stage_seconds(work, names),
         "cells": {n: read_json(work / "detect" / n / "manifest.json")["counts"] for n in names},
+        # Whether the autoencoder's feature term beats every cell's mean feature (issue 12's first cause).
+        "feature_r2": read_json(work / "train" / "manifest.json").get("feature_r2"),
         "reports": {source: compact(report) for source, report in reports.items()},
         "cross_validation": {n: cross_validated(work, n, seed) for n in names},
         "classifier_spread": classifier_spread(work, names, seed, settings.get("evaluate", {})),
@@ -528,7 +530,9 @@ def _run_table(entry: dict) -> list[str]:
     methods = list(next(iter(entry["reports"].values()))["methods"])
     lines = [f"**{entry['variant']}**, seed {entry['seed']}{' (quick)' if entry['quick'] else ''}: "
              f"settings `{json.dumps(entry['settings'])}`, cells {json.dumps({n: c['cells'] for n, c in entry['cells'].items()})}, "
-             f"wall {entry['wall_seconds']} s (stages: `{json.dumps(entry['stage_seconds'])}`), {entry['machine']}, "
+             f"wall {entry['wall_seconds']} s (stages: `{json.dumps(entry['stage_seconds'])}`), "
+             + (f"feature R^2 {entry['feature_r2']:.3f}, " if entry.get("feature_r2") is not None else "")
+             + f"{entry['machine']}, "
              f"{entry['finished']}{'; ' + entry['note'] if entry.get('note') else ''}", "",
              "| direction | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
     for source, target in _directions(entry):
