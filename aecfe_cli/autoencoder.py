@@ -254,10 +254,9 @@ def feature_r2(model: AECFE, feature_batches, device: Device) -> float:
         squares = squares + (flat**2).sum(dim=0)
         errors += float(((recon.double().reshape(len(features), -1) - flat) ** 2).sum())
     core.train(was_training)
-    if count < 2:
-        raise UserError("the feature R^2 needs at least two cells")
-    # Sum over elements of each element's squared deviation from its mean over the cells.
-    spread = float((squares - total**2 / count).sum())
+    # Sum over elements of each element's squared deviation from its mean over the cells; undefined (nan)
+    # for fewer than two cells or identical ones, which must not fail a training that has finished.
+    spread = float((squares - total**2 / count).sum()) if count > 1 else 0.0
     return 1.0 - errors / spread if spread > 0 else float("nan")
 
 

@@ -322,10 +322,11 @@ def train(
     from .autoencoder import LOSS_TERMS
 
     final = manifest.get("final_loss") or {}
+    r2 = manifest.get("feature_r2")  # None: an older workdir's model, or fewer than two distinct cells
     # feature R^2: 1 is an exact feature reconstruction, 0 no better than every cell's mean feature.
     _print_table("train", ["datasets", "cells", "epochs", *LOSS_TERMS, "feature R^2", "samples/s"],
                  [(", ".join(manifest["datasets"]), manifest["counts"]["cells"], manifest["counts"]["epochs"],
-                   *(float(final.get(k, float("nan"))) for k in LOSS_TERMS), float(manifest.get("feature_r2", float("nan"))),
+                   *(float(final.get(k, float("nan"))) for k in LOSS_TERMS), "-" if r2 is None else float(r2),
                    manifest["timings"].get("samples_per_second") or "-")])
 
 

@@ -10,6 +10,7 @@ rank 0 writes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -183,7 +184,7 @@ def run_training(
                  "samples_per_second": round(samples_seen / seconds, 1) if seconds > 0 and samples_seen else None},
         extra={"datasets": list(names), "anchor": names[0], "flops_per_sample": ae.count_flops(core),
                "precision": precision.name(autocast_dtype),
-               "final_loss": history[-1] if history else None, "feature_r2": round(r2, 4)},
+               "final_loss": history[-1] if history else None, "feature_r2": round(r2, 4) if math.isfinite(r2) else None},
     )
 
 

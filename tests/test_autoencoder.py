@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 
@@ -213,6 +214,7 @@ def test_feature_r2_is_one_for_an_exact_reconstruction_and_zero_for_the_mean_cel
     model.feature_decoder = _Constant(model.scale(cells).mean(dim=0) + 0.5)  # worse than the mean
     assert feature_r2(model, [cells], "cpu") < -0.1
     assert model.training  # left as it was found
+    assert math.isnan(feature_r2(model, [cells[:1]], "cpu"))  # undefined for one cell, and no error
 
 
 def test_padded_ssim_scores_the_border_that_valid_windows_ignore():
