@@ -1,0 +1,187 @@
+"""Label-free ideas for the cross-lab classifier, tried on finished feature sets before any is built into aecfe.
+
+Each idea changes only what the classifier sees, so it can be scored on the features that a run of
+``benchmarks/accuracy.py --suite real`` left in ``--scratch`` (the workdirs ``real-0-VARIANT-seedN``), in
+minutes instead of a pipeline run per idea. The protocol is the evaluate defaults' classifier (random
+forest, each source class weighed alike, ``max_shift`` 1.5, 3 rounds of self-training) with one classifier
+seed, trained on all of the source's cells (nothing held out, no in-domain score): cheaper than the
+harness's, so an idea is compared with the ``none`` row of the same invocation, never with
+``docs/accuracy.md``. Ideas (``--ideas``, comma-separated):
+
+* ``none``: the features as extracted.
+* ``dataset``: each lab standardised with its own mean and spread (``evaluate.feature_norm: dataset``).
+* ``prior``: the target standardised with its own moments, the source with its class-conditional moments
+  reweighted to the target's class prior, estimated from the classifier's mean predicted probabilities on the
+  target (3 rounds from equal classes): a lab's moments follow its class mix, not only its stain.
+* ``clusters:K``: each lab's moments with each of K k-means clusters of its cells (features standardised
+  within the lab) weighing alike, a label-free stand-in for "each class alike".
+* ``source_classes:K``: the source's moments with each of its classes alike, the target's with each of K
+  clusters alike.
+* ``achromatic``: the morphology's hue columns left out (CIELAB a and b and their spreads, the stain's
+  channel shares and their contrasts); lightness, optical density, shape and nuclear structure kept.
+* ``virtual_labs:K``: domain randomisation. The source's crops are shown as K other labs might show them
+  (one ``colour.stain_jitter`` draw per virtual lab, applied to all its cells, and the virtual lab's own
+  stain statistics), described again, and the forest trains on the source and its virtual labs alike. The
+  latent of a virtual lab's cell is its original's: the latent comes from the detector's RoI features, which
+  would need a detector pass per virtual lab.
+
+``--columns morphology`` scores the morphology columns alone (``latent`` the latent alone).
+
+    python benchmarks/label_free_prototypes.py --scratch /tmp/aecfe-accuracy --ideas none,dataset,clusters:8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.metrics import balanced_accuracy_score
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from aecfe_cli import colour, morphology  # noqa: E402
+from aecfe_cli.classify import fit_classifier, make_classifier, normalise_features, stable_columns  # noqa: E402
+from aecfe_cli.feature_sets import MORPHOLOGY_PREFIX, load_feature_set, morphology_columns  # noqa: E402
+
+LABS = ("pbc", "zheng", "bccd")
+DIRECTIONS = [(source, target) for source in LABS for target in LABS if source != target]
+MAX_SHIFT, SELF_TRAINING, CLASS_WEIGHT, CLASSIFIER_SEED = 1.5, 3, "balanced", 0
+HUE_DESCRIPTORS = ("_a", "_b", "_a_spread", "_b_spread", "_density_red", "_density_green", "_density_blue")
+PRIOR_ROUNDS = 3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/aecfe-accuracy"))
+    parser.add_argument("--variant", default="default", help="the harness variant whose workdirs to read")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--ideas", default="none,dataset")
+    parser.add_argument("--columns", choices=("all", "morphology", "latent"), default="all")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+    ideas = args.ideas.split(",")
+    means = {idea: [] for idea in ideas}
+    print("| pipeline seed | idea | mean | " + " | ".join(f"{s}->{t}" for s, t in DIRECTIONS) + " |")
+    print("|---|---|---|" + "---|" * len(DIRECTIONS))
+    for seed in (int(s) for s in args.seeds.split(",")):
+        workdir = args.scratch / f"real-0-{args.variant}-seed{seed}" / "work"
+        labs = {name: load_feature_set(workdir, name) for name in LABS}
+        virtual = {}
+        for idea in ideas:
+            scores = []
+            for source, target in DIRECTIONS:
+                shown = []
+                if idea.startswith("virtual_labs:"):
+                    if (idea, source) not in virtual:
+                        virtual[idea, source] = virtual_lab_descriptors(labs[source], int(idea.split(":")[1]), seed)
+                    shown = virtual[idea, source]
+                scores.append(score(idea, labs[source], labs[target], args.columns, shown))
+            means[idea].append(float(np.mean(scores)))
+            print(f"| {seed} | {idea} | {np.mean(scores):.3f} | " + " | ".join(f"{v:.3f}" for v in scores) + " |",
+                  flush=True)
+    print()
+    for idea, values in means.items():
+        print(f"{idea}: mean {np.mean(values):.3f}, sd {np.std(values, ddof=1) if len(values) > 1 else 0:.3f} "
+              f"over pipeline seeds ({', '.join(f'{v:.3f}' for v in values)})")
+
+
+def score(idea: str, source, target, columns: str, virtual: list[np.ndarray]) -> float:
+    """Balanced accuracy on the target's cells of the classes it shares with the source."""
+    chosen = chosen_columns(source.columns, columns, achromatic=idea == "achromatic")
+    source_x, target_x = source.features[:, chosen].astype(np.float64), target.features[:, chosen].astype(np.float64)
+    source_x, target_x = normalise(idea, source_x, source.labels, target_x)
+    keep = stable_columns([source_x, target_x], MAX_SHIFT)
+    train_x, train_y = source_x, source.labels
+    if virtual:
+        is_morphology = morphology_columns(source.columns)[chosen]
+        copies = []
+        for descriptors in virtual:
+            copy = source_x.copy()
+            copy[:, is_morphology] = descriptors[:, chosen[morphology_columns(source.columns)]]
+            copies.append(copy)
+        train_x = np.concatenate([source_x, *copies])
+        train_y = np.concatenate([source.labels] * (1 + len(copies)))
+    model = fit_classifier("random_forest", CLASSIFIER_SEED, train_x[:, keep], train_y, target_x[:, keep],
+                           SELF_TRAINING, class_weight=CLASS_WEIGHT)
+    scored = np.isin(target.labels, np.unique(source.labels))
+    return float(balanced_accuracy_score(target.labels[scored], model.predict(target_x[scored][:, keep])))
+
+
+def chosen_columns(names: tuple[str, ...], columns: str, achromatic: bool) -> np.ndarray:
+    is_morphology = morphology_columns(names)
+    chosen = {"all": np.ones(len(names), bool), "morphology": is_morphology, "latent": ~is_morphology}[columns]
+    if achromatic:
+        chosen &= ~np.array([n.startswith(MORPHOLOGY_PREFIX) and n.endswith(HUE_DESCRIPTORS) for n in names])
+    return chosen
+
+
+def normalise(idea: str, source_x: np.ndarray, source_y: np.ndarray, target_x: np.ndarray):
+    kind, _, k = idea.partition(":")
+    if kind in ("none", "achromatic", "virtual_labs"):
+        return source_x, target_x
+    if kind == "dataset":
+        return normalise_features(source_x, "dataset"), normalise_features(target_x, "dataset")
+    if kind == "clusters":
+        return (standardise(source_x, *group_moments(source_x, clusters(source_x, int(k)))),
+                standardise(target_x, *group_moments(target_x, clusters(target_x, int(k)))))
+    if kind == "source_classes":
+        return (standardise(source_x, *group_moments(source_x, source_y)),
+                standardise(target_x, *group_moments(target_x, clusters(target_x, int(k)))))
+    if kind == "prior":
+        target_x = standardise(target_x, *plain_moments(target_x))
+        classes = np.unique(source_y)
+        prior = np.ones(len(classes))
+        for _ in range(PRIOR_ROUNDS):
+            scaled = standardise(source_x, *group_moments(source_x, source_y, prior))
+            keep = stable_columns([scaled, target_x], MAX_SHIFT)
+            forest = make_classifier("random_forest", CLASSIFIER_SEED, CLASS_WEIGHT).fit(scaled[:, keep], source_y)
+            prior = np.maximum(forest.predict_proba(target_x[:, keep]).mean(axis=0), 1e-3)
+        return standardise(source_x, *group_moments(source_x, source_y, prior)), target_x
+    raise SystemExit(f"unknown idea '{idea}'")
+
+
+def plain_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return x.mean(axis=0), x.std(axis=0)
+
+
+def group_moments(x: np.ndarray, groups: np.ndarray, weights: np.ndarray | None = None):
+    """Mean and spread of ``x`` with each group (in ``np.unique`` order) weighing ``weights`` (default alike)."""
+    keys = np.unique(groups)
+    weights = np.ones(len(keys)) if weights is None else np.asarray(weights, np.float64)
+    weights = weights / weights.sum()
+    mean = sum(w * x[groups == g].mean(axis=0) for w, g in zip(weights, keys))
+    second = sum(w * (x[groups == g] ** 2).mean(axis=0) for w, g in zip(weights, keys))
+    return mean, np.sqrt(np.maximum(second - mean**2, 0.0))
+
+
+def standardise(x: np.ndarray, mean: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    return (x - mean) / np.where(spread > 1e-12, spread, 1.0)
+
+
+def clusters(x: np.ndarray, k: int) -> np.ndarray:
+    return KMeans(k, n_init=10, random_state=0).fit_predict(standardise(x, *plain_moments(x)))
+
+
+def virtual_lab_descriptors(lab, count: int, seed: int) -> list[np.ndarray]:
+    """The morphology descriptors of the lab's crops as each of ``count`` virtual labs would show them."""
+    started, described = time.perf_counter(), []
+    crops = np.asarray(lab.crops)
+    for index in range(count):
+        draw = 1000 * seed + index  # the same draw for every cell: one lamp, stain and camera per virtual lab
+        shown = np.stack([np.moveaxis(colour.augmented_copy(np.moveaxis(c, 0, -1), np.random.default_rng(draw)), -1, 0)
+                          for c in crops])
+        blocks = [shown[i:i + 256] for i in range(0, len(shown), 256)]
+        statistics = colour.lab_statistics(np.moveaxis(block, 1, -1) for block in blocks)
+        described.append(np.concatenate(list(morphology.describe_crops(blocks, statistics))))
+    print(f"<!-- {lab.name}: {count} virtual labs described in {time.perf_counter() - started:.0f} s -->", flush=True)
+    return described
+
+
+if __name__ == "__main__":
+    main()
