@@ -17,7 +17,8 @@ from .errors import UserError, did_you_mean
 
 CLASSIFIERS = ("random_forest", "logistic_regression", "knn", "linear_svm")
 CLASS_WEIGHTS = ("none", "balanced")
-FEATURE_NORMS = ("none", "dataset")
+FEATURE_NORMS = ("none", "dataset", "both")
+STANDARDISED_SUFFIX = "@dataset"  # names the standardised copy of a column under feature_norm "both"
 DIGITS = 6
 # A class scored on fewer cells than this is all but a coin: Zheng's one basophil, right or wrong, moves a
 # five-class balanced accuracy by 0.20, more than any lever (docs/accuracy_notes.md). Reports name such
@@ -137,14 +138,29 @@ def normalise_features(features: np.ndarray, mode: str) -> np.ndarray:
     """``mode`` "dataset": standardise each dimension with this dataset's own mean and standard deviation
     over all its cells (label-free, like AdaBN re-estimating batch statistics in a new domain), so a shift
     or rescaling of the whole lab in feature space does not move its cells across the classifier's
-    boundaries. Call it once per dataset; "none" returns the features as they are."""
+    boundaries. "both": the features as extracted, then their "dataset" form (columns named by
+    :func:`normalised_column_names`). Within one lab the two copies of a column differ by an affine map, so
+    a forest splits on either alike; across labs its trees then vote over both alignments of the labs. Each
+    alone moves one direction of a lab pair up and the other down, since a lab's own moments follow its
+    class mix as well as its stain (docs/accuracy_notes.md, seventeenth and eighteenth looks). Call it once
+    per dataset; "none" returns the features as they are."""
     if mode not in FEATURE_NORMS:
-        raise UserError(f"evaluate.feature_norm '{mode}': choose one of {', '.join(FEATURE_NORMS)}")
+        raise UserError(f"evaluate.feature_norm '{mode}'{did_you_mean(mode, FEATURE_NORMS)}: "
+                        f"choose one of {', '.join(FEATURE_NORMS)}")
     if mode == "none":
         return features
     features = np.asarray(features, np.float64)
     std = features.std(axis=0)
-    return ((features - features.mean(axis=0)) / np.where(std > 1e-12, std, 1.0)).astype(np.float32)
+    standardised = ((features - features.mean(axis=0)) / np.where(std > 1e-12, std, 1.0)).astype(np.float32)
+    return standardised if mode == "dataset" else np.concatenate([features.astype(np.float32), standardised], axis=1)
+
+
+def normalised_column_names(columns: Sequence[str], mode: str) -> tuple[str, ...]:
+    """The names of :func:`normalise_features`' columns for features whose columns are ``columns`` (none
+    when the features name none): under "both" each name, then each name with :data:`STANDARDISED_SUFFIX`."""
+    if mode != "both" or not columns:
+        return tuple(columns)
+    return (*columns, *(f"{column}{STANDARDISED_SUFFIX}" for column in columns))
 
 
 def stable_columns(datasets: Sequence[np.ndarray], max_shift: float | None) -> np.ndarray:

@@ -153,8 +153,11 @@ class EvaluateConfig:
     baselines: bool = True  # score raw-pixel, colour-histogram and stain-normalised histogram baselines on the same splits
     split_seed: int = 42
     # "dataset": standardise the learned features of each dataset with its own statistics before the
-    # classifier (label-free, AdaBN-like); "none" uses them as extracted.
-    feature_norm: str = "none"
+    # classifier (label-free, AdaBN-like); "both": the features as extracted and so standardised, side by
+    # side (aecfe_cli/classify.py, normalise_features); "none" uses them as extracted (the paper). "both"
+    # raised PBC <-> Zheng both ways on three real seeds, where each other form raises one direction only
+    # (docs/accuracy_notes.md, nineteenth look).
+    feature_norm: str = "both"
     # Leave out of a target's classifier (evaluate and predict) the learned-feature columns whose median moves
     # between the source and that target by more than this many interquartile ranges (label-free;
     # aecfe_cli/classify.py, stable_columns): what moves a whole lab is its stain, not its cell classes.
@@ -204,7 +207,8 @@ PRESETS: dict[str, dict] = {
                   "align_weight": 5.0, "feature_scaling": "sample", "norm_first": False, "image_loss": "ssim",
                   "alignment": "paper", "image_bottleneck": 0, "precision": "fp32"},
         "extract": {"morphology": False},
-        "evaluate": {"classifier": "random_forest", "max_shift": None, "self_training": 0, "class_weight": "none"},
+        "evaluate": {"classifier": "random_forest", "feature_norm": "none", "max_shift": None, "self_training": 0,
+                     "class_weight": "none"},
     },
 }
 

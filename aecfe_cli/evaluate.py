@@ -22,7 +22,17 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import BASELINES, baseline_features, fit_projection, lab_statistics
-from .classify import cached_plain_fit, check_self_training, dropped_column_names, fit_classifier, make_classifier, normalise_features, score, stable_columns
+from .classify import (
+    cached_plain_fit,
+    check_self_training,
+    dropped_column_names,
+    fit_classifier,
+    make_classifier,
+    normalise_features,
+    normalised_column_names,
+    score,
+    stable_columns,
+)
 from .errors import UserError
 from .evaluate_report import plot_confusion, plot_embedding, render_markdown
 from .feature_sets import (
@@ -109,8 +119,9 @@ def run_evaluation(
                          {target.name: normalise_features(target.features, feature_norm) for target in targets})
     normalised.keep = {name: stable_columns([normalised.source, features], max_shift)
                        for name, features in normalised.targets.items()}
+    columns = normalised_column_names(source.columns, feature_norm)
     methods = [normalised]
-    part_methods = _part_methods(normalised, source, targets)
+    part_methods = _part_methods(normalised, columns, source, targets)
     baseline_methods, baselines_note = [], "skipped: not requested"
     if baselines:
         baseline_methods, baselines_note = _baseline_methods(source, targets, train_idx, seed)
@@ -147,7 +158,7 @@ def run_evaluation(
         "max_shift": max_shift,
         "self_training": self_training,
         "class_weight": class_weight,
-        "dropped_columns": {name: dropped_column_names(source.columns, keep) for name, keep in normalised.keep.items()},
+        "dropped_columns": {name: dropped_column_names(columns, keep) for name, keep in normalised.keep.items()},
     }
     if baselines_note:
         report["baselines_note"] = baselines_note
@@ -267,13 +278,14 @@ def _method_entry(method: _Method, descriptions: dict[str, str], results: dict) 
     }
 
 
-def _part_methods(features: _Method, source: FeatureSet, targets: Sequence[FeatureSet]) -> list[_Method]:
-    """The latent and the morphology columns of ``features`` as methods of their own, when it holds both;
-    each keeps, per target, the columns ``features`` keeps. A part every column of which is left out for
-    some target is not scored."""
-    columns = source.columns
+def _part_methods(
+    features: _Method, columns: Sequence[str], source: FeatureSet, targets: Sequence[FeatureSet]
+) -> list[_Method]:
+    """The latent and the morphology columns of ``features`` (named ``columns``) as methods of their own,
+    when it holds both; each keeps, per target, the columns ``features`` keeps. A part every column of which
+    is left out for some target is not scored."""
     for target in targets:
-        if target.columns != columns:
+        if target.columns != source.columns:
             raise UserError(f"datasets '{source.name}' and '{target.name}' were extracted with different feature "
                             f"columns (extract.morphology?): re-run `aecfe extract --force`")
     morphology = morphology_columns(columns)

@@ -37,7 +37,16 @@ from sklearn.base import BaseEstimator
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from .classify import cached_plain_fit, check_self_training, dropped_column_names, fit_classifier, normalise_features, rounded, stable_columns
+from .classify import (
+    cached_plain_fit,
+    check_self_training,
+    dropped_column_names,
+    fit_classifier,
+    normalise_features,
+    normalised_column_names,
+    rounded,
+    stable_columns,
+)
 from .config import EvaluateConfig, PredictConfig
 from .errors import UserError, did_you_mean
 from .feature_sets import FeatureSet, map_labels, morphology_columns, resolve_labels, stratified_split
@@ -376,7 +385,7 @@ def run_prediction(
         "seed": seed,
         "labels": fitted.level,
         "classes": fitted.classes,
-        "dropped_columns": dropped_column_names(cells.columns, fitted.columns),
+        "dropped_columns": dropped_column_names(normalised_column_names(cells.columns, fitted.feature_norm), fitted.columns),
         "self_training": fitted.self_training,
         "split": fitted.split,
         "reject": {**fitted.reject, "n_rejected": n_rejected, "rejection_rate": rounded(n_rejected / len(cells.features))},

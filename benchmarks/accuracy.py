@@ -69,6 +69,9 @@ LEVERS: dict[str, dict] = {
     "ssim_l1": {"train": {"image_loss": "ssim_l1"}},
     "normalised_alignment": {"train": {"alignment": "normalised"}},
     "feature_norm": {"evaluate": {"feature_norm": "dataset"}},
+    # Each lab's features both as extracted and standardised on its own, side by side: each form alone
+    # raises one direction of PBC <-> Zheng and lowers the other (eighteenth look); the forest uses both.
+    "feature_norm_both": {"evaluate": {"feature_norm": "both"}},
     "all_columns": {"evaluate": {"max_shift": None}},  # the default leaves out columns a stain shifts
     "image64": {"train": {"image_size": 64}},
     # The paper's capacity: at the default width 0.5 the encoder's last hidden layer (30 channels at 1x1)

@@ -10,6 +10,8 @@ harness's, so an idea is compared with the ``none`` row of the same invocation, 
 
 * ``none``: the features as extracted.
 * ``dataset``: each lab standardised with its own mean and spread (``evaluate.feature_norm: dataset``).
+* ``both``: the features as extracted and as ``dataset`` gives them, side by side (``evaluate.feature_norm:
+  both``, the default since the nineteenth look).
 * ``prior``: the target standardised with its own moments, the source with its class-conditional moments
   reweighted to the target's class prior, estimated from the classifier's mean predicted probabilities on the
   target (3 rounds from equal classes): a lab's moments follow its class mix, not only its stain.
@@ -19,6 +21,8 @@ harness's, so an idea is compared with the ``none`` row of the same invocation, 
   clusters alike.
 * ``achromatic``: the morphology's hue columns left out (CIELAB a and b and their spreads, the stain's
   channel shares and their contrasts); lightness, optical density, shape and nuclear structure kept.
+* ``mean:A+B``: the class probabilities of the forests of ideas A and B averaged (a hedge between two
+  alignments of the labs, for example ``mean:none+clusters:8``).
 * ``virtual_labs:K``: domain randomisation. The source's crops are shown as K other labs might show them
   (one ``colour.stain_jitter`` draw per virtual lab, applied to all its cells, and the virtual lab's own
   stain statistics), described again, and the forest trains on the source and its virtual labs alike. The
@@ -92,7 +96,19 @@ def main() -> None:
 
 
 def score(idea: str, source, target, columns: str, virtual: list[np.ndarray]) -> float:
-    """Balanced accuracy on the target's cells of the classes it shares with the source."""
+    """Balanced accuracy on the target's cells of the classes it shares with the source. ``mean:A+B``: the
+    class probabilities of the classifiers of ideas A and B averaged."""
+    scored = np.isin(target.labels, np.unique(source.labels))
+    parts = idea.removeprefix("mean:").split("+")
+    fits = [target_probabilities(part, source, target, columns, virtual) for part in parts]
+    classes = fits[0][0]
+    assert all(np.array_equal(fitted_classes, classes) for fitted_classes, _ in fits)
+    predicted = classes[np.mean([probabilities for _, probabilities in fits], axis=0).argmax(axis=1)]
+    return float(balanced_accuracy_score(target.labels[scored], predicted[scored]))
+
+
+def target_probabilities(idea: str, source, target, columns: str, virtual: list[np.ndarray]):
+    """The classes and the (target cells, classes) probabilities of the forest one idea gives."""
     chosen = chosen_columns(source.columns, columns, achromatic=idea == "achromatic")
     source_x, target_x = source.features[:, chosen].astype(np.float64), target.features[:, chosen].astype(np.float64)
     source_x, target_x = normalise(idea, source_x, source.labels, target_x)
@@ -109,8 +125,7 @@ def score(idea: str, source, target, columns: str, virtual: list[np.ndarray]) ->
         train_y = np.concatenate([source.labels] * (1 + len(copies)))
     model = fit_classifier("random_forest", CLASSIFIER_SEED, train_x[:, keep], train_y, target_x[:, keep],
                            SELF_TRAINING, class_weight=CLASS_WEIGHT)
-    scored = np.isin(target.labels, np.unique(source.labels))
-    return float(balanced_accuracy_score(target.labels[scored], model.predict(target_x[scored][:, keep])))
+    return np.asarray(model.classes_), model.predict_proba(target_x[:, keep])
 
 
 def chosen_columns(names: tuple[str, ...], columns: str, achromatic: bool) -> np.ndarray:
@@ -125,8 +140,8 @@ def normalise(idea: str, source_x: np.ndarray, source_y: np.ndarray, target_x: n
     kind, _, k = idea.partition(":")
     if kind in ("none", "achromatic", "virtual_labs"):
         return source_x, target_x
-    if kind == "dataset":
-        return normalise_features(source_x, "dataset"), normalise_features(target_x, "dataset")
+    if kind in ("dataset", "both"):
+        return normalise_features(source_x, kind), normalise_features(target_x, kind)
     if kind == "clusters":
         return (standardise(source_x, *group_moments(source_x, clusters(source_x, int(k)))),
                 standardise(target_x, *group_moments(target_x, clusters(target_x, int(k)))))

@@ -394,6 +394,22 @@ def test_per_dataset_feature_norm_undoes_a_whole_lab_shift(tmp_path: Path) -> No
         run_evaluation(source, [target], tmp_path / "bad", baselines=False, feature_norm="batch")
 
 
+def test_feature_norm_both_keeps_each_column_as_extracted_and_standardised(tmp_path: Path) -> None:
+    """Under "both" each column comes twice, as extracted and standardised on its own lab. A whole-lab shift
+    moves only the first copies, so max_shift leaves (some of) those out by name and never a standardised
+    copy, which carries the classes; the parts (latent, morphology) take both copies of their own columns."""
+    source = make_set("lab_a", FINE_FOUR, per_class=40)
+    target = make_set("lab_b", FINE_FOUR, per_class=40, shift=12.0, seed=1)
+    columns = tuple(f"f{i}" for i in range(DIMENSION // 2)) + tuple(f"m_d{i}" for i in range(DIMENSION - DIMENSION // 2))
+    source.columns = target.columns = columns
+    report = run_evaluation(source, [target], tmp_path / "both", baselines=False, feature_norm="both", max_shift=1.5)
+    assert report["feature_norm"] == "both" and report["targets"]["lab_b"]["balanced_accuracy"] > 0.9
+    dropped = report["dropped_columns"]["lab_b"]
+    assert dropped and set(dropped) <= set(columns)  # shifted copies as extracted; no standardised copy
+    assert report["parts"]["morphology"]["dimension"] == 2 * (DIMENSION - DIMENSION // 2)
+    assert report["parts"]["morphology"]["targets"]["lab_b"]["balanced_accuracy"] > 0.9
+
+
 def test_latent_and_morphology_parts_are_scored_alone_when_both_are_present(tmp_path: Path) -> None:
     """Half the columns carry the classes (named as morphology), half are noise (named as the latent): the
     parts show which half classifies; a dataset extracted without morphology is refused by name."""

@@ -77,7 +77,7 @@ def test_predictions_are_the_labels_of_the_classifier_evaluate_scores(tmp_path: 
     target = make_set("tgt", FINE_FOUR, per_class=50, shift=0.6, seed=1, spread=1.2)
     cfg = EvaluateConfig()
     report = run_evaluation(source, [target], tmp_path / "evaluate", baselines=False, max_shift=cfg.max_shift,
-                            class_weight=cfg.class_weight)
+                            class_weight=cfg.class_weight, feature_norm=cfg.feature_norm)
     assert 0.4 < report["targets"]["tgt"]["accuracy"] < 0.95  # overlapping classes: the check can fail
 
     fitted = _fit(source, target)
@@ -233,14 +233,19 @@ def test_haematology_order_puts_mature_cells_first_and_unknown_names_last() -> N
         "neutrophil", "lymphocyte", "monocyte", "basophil", "blast", "AAA", "PMB"]
 
 
-def test_predict_leaves_out_the_columns_evaluate_leaves_out_and_labels_as_it_scores(tmp_path: Path) -> None:
+@pytest.mark.parametrize("feature_norm, kept", [("none", [True, False]), ("both", [True, False, True, True])])
+def test_predict_leaves_out_the_columns_evaluate_leaves_out_and_labels_as_it_scores(
+    tmp_path: Path, feature_norm: str, kept: list[bool]
+) -> None:
+    """Under feature_norm "both" the standardised copy of the stained column (m_colour@dataset) stays."""
     from test_evaluate import _stain_and_shape_labs
 
     source, target = _stain_and_shape_labs()
-    report = run_evaluation(source, [target], tmp_path / "evaluate", baselines=False, max_shift=1.5)
-    cfg = EvaluateConfig(max_shift=1.5)
+    cfg = EvaluateConfig(max_shift=1.5, feature_norm=feature_norm)
+    report = run_evaluation(source, [target], tmp_path / "evaluate", baselines=False, max_shift=cfg.max_shift,
+                            feature_norm=feature_norm, class_weight=cfg.class_weight)
     fitted = fit_source(source, _errors(source), classifier_columns(source, target, cfg), cfg, PredictConfig(), seed=0)
-    assert fitted.columns.tolist() == [True, False]
+    assert fitted.columns.tolist() == kept
     predicted = classify(fitted, target, _errors(target)).predicted
     assert (predicted == target.labels).mean() == pytest.approx(report["targets"]["lab_b"]["accuracy"])
     summary = run_prediction(fitted, target, _errors(target), _boxes(target), [], tmp_path / "predict",
