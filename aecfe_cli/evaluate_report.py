@@ -69,6 +69,21 @@ def _dropped_lines(report: dict) -> list[str]:
 _WEIGHTING = {"none": "", "balanced": "; classes weighted alike, `evaluate.class_weight`"}
 
 
+_FEATURE_NORMS = {
+    "dataset": "standardised on each dataset's own mean and spread",
+    "both": "both as extracted and standardised on each dataset's own mean and spread, side by side (the "
+            "standardised copies named `<column>@dataset`)",
+}
+
+
+def _feature_norm_lines(report: dict) -> list[str]:
+    described = _FEATURE_NORMS.get(report.get("feature_norm", "none"))
+    if described is None:
+        return []
+    return [f"The learned features reach the classifier {described} (`evaluate.feature_norm`); the baselines "
+            "as they are.", ""]
+
+
 def _self_training_lines(report: dict) -> list[str]:
     rounds = report.get("self_training", 0)
     if not rounds:
@@ -89,6 +104,7 @@ def render_markdown(report: dict) -> str:
         f"(asked: {report['labels_requested']}), trained on {report['split']['n_train']} {source} cells; in-domain = "
         f"the held-out {report['split']['n_test']} cells, cross-domain = every target cell of a shared class.",
         "",
+        *_feature_norm_lines(report),
         *_dropped_lines(report),
         *_self_training_lines(report),
         "## Summary",

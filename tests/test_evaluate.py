@@ -408,6 +408,7 @@ def test_feature_norm_both_keeps_each_column_as_extracted_and_standardised(tmp_p
     assert dropped and set(dropped) <= set(columns)  # shifted copies as extracted; no standardised copy
     assert report["parts"]["morphology"]["dimension"] == 2 * (DIMENSION - DIMENSION // 2)
     assert report["parts"]["morphology"]["targets"]["lab_b"]["balanced_accuracy"] > 0.9
+    assert "`evaluate.feature_norm`" in (tmp_path / "both" / "report.md").read_text()
 
 
 def test_latent_and_morphology_parts_are_scored_alone_when_both_are_present(tmp_path: Path) -> None:
