@@ -105,6 +105,9 @@ LEVERS: dict[str, dict] = {
     "no_self_training": {"evaluate": {"self_training": 0}},
     # The default weighs each source class alike (evaluate.class_weight: balanced); taken back, as the paper:
     "no_class_weight": {"evaluate": {"class_weight": "none"}},
+    # The default gives the classifier the features as extracted and standardised per lab side by side
+    # (evaluate.feature_norm: both); taken back, as before 2026-12-04 night and in the paper:
+    "feature_norm_none": {"evaluate": {"feature_norm": "none"}},
 }
 ALL_LEVERS: dict[str, dict] = {}
 for _name in ("stain_norm", "channel_scaling", "norm_first", "ssim_l1", "normalised_alignment", "feature_norm"):
