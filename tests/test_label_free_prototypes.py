@@ -50,7 +50,7 @@ def test_scores_every_direction_of_the_triangle_per_idea(tmp_path):
     workdir = tmp_path / "real-0-default-seed0" / "work"
     for name, shift in zip(prototypes.LABS, (0.0, 5.0, -5.0)):
         _write_lab(workdir, name, rng, shift)
-    ideas = ["none", "dataset", "source_classes:2", "achromatic"]
+    ideas = ["none", "dataset", "source_classes:2", "achromatic", "both/spread:5:0.5", "none/forests:2", "none/trees:150"]
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "label_free_prototypes.py"),
                              "--scratch", str(tmp_path), "--seeds", "0", "--ideas", ",".join(ideas)],
                             capture_output=True, text=True, check=True)
@@ -58,4 +58,21 @@ def test_scores_every_direction_of_the_triangle_per_idea(tmp_path):
     assert [row[1].strip() for row in rows] == ideas
     for row in rows:
         scores = [float(value) for value in row[3:]]
-        assert len(scores) == 6 and all(0.9 <= value <= 1.0 for value in scores)  # f0 holds across labs
+        assert len(scores) == 7 and all(0.85 <= value <= 1.0 for value in scores)  # f0 holds across labs
+        assert scores[-1] == pytest.approx(np.mean(scores[:6]), abs=1e-3)  # no class under 10 cells here
+
+
+def test_em_takes_the_share_of_a_class_the_target_lacks():
+    probabilities = np.array([[0.6, 0.3, 0.1]] * 8 + [[0.2, 0.7, 0.1]] * 2)
+    moved = prototypes.after_forest("em", probabilities, np.zeros((10, 1)))
+    assert np.allclose(moved.sum(axis=1), 1.0)
+    assert moved[:, 2].max() < 0.01 and moved[:, 0].mean() > probabilities[:, 0].mean()
+
+
+def test_spreading_makes_a_cluster_agree_with_its_majority():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, (10, 2)), rng.normal(5, 0.1, (10, 2))])
+    probabilities = np.array([[0.9, 0.1]] * 9 + [[0.4, 0.6]] + [[0.1, 0.9]] * 10)  # one cell of cluster 1 wrong
+    spread = prototypes.after_forest("spread:5:0.8", probabilities, x)
+    assert np.allclose(spread.sum(axis=1), 1.0)
+    assert (spread.argmax(axis=1) == [0] * 10 + [1] * 10).all()
