@@ -31,6 +31,9 @@ harness's, so an idea is compared with the ``none`` row of the same invocation, 
 
 * ``histograms_IDEA``: IDEA with the ``stain_normalized_histogram`` baseline's columns appended (each lab's
   crops normalised onto the source's stain statistics, as ``aecfe evaluate`` computes that baseline).
+* ``granules_IDEA``: IDEA with four granule descriptors per cell appended (:func:`granule_descriptors`).
+* ``resolution_IDEA``: IDEA after the lab of the pair whose crops span more original pixels has its
+  morphology measured again on crops sampled down to the other lab's resolution (:func:`resolution_matched`).
 * ``IDEA/STEP``: IDEA followed by a label-free step on the forest or its target probabilities:
   ``spread:K:ALPHA`` (label spreading over the target's own neighbours), ``em`` (the target's class prior
   by EM), ``forests:N`` (N self-trained forests averaged), ``trees:N`` (forests of N trees); see
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import time
 import warnings
@@ -54,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.cluster import KMeans
+from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +66,7 @@ sys.path.insert(0, str(ROOT))
 
 from aecfe_cli import baselines, classify, colour, morphology  # noqa: E402
 from aecfe_cli.classify import RARE_CLASS_CELLS, fit_classifier, make_classifier, normalise_features, stable_columns  # noqa: E402
+from aecfe_cli.io import read_csv  # noqa: E402
 from aecfe_cli.feature_sets import MORPHOLOGY_PREFIX, load_feature_set, morphology_columns  # noqa: E402
 
 LABS = ("pbc", "zheng", "bccd")
@@ -71,6 +77,8 @@ PRIOR_ROUNDS = 3
 EM_ROUNDS = 20
 HISTOGRAM_PREFIX = "histograms_"
 GRANULE_PREFIX = "granules_"
+RESOLUTION_PREFIX = "resolution_"
+lab_workdirs: dict[str, Path] = {}  # the workdir each lab of the pipeline seed at hand was read from
 
 
 def main() -> None:
@@ -91,7 +99,8 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         workdir = args.scratch / f"real-0-{args.variant}-seed{seed}" / "work"
         labs = {name: load_feature_set(workdir, name) for name in LABS}
-        _HISTOGRAMS.clear()  # each pipeline seed has crops of its own
+        lab_workdirs.update({name: workdir for name in LABS})
+        _CACHE.clear()  # each pipeline seed has crops of its own
         virtual = {}
         for idea in ideas:
             scores, common = [], []
@@ -137,7 +146,9 @@ def target_probabilities(idea: str, source, target, columns: str, virtual: list[
     idea's ``/``-suffix, if any (:func:`after_forest`)."""
     idea, _, after = idea.partition("/")
     with_histograms, with_granules = idea.startswith(HISTOGRAM_PREFIX), idea.startswith(GRANULE_PREFIX)
-    idea = idea.removeprefix(HISTOGRAM_PREFIX).removeprefix(GRANULE_PREFIX)
+    if idea.startswith(RESOLUTION_PREFIX):
+        source, target = resolution_matched(source, target), resolution_matched(target, source)
+    idea = idea.removeprefix(HISTOGRAM_PREFIX).removeprefix(GRANULE_PREFIX).removeprefix(RESOLUTION_PREFIX)
     chosen = chosen_columns(source.columns, columns, achromatic=idea == "achromatic")
     source_x, target_x = source.features[:, chosen].astype(np.float64), target.features[:, chosen].astype(np.float64)
     source_x, target_x = normalise(idea, source_x, source.labels, target_x)
@@ -257,20 +268,65 @@ def normalise(idea: str, source_x: np.ndarray, source_y: np.ndarray, target_x: n
     raise SystemExit(f"unknown idea '{idea}'")
 
 
-_HISTOGRAMS: dict = {}
+_CACHE: dict = {}  # descriptors computed for the pipeline seed at hand, by what and whose
 
 
 def stain_normalised_histograms(lab, reference_lab) -> np.ndarray:
     """The ``stain_normalized_histogram`` baseline's descriptors of ``lab``'s crops, normalised onto
     ``reference_lab``'s stain statistics (the source's, as ``aecfe evaluate`` does)."""
     key = (lab.name, reference_lab.name)
-    if key not in _HISTOGRAMS:
+    if key not in _CACHE:
         statistics = {name: baselines.lab_statistics(np.asarray(shown.crops)) for name, shown in
                       ((lab.name, lab), (reference_lab.name, reference_lab))}
-        _HISTOGRAMS[key] = baselines.baseline_features(
+        _CACHE[key] = baselines.baseline_features(
             np.asarray(lab.crops), "stain_normalized_histogram", reference=statistics[reference_lab.name],
             statistics=statistics[lab.name]).astype(np.float64)
-    return _HISTOGRAMS[key]
+    return _CACHE[key]
+
+
+def resolution_matched(lab, other):
+    """``lab`` with its morphology measured as ``other``'s camera would resolve it, where ``other`` resolves
+    cells more coarsely: each crop is sampled down to the original pixels ``other``'s crops span (the
+    labs' medians) and back up to the crop's size, as the detect stage resizes a coarse lab's crops, and
+    its morphology descriptors are computed again (with the degraded crops' stain statistics). Thin
+    strands between a neutrophil's lobes that one lab resolves and another cannot are then lost in both."""
+    factor = crop_span(other) / crop_span(lab)
+    if factor >= 1.0:
+        return lab
+    key = ("resolution", lab.name, round(factor, 3))
+    if key not in _CACHE:
+        size = lab.crops.shape[-1]
+        small = max(8, round(size * factor))
+        shown = np.stack([np.asarray(Image.fromarray(np.moveaxis(np.asarray(crop), 0, -1)).resize(
+            (small, small), Image.BOX).resize((size, size), Image.BILINEAR)).transpose(2, 0, 1) for crop in lab.crops])
+        blocks = [shown[i:i + 256] for i in range(0, len(shown), 256)]
+        statistics = colour.lab_statistics(np.moveaxis(block, 1, -1) for block in blocks)
+        descriptors = np.concatenate(list(morphology.describe_crops(blocks, statistics)))
+        features = lab.features.copy()
+        features[:, morphology_columns(lab.columns)] = descriptors
+        _CACHE[key] = features
+        print(f"<!-- {lab.name} seen at {factor:.2f} of its resolution ({small} px) -->", flush=True)
+    return dataclasses.replace(lab, features=_CACHE[key])
+
+
+def crop_span(lab) -> float:
+    """The median number of original image pixels across one of ``lab``'s crops: its box's longer side
+    and the margins ``detector.crop_cell`` adds, which scale with the image's size."""
+    key = ("span", lab.name)
+    if key not in _CACHE:
+        rows = read_csv(Path(lab_workdirs[lab.name]) / "detect" / lab.name / "instances.csv")
+        spans = []
+        sizes = {}
+        for row in rows:
+            if row["image"] not in sizes:
+                with Image.open(row["image"]) as image:
+                    sizes[row["image"]] = image.size
+            width, height = sizes[row["image"]]
+            box = [float(row[name]) for name in ("x0", "y0", "x1", "y1")]
+            spans.append(max(box[2] - box[0] + 30 * width / 400, box[3] - box[1] + 30 * height / 400))
+        _CACHE[key] = float(np.median(spans))
+        print(f"<!-- {lab.name}: crops span {_CACHE[key]:.0f} original pixels (median) -->", flush=True)
+    return _CACHE[key]
 
 
 def granule_descriptors(lab) -> np.ndarray:
@@ -280,9 +336,9 @@ def granule_descriptors(lab) -> np.ndarray:
     the densest quarter of the cytoplasm minus the nucleus's. All measured against the cell's own nucleus,
     so no lab's stain strength or lamp moves them. Cached per lab for the pipeline seed."""
     key = ("granules", lab.name)
-    if key not in _HISTOGRAMS:
-        _HISTOGRAMS[key] = np.stack([_granules(np.moveaxis(np.asarray(crop), 0, -1)) for crop in lab.crops])
-    return _HISTOGRAMS[key]
+    if key not in _CACHE:
+        _CACHE[key] = np.stack([_granules(np.moveaxis(np.asarray(crop), 0, -1)) for crop in lab.crops])
+    return _CACHE[key]
 
 
 def _granules(crop: np.ndarray) -> np.ndarray:
