@@ -92,6 +92,10 @@ LEVERS: dict[str, dict] = {
     # Self-supervised pretraining of the detector's backbone on the training images' cells (SimCLR on
     # stain-jittered views): 200 steps of 64 cells, about 10 passes over the cells of 1,000 images.
     "pretrain": {"detect": {"pretrain_steps": 200}},
+    # The detector's input size (issue 12 names it as a lever): its views are 256 px by default, where a
+    # neutrophil's lobes and granules span few pixels. 320 px is about the most the 30-minute budget leaves
+    # room for (the detector's stages grow with the pixels, about 1.6 times).
+    "detector320": {"detect": {"min_size": 320, "max_size": 320}},
     # The two speed settings of the default, each taken back alone: what does the time budget cost?
     "no_bottleneck": {"train": {"image_bottleneck": 0}},
     "fp32": {"train": {"precision": "fp32"}},
