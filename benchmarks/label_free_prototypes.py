@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import sys
 import time
 import warnings
@@ -66,6 +67,7 @@ sys.path.insert(0, str(ROOT))
 
 from aecfe_cli import baselines, classify, colour, morphology  # noqa: E402
 from aecfe_cli.classify import RARE_CLASS_CELLS, fit_classifier, make_classifier, normalise_features, stable_columns  # noqa: E402
+from aecfe_cli.detector import crop_cell  # noqa: E402
 from aecfe_cli.io import read_csv  # noqa: E402
 from aecfe_cli.feature_sets import MORPHOLOGY_PREFIX, load_feature_set, morphology_columns  # noqa: E402
 
@@ -78,6 +80,10 @@ EM_ROUNDS = 20
 HISTOGRAM_PREFIX = "histograms_"
 GRANULE_PREFIX = "granules_"
 RESOLUTION_PREFIX = "resolution_"
+# The margins detector.crop_cell adds around a box (pixels of a 400-px resize of the image), read from it
+# so the crop spans below follow the detect stage.
+_CROP_DEFAULTS = inspect.signature(crop_cell).parameters
+MARGIN, MARGIN_REFERENCE = _CROP_DEFAULTS["margin"].default, _CROP_DEFAULTS["reference"].default
 lab_workdirs: dict[str, Path] = {}  # the workdir each lab of the pipeline seed at hand was read from
 
 
@@ -274,13 +280,19 @@ _CACHE: dict = {}  # descriptors computed for the pipeline seed at hand, by what
 def stain_normalised_histograms(lab, reference_lab) -> np.ndarray:
     """The ``stain_normalized_histogram`` baseline's descriptors of ``lab``'s crops, normalised onto
     ``reference_lab``'s stain statistics (the source's, as ``aecfe evaluate`` does)."""
-    key = (lab.name, reference_lab.name)
+    key = ("histograms", lab.name, reference_lab.name)
     if key not in _CACHE:
-        statistics = {name: baselines.lab_statistics(np.asarray(shown.crops)) for name, shown in
-                      ((lab.name, lab), (reference_lab.name, reference_lab))}
         _CACHE[key] = baselines.baseline_features(
-            np.asarray(lab.crops), "stain_normalized_histogram", reference=statistics[reference_lab.name],
-            statistics=statistics[lab.name]).astype(np.float64)
+            np.asarray(lab.crops), "stain_normalized_histogram", reference=stain_statistics(reference_lab),
+            statistics=stain_statistics(lab)).astype(np.float64)
+    return _CACHE[key]
+
+
+def stain_statistics(lab) -> np.ndarray:
+    """``baselines.lab_statistics`` of the lab's crops, once per pipeline seed (every direction needs them)."""
+    key = ("stain", lab.name)
+    if key not in _CACHE:
+        _CACHE[key] = baselines.lab_statistics(np.asarray(lab.crops))
     return _CACHE[key]
 
 
@@ -299,11 +311,8 @@ def resolution_matched(lab, other):
         small = max(8, round(size * factor))
         shown = np.stack([np.asarray(Image.fromarray(np.moveaxis(np.asarray(crop), 0, -1)).resize(
             (small, small), Image.BOX).resize((size, size), Image.BILINEAR)).transpose(2, 0, 1) for crop in lab.crops])
-        blocks = [shown[i:i + 256] for i in range(0, len(shown), 256)]
-        statistics = colour.lab_statistics(np.moveaxis(block, 1, -1) for block in blocks)
-        descriptors = np.concatenate(list(morphology.describe_crops(blocks, statistics)))
         features = lab.features.copy()
-        features[:, morphology_columns(lab.columns)] = descriptors
+        features[:, morphology_columns(lab.columns)] = morphology_of(shown)
         _CACHE[key] = features
         print(f"<!-- {lab.name} seen at {factor:.2f} of its resolution ({small} px) -->", flush=True)
     return dataclasses.replace(lab, features=_CACHE[key])
@@ -323,7 +332,8 @@ def crop_span(lab) -> float:
                     sizes[row["image"]] = image.size
             width, height = sizes[row["image"]]
             box = [float(row[name]) for name in ("x0", "y0", "x1", "y1")]
-            spans.append(max(box[2] - box[0] + 30 * width / 400, box[3] - box[1] + 30 * height / 400))
+            spans.append(max(box[2] - box[0] + sum(MARGIN) * width / MARGIN_REFERENCE,
+                             box[3] - box[1] + sum(MARGIN) * height / MARGIN_REFERENCE))
         _CACHE[key] = float(np.median(spans))
         print(f"<!-- {lab.name}: crops span {_CACHE[key]:.0f} original pixels (median) -->", flush=True)
     return _CACHE[key]
@@ -386,11 +396,17 @@ def virtual_lab_descriptors(lab, count: int, seed: int) -> list[np.ndarray]:
         draw = 1000 * seed + index  # the same draw for every cell: one lamp, stain and camera per virtual lab
         shown = np.stack([np.moveaxis(colour.augmented_copy(np.moveaxis(c, 0, -1), np.random.default_rng(draw)), -1, 0)
                           for c in crops])
-        blocks = [shown[i:i + 256] for i in range(0, len(shown), 256)]
-        statistics = colour.lab_statistics(np.moveaxis(block, 1, -1) for block in blocks)
-        described.append(np.concatenate(list(morphology.describe_crops(blocks, statistics))))
+        described.append(morphology_of(shown))
     print(f"<!-- {lab.name}: {count} virtual labs described in {time.perf_counter() - started:.0f} s -->", flush=True)
     return described
+
+
+def morphology_of(crops: np.ndarray) -> np.ndarray:
+    """The morphology descriptors of (N, 3, S, S) ``crops`` shown as a lab of their own: the stain
+    statistics that normalise their colours are these crops' own, as ``aecfe extract`` takes a dataset's."""
+    blocks = [crops[i:i + 256] for i in range(0, len(crops), 256)]
+    statistics = colour.lab_statistics(np.moveaxis(block, 1, -1) for block in blocks)
+    return np.concatenate(list(morphology.describe_crops(blocks, statistics)))
 
 
 if __name__ == "__main__":

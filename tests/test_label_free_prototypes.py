@@ -50,7 +50,7 @@ def test_scores_every_direction_of_the_triangle_per_idea(tmp_path):
     workdir = tmp_path / "real-0-default-seed0" / "work"
     for name, shift in zip(prototypes.LABS, (0.0, 5.0, -5.0)):
         _write_lab(workdir, name, rng, shift)
-    ideas = ["none", "dataset", "source_classes:2", "achromatic", "both/spread:5:0.5", "none/forests:2", "none/trees:150"]
+    ideas = ["none", "dataset", "source_classes:2", "achromatic", "both/spread:5:0.5", "none/forests:2", "none/trees:300"]
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "label_free_prototypes.py"),
                              "--scratch", str(tmp_path), "--seeds", "0", "--ideas", ",".join(ideas)],
                             capture_output=True, text=True, check=True)
@@ -58,7 +58,7 @@ def test_scores_every_direction_of_the_triangle_per_idea(tmp_path):
     assert [row[1].strip() for row in rows] == ideas
     for row in rows:
         scores = [float(value) for value in row[3:]]
-        assert len(scores) == 7 and all(0.85 <= value <= 1.0 for value in scores)  # f0 holds across labs
+        assert len(scores) == 7 and all(0.9 <= value <= 1.0 for value in scores)  # f0 holds across labs
         assert scores[-1] == pytest.approx(np.mean(scores[:6]), abs=1e-3)  # no class under 10 cells here
 
 
