@@ -32,6 +32,10 @@ harness's, so an idea is compared with the ``none`` row of the same invocation, 
 * ``histograms_IDEA``: IDEA with the ``stain_normalized_histogram`` baseline's columns appended (each lab's
   crops normalised onto the source's stain statistics, as ``aecfe evaluate`` computes that baseline).
 * ``granules_IDEA``: IDEA with four granule descriptors per cell appended (:func:`granule_descriptors`).
+* ``contrastive_IDEA``: IDEA with a contrastive embedding of each cell appended (:func:`contrastive_embeddings`):
+  a ResNet-18 trained from scratch on the cells of all three labs to recognise each cell under stain, lamp,
+  focus and camera jitter (aecfe's own backbone pretraining, ``backbone_pretraining.pretrain_backbone``),
+  its pooled output reduced to ``CONTRASTIVE_COLUMNS`` principal components over the three labs.
 * ``resolution_IDEA``: IDEA after the lab of the pair whose crops span more original pixels has its
   morphology measured again on crops sampled down to the other lab's resolution (:func:`resolution_matched`).
 * ``IDEA/STEP``: IDEA followed by a label-free step on the forest or its target probabilities:
@@ -80,6 +84,8 @@ EM_ROUNDS = 20
 HISTOGRAM_PREFIX = "histograms_"
 GRANULE_PREFIX = "granules_"
 RESOLUTION_PREFIX = "resolution_"
+CONTRASTIVE_PREFIX = "contrastive_"
+CONTRASTIVE_BATCH, CONTRASTIVE_COLUMNS = 64, 32
 # The margins detector.crop_cell adds around a box (pixels of a 400-px resize of the image), read from it
 # so the crop spans below follow the detect stage.
 _CROP_DEFAULTS = inspect.signature(crop_cell).parameters
@@ -93,7 +99,9 @@ def main() -> None:
     parser.add_argument("--variant", default="default", help="the harness variant whose workdirs to read")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--ideas", default="none,dataset")
-    parser.add_argument("--columns", choices=("all", "morphology", "latent"), default="all")
+    parser.add_argument("--columns", choices=("all", "morphology", "latent", "none"), default="all",
+                        help="the extracted columns the classifier sees; none: only those an idea appends")
+    parser.add_argument("--contrastive-steps", type=int, default=400, help="SimCLR steps of contrastive_ ideas")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
     ideas = args.ideas.split(",")
@@ -107,6 +115,7 @@ def main() -> None:
         labs = {name: load_feature_set(workdir, name) for name in LABS}
         lab_workdirs.update({name: workdir for name in LABS})
         _CACHE.clear()  # each pipeline seed has crops of its own
+        _CACHE["pipeline_seed"], _CACHE["contrastive_steps"] = seed, args.contrastive_steps
         virtual = {}
         for idea in ideas:
             scores, common = [], []
@@ -152,9 +161,11 @@ def target_probabilities(idea: str, source, target, columns: str, virtual: list[
     idea's ``/``-suffix, if any (:func:`after_forest`)."""
     idea, _, after = idea.partition("/")
     with_histograms, with_granules = idea.startswith(HISTOGRAM_PREFIX), idea.startswith(GRANULE_PREFIX)
+    with_contrastive = idea.startswith(CONTRASTIVE_PREFIX)
     if idea.startswith(RESOLUTION_PREFIX):
         source, target = resolution_matched(source, target), resolution_matched(target, source)
-    idea = idea.removeprefix(HISTOGRAM_PREFIX).removeprefix(GRANULE_PREFIX).removeprefix(RESOLUTION_PREFIX)
+    for prefix in (HISTOGRAM_PREFIX, GRANULE_PREFIX, RESOLUTION_PREFIX, CONTRASTIVE_PREFIX):
+        idea = idea.removeprefix(prefix)
     chosen = chosen_columns(source.columns, columns, achromatic=idea == "achromatic")
     source_x, target_x = source.features[:, chosen].astype(np.float64), target.features[:, chosen].astype(np.float64)
     source_x, target_x = normalise(idea, source_x, source.labels, target_x)
@@ -164,6 +175,9 @@ def target_probabilities(idea: str, source, target, columns: str, virtual: list[
     if with_granules:
         source_x = np.concatenate([source_x, granule_descriptors(source)], axis=1)
         target_x = np.concatenate([target_x, granule_descriptors(target)], axis=1)
+    if with_contrastive:
+        source_x = np.concatenate([source_x, contrastive_embeddings()[source.name]], axis=1)
+        target_x = np.concatenate([target_x, contrastive_embeddings()[target.name]], axis=1)
     keep = stable_columns([source_x, target_x], MAX_SHIFT)
     train_x, train_y = source_x, source.labels
     if virtual:
@@ -243,7 +257,8 @@ def after_forest(after: str, probabilities: np.ndarray, target_x: np.ndarray) ->
 
 def chosen_columns(names: tuple[str, ...], columns: str, achromatic: bool) -> np.ndarray:
     is_morphology = morphology_columns(names)
-    chosen = {"all": np.ones(len(names), bool), "morphology": is_morphology, "latent": ~is_morphology}[columns]
+    chosen = {"all": np.ones(len(names), bool), "morphology": is_morphology, "latent": ~is_morphology,
+              "none": np.zeros(len(names), bool)}[columns]
     if achromatic:
         chosen &= ~np.array([n.startswith(MORPHOLOGY_PREFIX) and n.endswith(HUE_DESCRIPTORS) for n in names])
     return chosen
@@ -364,6 +379,58 @@ def _granules(crop: np.ndarray) -> np.ndarray:
     composition = share[dense].mean(axis=0) - share[nucleus].mean(axis=0)
     return np.array([np.percentile(total[cytoplasm], 90) / nucleus_density,
                      float(np.mean(total[cytoplasm] > 0.5 * nucleus_density)), composition[0], composition[2]])
+
+
+def contrastive_embeddings() -> dict[str, np.ndarray]:
+    """Per lab of the pipeline seed at hand, (N, CONTRASTIVE_COLUMNS) embeddings of its cells, rows in its
+    feature set's order. A ResNet-18 trunk, randomly initialised, is trained by SimCLR on windows around the
+    detected boxes of all labs together (label-free and transductive, as the autoencoder's alignment is) for
+    ``--contrastive-steps`` steps; each cell's whole window is then embedded (its last stage averaged over
+    space, white-balanced as in training) and the embeddings reduced by PCA fitted on all labs' cells.
+    Saved as ``contrastive-STEPS.npz`` beside the workdir, so other ideas and invocations reuse them."""
+    import torch
+    from torchvision.models import resnet18
+    from torchvision.models._utils import IntermediateLayerGetter
+    from aecfe_cli.annotations import TrainSample
+    from aecfe_cli.backbone_pretraining import VIEW_SIZE, cell_windows, pretrain_backbone
+
+    key = ("contrastive",)
+    if key in _CACHE:
+        return _CACHE[key]
+    seed, steps = _CACHE["pipeline_seed"], _CACHE["contrastive_steps"]
+    saved = Path(lab_workdirs[LABS[0]]).parent / f"contrastive-{steps}.npz"
+    if saved.is_file():
+        with np.load(saved) as stored:
+            _CACHE[key] = {name: stored[name] for name in LABS}
+        return _CACHE[key]
+    samples = {}
+    for name, workdir in lab_workdirs.items():
+        rows = {row["instance_id"]: row for row in read_csv(Path(workdir) / "detect" / name / "instances.csv")}
+        ids = load_feature_set(workdir, name).instance_ids
+        samples[name] = [TrainSample(Path(rows[i]["image"]), np.array([[float(rows[i][c]) for c in ("x0", "y0", "x1", "y1")]]),
+                                     None) for i in ids]
+    torch.manual_seed(seed)
+    body = IntermediateLayerGetter(resnet18(weights=None), {"layer4": "0"})
+    started = time.perf_counter()
+    summary = pretrain_backbone(body, [s for lab in samples.values() for s in lab], steps, CONTRASTIVE_BATCH,
+                                "cpu", seed)
+    print(f"<!-- contrastive pretraining: {summary} -->", flush=True)
+    embedded = {}
+    with torch.no_grad():
+        for name, lab_samples in samples.items():
+            windows = cell_windows(lab_samples, "none")
+            assert len(windows) == len(lab_samples)
+            views = np.stack([np.asarray(Image.fromarray(w).resize((VIEW_SIZE, VIEW_SIZE), Image.BILINEAR)) for w in windows])
+            pixels = np.stack([colour.white_balance_pixels(view.astype(np.float32) / 255.0) for view in views])
+            batches = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).split(256)
+            embedded[name] = torch.cat([list(body(b).values())[-1].mean(dim=(2, 3)) for b in batches]).numpy()
+    pooled = np.concatenate(list(embedded.values())).astype(np.float64)
+    mean = pooled.mean(axis=0)
+    _, _, axes = np.linalg.svd(pooled - mean, full_matrices=False)
+    _CACHE[key] = {name: (e - mean) @ axes[:CONTRASTIVE_COLUMNS].T for name, e in embedded.items()}
+    np.savez(saved, **_CACHE[key])
+    print(f"<!-- contrastive embeddings in {time.perf_counter() - started:.0f} s -->", flush=True)
+    return _CACHE[key]
 
 
 def plain_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

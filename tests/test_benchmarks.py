@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -64,3 +65,16 @@ def test_quick_run_reports_the_stages_it_measured(tmp_path):
     assert "| extract (cells/s) |" in text and "This is a `--quick` run" in text
     assert "| theoretical float32 peak |" in text and "FMA units" in text
     assert "| detect | not run |" in text and "| memory | ok |" not in text  # parts not asked for: no figures
+
+
+def test_pseudo_mask_tally_says_why_an_image_is_dropped(tmp_path):
+    from PIL import Image
+
+    import pseudo_mask_tally
+    from conftest import drawn_cell
+
+    cell, slide, broken = tmp_path / "cell.png", tmp_path / "slide.png", tmp_path / "broken.png"
+    Image.fromarray(drawn_cell(side=96).transpose(1, 2, 0)).save(cell)
+    Image.fromarray(np.full((96, 96, 3), (235, 228, 215), np.uint8)).save(slide)
+    broken.write_text("not an image")
+    assert [pseudo_mask_tally.outcome(str(p)) for p in (cell, slide, broken)] == ["kept", "no nucleus", "unreadable"]

@@ -44,22 +44,55 @@ def _write_lab(workdir, name, rng, hue_shift):
     write_csv(folder / "features.csv", ["instance_id", "image", "dataset", "label", *COLUMNS], rows)
 
 
-@pytest.mark.slow
-def test_scores_every_direction_of_the_triangle_per_idea(tmp_path):
+def _write_triangle(scratch):
+    """A harness's seed-0 workdir under ``scratch`` with the three labs; returns the workdir."""
     rng = np.random.default_rng(0)
-    workdir = tmp_path / "real-0-default-seed0" / "work"
+    workdir = scratch / "real-0-default-seed0" / "work"
     for name, shift in zip(prototypes.LABS, (0.0, 5.0, -5.0)):
         _write_lab(workdir, name, rng, shift)
-    ideas = ["none", "dataset", "source_classes:2", "achromatic", "both/spread:5:0.5", "none/forests:2", "none/trees:300"]
+    return workdir
+
+
+def _prototypes_output(scratch, *args: str) -> str:
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "label_free_prototypes.py"),
-                             "--scratch", str(tmp_path), "--seeds", "0", "--ideas", ",".join(ideas)],
+                             "--scratch", str(scratch), "--seeds", "0", *args],
                             capture_output=True, text=True, check=True)
-    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 0 |")]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_scores_every_direction_of_the_triangle_per_idea(tmp_path):
+    _write_triangle(tmp_path)
+    ideas = ["none", "dataset", "source_classes:2", "achromatic", "both/spread:5:0.5", "none/forests:2", "none/trees:300"]
+    output = _prototypes_output(tmp_path, "--ideas", ",".join(ideas))
+    rows = [line.split("|")[1:-1] for line in output.splitlines() if line.startswith("| 0 |")]
     assert [row[1].strip() for row in rows] == ideas
     for row in rows:
         scores = [float(value) for value in row[3:]]
         assert len(scores) == 7 and all(0.9 <= value <= 1.0 for value in scores)  # f0 holds across labs
         assert scores[-1] == pytest.approx(np.mean(scores[:6]), abs=1e-3)  # no class under 10 cells here
+
+
+@pytest.mark.slow
+def test_contrastive_embedding_gives_every_cell_its_row_and_is_saved_for_reuse(tmp_path):
+    from PIL import Image
+    from aecfe_cli.detect import INSTANCE_COLUMNS
+
+    workdir = _write_triangle(tmp_path)
+    for name in prototypes.LABS:
+        image = tmp_path / f"{name}.png"
+        pixels = np.full((48, 48, 3), 220, np.uint8)
+        pixels[16:32, 16:32] = (90, 40, 140)
+        Image.fromarray(pixels).save(image)
+        ids = prototypes.load_feature_set(workdir, name).instance_ids
+        (workdir / "detect" / name).mkdir(parents=True)
+        write_csv(workdir / "detect" / name / "instances.csv", INSTANCE_COLUMNS,
+                  ([i, str(image), name, "", 14, 14, 34, 34, 0.9, 400] for i in reversed(ids)))
+    output = _prototypes_output(tmp_path, "--ideas", "contrastive_none", "--columns", "none", "--contrastive-steps", "2")
+    assert sum(line.startswith("| 0 | contrastive_none |") for line in output.splitlines()) == 1
+    with np.load(tmp_path / "real-0-default-seed0" / "contrastive-2.npz") as saved:
+        assert {name: saved[name].shape for name in prototypes.LABS} == {
+            name: (40, prototypes.CONTRASTIVE_COLUMNS) for name in prototypes.LABS}
 
 
 def test_em_takes_the_share_of_a_class_the_target_lacks():
