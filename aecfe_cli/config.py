@@ -144,6 +144,10 @@ class ExtractConfig:
     # Append label-free morphology descriptors (nucleus and cell shape, stain-normalised colour of nucleus
     # and cytoplasm, cytoplasm-against-nucleus contrast; aecfe_cli/morphology.py) to each cell's latent.
     morphology: bool = True
+    # Where the segmentation of a crop's cell flooded into touching red cells (a mask that is not solid: a
+    # third or more of PBC's monocytes, basophils and immature granulocytes), cut them off at their necks
+    # before the morphology is measured (pseudo_labels.solid_part). Off: measured on the mask as flooded.
+    cut_red_cells: bool = False
 
 
 @dataclass

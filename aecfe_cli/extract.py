@@ -35,6 +35,8 @@ def extraction_fingerprint(detect_manifest: dict, train_manifest: dict, cfg: Ext
     # The batch size changes speed, not values, so it does not make features stale; a new version of the
     # morphology descriptors does.
     settings = {"morphology": morphology.VERSION if cfg.morphology else False}
+    if cfg.morphology and cfg.cut_red_cells:  # named only when on, so that features made without it stay current
+        settings["cut_red_cells"] = True
     return fingerprint("extract", settings, None, _inputs(detect_manifest, train_manifest))
 
 
@@ -67,7 +69,8 @@ def run_extraction(
                                 f"re-run `aecfe detect --data {name} --force`")
         # The dataset's own stain statistics, so the colour descriptors of every lab share one reference.
         statistics = colour.lab_statistics(np.moveaxis(b, 1, -1) for b in iter_npy_blocks(crops_path, cfg.batch_size))
-        described = morphology.describe_crops(iter_npy_blocks(crops_path, cfg.batch_size), statistics)
+        described = morphology.describe_crops(iter_npy_blocks(crops_path, cfg.batch_size), statistics,
+                                              cfg.cut_red_cells)
     mismatch = UserError(f"{instances_path} does not list one row per cell of {roi_path} ({cells}): "
                          f"re-run `aecfe detect --data {name} --force`")
 

@@ -8,7 +8,8 @@ histograms do not (docs/accuracy.md). The descriptors are label-free and need no
 
 * the cell and its nucleus come from the classical stain segmentation that also makes the detector's
   pseudo-masks (``pseudo_labels.segment_cells``: nuclear stain in optical density against the crop's own
-  background, the cell flooded out from it); the candidate nearest the crop's centre is the cell;
+  background, the cell flooded out from it); the candidate nearest the crop's centre is the cell (with
+  ``extract.cut_red_cells``, cut to its solid part where it flooded into touching red cells);
 * shape: nucleus-to-cell area ratio; for the nucleus its elongation, circularity, solidity, number of
   lobes and mean thickness; for the cell its elongation, circularity and solidity;
 * nuclear structure (version 3): the lobes of a nucleus are seldom separate pieces in a real smear but
@@ -41,7 +42,7 @@ from scipy import ndimage
 
 from . import colour
 from .masks import resize_mask
-from .pseudo_labels import segment_cells, solidity
+from .pseudo_labels import segment_cells, solid_part, solidity
 
 _SHAPE = ("elongation", "circularity", "solidity", "lobes", "thickness")
 _COLOUR = ("L", "a", "b", "L_spread", "a_spread", "b_spread", "density", "density_red", "density_green",
@@ -64,18 +65,21 @@ MIN_REGION_PIXELS = 5  # a nucleus or cytoplasm smaller than this is measured ov
 LOBE_SHARE = 0.1  # a separate piece of nucleus is a lobe when it holds at least this share of its area
 
 
-def describe_crops(crops: Iterable[np.ndarray], statistics: np.ndarray) -> Iterator[np.ndarray]:
+def describe_crops(crops: Iterable[np.ndarray], statistics: np.ndarray,
+                   cut_red_cells: bool = False) -> Iterator[np.ndarray]:
     """For each block of (n, 3, S, S) uint8 crops, its (n, len(DESCRIPTORS)) float32 descriptors.
 
     ``statistics``: the dataset's (2, 3) CIELAB mean and spread of stained pixels (``colour.lab_statistics``).
+    ``cut_red_cells``: see :func:`central_cell`.
     """
     for block in crops:
-        yield np.stack([describe_cell(np.moveaxis(crop, 0, -1), statistics) for crop in block]).astype(np.float32)
+        yield np.stack([describe_cell(np.moveaxis(crop, 0, -1), statistics, cut_red_cells)
+                        for crop in block]).astype(np.float32)
 
 
-def describe_cell(crop: np.ndarray, statistics: np.ndarray) -> np.ndarray:
+def describe_cell(crop: np.ndarray, statistics: np.ndarray, cut_red_cells: bool = False) -> np.ndarray:
     """Descriptors of the cell at the centre of one (S, S, 3) uint8 crop, in ``DESCRIPTORS`` order."""
-    cell, nucleus = central_cell(crop)
+    cell, nucleus = central_cell(crop, cut_red_cells)
     cytoplasm = cell & ~nucleus
     values = [nucleus.sum() / max(cell.sum(), 1), *shape_indices(nucleus), *shape_indices(cell)[:3]]
     lab = colour.rgb_to_lab(colour.normalise_stain(crop, statistics))
@@ -94,9 +98,10 @@ def describe_cell(crop: np.ndarray, statistics: np.ndarray) -> np.ndarray:
     return np.asarray(values, np.float64)
 
 
-def central_cell(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def central_cell(crop: np.ndarray, cut_red_cells: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(cell, nucleus) boolean masks of the crop's size: the segmented cell nearest the centre, or the
-    whole crop (with no nucleus) when the segmentation finds none."""
+    whole crop (with no nucleus) when the segmentation finds none. With ``cut_red_cells`` a cell that is not
+    plausible (mostly flooded into touching red cells) is cut to its solid part (``pseudo_labels.solid_part``)."""
     height, width = crop.shape[:2]
     candidates = segment_cells(crop)
     if not candidates:
@@ -107,9 +112,11 @@ def central_cell(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return math.hypot(cols.mean() - width / 2, rows.mean() - height / 2)
 
     chosen = min(candidates, key=distance_to_centre)
-    if chosen.mask.shape != (height, width):  # segmented at a reduced working size
-        return resize_mask(chosen.mask, (height, width)), resize_mask(chosen.nucleus, (height, width))
-    return chosen.mask, chosen.nucleus
+    cell = solid_part(chosen.mask, chosen.nucleus) if cut_red_cells and not chosen.plausible else chosen.mask
+    nucleus = chosen.nucleus & cell
+    if cell.shape != (height, width):  # segmented at a reduced working size
+        return resize_mask(cell, (height, width)), resize_mask(nucleus, (height, width))
+    return cell, nucleus
 
 
 def shape_indices(mask: np.ndarray) -> list[float]:

@@ -4,6 +4,7 @@ import numpy as np
 
 from aecfe_cli import colour
 from aecfe_cli.morphology import DESCRIPTORS, STRUCTURE, central_cell, describe_cell, describe_crops, nuclear_structure
+from aecfe_cli.pseudo_labels import MIN_SOLIDITY, solid_part, solidity
 from conftest import drawn_cell
 
 
@@ -93,3 +94,36 @@ def test_lobes_joined_by_a_strand_are_counted_and_the_neck_is_found():
     # Twice the magnification, the same shape: the same numbers.
     big = np.kron(lobed, np.ones((2, 2), bool)), np.kron(cell, np.ones((2, 2), bool))
     assert nuclear_structure(*big)[:3] == nuclear_structure(lobed, cell)[:3]
+
+
+def test_red_cells_the_segmentation_flooded_into_are_cut_off():
+    rows, cols = np.mgrid[:96, :96]
+    white_cell = (rows - 48) ** 2 + (cols - 48) ** 2 <= 20**2
+    nucleus = (rows - 48) ** 2 + (cols - 48) ** 2 <= 9**2
+    red_cells = ((rows - 48) ** 2 + (cols - 77) ** 2 <= 11**2) | ((rows - 20) ** 2 + (cols - 40) ** 2 <= 10**2)
+    leaked = white_cell | red_cells
+    assert solidity(leaked) < MIN_SOLIDITY
+    cut = solid_part(leaked, nucleus)
+    assert solidity(cut) >= MIN_SOLIDITY and cut[nucleus].all()
+    assert (cut & white_cell).sum() / (cut | white_cell).sum() > 0.9
+    assert solid_part(white_cell, nucleus).sum() == white_cell.sum()  # a solid cell is left as it is
+
+
+def test_cutting_red_cells_off_makes_earlier_features_stale_and_leaves_them_current_when_off():
+    import dataclasses
+
+    from aecfe_cli import morphology
+    from aecfe_cli.config import ExtractConfig
+    from aecfe_cli.extract import extraction_fingerprint
+    from aecfe_cli.workdir import fingerprint, output_digest
+
+    manifest = {"outputs": {"features.npy": {"sha256": "0" * 64}}}
+    # The extract stage's fingerprint as it was before the setting existed: old workdirs stay current.
+    digest = output_digest(manifest)
+    before = fingerprint("extract", {"morphology": morphology.VERSION}, None, {"detections": digest, "model": digest})
+    default = extraction_fingerprint(manifest, manifest, ExtractConfig())
+    cut = extraction_fingerprint(manifest, manifest, ExtractConfig(cut_red_cells=True))
+    assert cut != default
+    assert extraction_fingerprint(manifest, manifest, dataclasses.replace(ExtractConfig(), morphology=False, cut_red_cells=True)) \
+        == extraction_fingerprint(manifest, manifest, ExtractConfig(morphology=False))
+    assert default == before
