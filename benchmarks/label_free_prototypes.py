@@ -22,7 +22,9 @@ harness's, so an idea is compared with the ``none`` row of the same invocation, 
 * ``achromatic``: the morphology's hue columns left out (CIELAB a and b and their spreads, the stain's
   channel shares and their contrasts); lightness, optical density, shape and nuclear structure kept.
 * ``mean:A+B``: the class probabilities of the forests of ideas A and B averaged (a hedge between two
-  alignments of the labs, for example ``mean:none+clusters:8``).
+  alignments of the labs, for example ``mean:none+clusters:8``). A part may name the extracted columns its
+  forest sees after an ``@`` (overriding ``--columns``): ``mean:both+histograms_none@none`` averages the
+  default's forest with one on the stain-normalised histograms alone (late fusion of two views).
 * ``virtual_labs:K``: domain randomisation. The source's crops are shown as K other labs might show them
   (one ``colour.stain_jitter`` draw per virtual lab, applied to all its cells, and the virtual lab's own
   stain statistics), described again, and the forest trains on the source and its virtual labs alike. The
@@ -158,7 +160,9 @@ def score(idea: str, source, target, columns: str, virtual: list[np.ndarray]) ->
 
 def target_probabilities(idea: str, source, target, columns: str, virtual: list[np.ndarray]):
     """The classes and the (target cells, classes) probabilities of the forest one idea gives, after the
-    idea's ``/``-suffix, if any (:func:`after_forest`)."""
+    idea's ``/``-suffix, if any (:func:`after_forest`); an ``@COLUMNS`` suffix overrides ``columns``."""
+    idea, _, own_columns = idea.partition("@")
+    columns = own_columns or columns
     idea, _, after = idea.partition("/")
     with_histograms, with_granules = idea.startswith(HISTOGRAM_PREFIX), idea.startswith(GRANULE_PREFIX)
     with_contrastive = idea.startswith(CONTRASTIVE_PREFIX)

@@ -95,6 +95,15 @@ def test_contrastive_embedding_gives_every_cell_its_row_and_is_saved_for_reuse(t
             name: (40, prototypes.CONTRASTIVE_COLUMNS) for name in prototypes.LABS}
 
 
+def test_a_part_of_a_mean_names_its_own_columns(tmp_path):
+    workdir = _write_triangle(tmp_path)
+    source, target = (prototypes.load_feature_set(workdir, name) for name in ("pbc", "zheng"))
+    _, own = prototypes.target_probabilities("none@morphology", source, target, "all", [])
+    _, flagged = prototypes.target_probabilities("none", source, target, "morphology", [])
+    _, everything = prototypes.target_probabilities("none", source, target, "all", [])
+    assert np.array_equal(own, flagged) and not np.allclose(own, everything)
+
+
 def test_em_takes_the_share_of_a_class_the_target_lacks():
     probabilities = np.array([[0.6, 0.3, 0.1]] * 8 + [[0.2, 0.7, 0.1]] * 2)
     moved = prototypes.after_forest("em", probabilities, np.zeros((10, 1)))
