@@ -17,6 +17,7 @@ from .errors import UserError, did_you_mean
 
 CLASSIFIERS = ("random_forest", "logistic_regression", "knn", "linear_svm")
 CLASS_WEIGHTS = ("none", "balanced")
+DEFAULT_TREES = 100  # the paper's random forest (method.md)
 FEATURE_NORMS = ("none", "dataset", "both")
 STANDARDISED_SUFFIX = "@dataset"  # names the standardised copy of a column under feature_norm "both"
 DIGITS = 6
@@ -34,20 +35,23 @@ MIN_CELLS_FOR_SHIFT = 30
 SELF_TRAINING_SHARE = 0.8
 
 
-def make_classifier(name: str, seed: int, class_weight: str = "none") -> BaseEstimator:
+def make_classifier(name: str, seed: int, class_weight: str = "none", trees: int = DEFAULT_TREES) -> BaseEstimator:
     """A fresh, seeded classifier; the linear and neighbour models see standardised features.
 
     ``class_weight`` "balanced" weighs each class inversely to its number of training cells, so every class
     counts alike whatever the mix the source lab happened to sample (Zheng's cells are 59 % neutrophils):
     a lab's class mix is no prior for another lab's, and balanced accuracy, the score, weighs classes alike.
+    ``trees``: the random forest's number of trees (the paper's 100; more lower the variance of its vote).
     """
     if class_weight not in CLASS_WEIGHTS:
         raise UserError(f"evaluate.class_weight '{class_weight}'{did_you_mean(class_weight, CLASS_WEIGHTS)}: "
                         f"choose one of {', '.join(CLASS_WEIGHTS)}")
+    if isinstance(trees, bool) or not isinstance(trees, int) or trees < 1:
+        raise UserError(f"evaluate.trees is {trees!r}: use a whole number of trees, 1 or more (default {DEFAULT_TREES})")
     weights = None if class_weight == "none" else class_weight
     if name == "random_forest":
         # The paper's forest (method.md); n_jobs does not change the result, only the speed.
-        return RandomForestClassifier(n_estimators=100, max_depth=16, random_state=seed, n_jobs=-1,
+        return RandomForestClassifier(n_estimators=trees, max_depth=16, random_state=seed, n_jobs=-1,
                                       class_weight=weights)
     if name == "logistic_regression":
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed,
@@ -73,11 +77,12 @@ def fit_classifier(
     rounds: int = 0,
     plain: BaseEstimator | None = None,
     class_weight: str = "none",
+    trees: int = DEFAULT_TREES,
 ) -> BaseEstimator:
     """A classifier fitted on ``features`` and ``labels``, then adapted to the unlabelled ``target`` cells
     by ``rounds`` rounds of self-training (0, or no ``target``: the plain fit). ``plain``: that plain fit,
     where the caller has it already (``evaluate`` shares it between the in-domain score and every target).
-    ``class_weight``: as :func:`make_classifier`; every refit weighs the source and target cells it is given.
+    ``class_weight``, ``trees``: as :func:`make_classifier`; every refit weighs the source and target cells it is given.
 
     Each round labels the target with the current model and refits on the source cells plus, per predicted
     class, the target's most confident cells under their predicted label; the share taken grows over the
@@ -87,7 +92,7 @@ def fit_classifier(
     target label is used, so ``predict`` on a new lab adapts exactly as ``evaluate`` does on a labelled one.
     """
     check_self_training(rounds)
-    model = make_classifier(name, seed, class_weight).fit(features, labels) if plain is None else plain
+    model = make_classifier(name, seed, class_weight, trees).fit(features, labels) if plain is None else plain
     if target is None or len(target) == 0:
         return model
     for round_number in range(1, rounds + 1):
@@ -99,21 +104,21 @@ def fit_classifier(
             count = max(1, int(round(share * len(members))))
             chosen.append(members[np.argsort(-confidence[members], kind="stable")[:count]])
         chosen = np.concatenate(chosen)
-        model = make_classifier(name, seed, class_weight).fit(np.concatenate([features, target[chosen]]),
+        model = make_classifier(name, seed, class_weight, trees).fit(np.concatenate([features, target[chosen]]),
                                                 np.concatenate([np.asarray(labels), predicted[chosen]]))
     return model
 
 
 def cached_plain_fit(
     cache: dict, name: str, seed: int, features: np.ndarray, labels: np.ndarray, columns: np.ndarray,
-    class_weight: str = "none",
+    class_weight: str = "none", trees: int = DEFAULT_TREES,
 ) -> BaseEstimator:
     """The plain fit of ``features[:, columns]`` (:func:`fit_classifier` without a target), made once per set of
     ``columns``: ``cache`` holds the fits of one source's training cells, classifier, seed and settings by
     their columns, so the in-domain score and every target that keeps the same columns share one forest."""
     key = np.asarray(columns, bool).tobytes()
     if key not in cache:
-        cache[key] = fit_classifier(name, seed, features[:, columns], labels, class_weight=class_weight)
+        cache[key] = fit_classifier(name, seed, features[:, columns], labels, class_weight=class_weight, trees=trees)
     return cache[key]
 
 

@@ -124,7 +124,7 @@ def _session(options: Options, sections: Optional[dict] = None, force: bool = Fa
         config.runtime.strict = strict
     # A classifier that cannot be built as configured (knn with class weights, a misspelt name) fails here,
     # before any work and before config.yaml is written: the next command in the workdir would inherit it.
-    make_classifier(config.evaluate.classifier, config.runtime.seed, config.evaluate.class_weight)
+    make_classifier(config.evaluate.classifier, config.runtime.seed, config.evaluate.class_weight, config.evaluate.trees)
     device = resolve_device(config.runtime.device)
     _set_threads(config.runtime.threads)
     workdir = Workdir(options.workdir)

@@ -177,6 +177,10 @@ class EvaluateConfig:
     # predict; aecfe_cli/classify.py, make_classifier), so a source lab's class mix (Zheng: 59 % neutrophils)
     # is no prior for another lab. none: every cell alike (the paper). knn cannot weigh classes.
     class_weight: str = "balanced"
+    # Trees of the random forest (evaluate and predict), for every method alike: the paper's 100. More trees
+    # lower the variance of the forest's vote, at the cost of that many more fits (docs/accuracy_notes.md,
+    # twenty-third look).
+    trees: int = 100
 
 
 @dataclass

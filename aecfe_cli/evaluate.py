@@ -26,6 +26,7 @@ from .classify import (
     cached_plain_fit,
     check_self_training,
     dropped_column_names,
+    DEFAULT_TREES,
     fit_classifier,
     make_classifier,
     normalise_features,
@@ -72,6 +73,13 @@ class _Method:
     keep: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def evaluation_settings(cfg) -> dict:
+    """:func:`run_evaluation`'s keyword arguments as an ``EvaluateConfig`` sets them (all but the seed)."""
+    return {"labels_mode": cfg.labels, "classifier": cfg.classifier, "split_seed": cfg.split_seed,
+            "baselines": cfg.baselines, "feature_norm": cfg.feature_norm, "max_shift": cfg.max_shift,
+            "self_training": cfg.self_training, "class_weight": cfg.class_weight, "trees": cfg.trees}
+
+
 def run_evaluation(
     source: FeatureSet,
     targets: Sequence[FeatureSet],
@@ -85,6 +93,7 @@ def run_evaluation(
     max_shift: float | None = None,
     self_training: int = 0,
     class_weight: str = "none",
+    trees: int = DEFAULT_TREES,
 ) -> dict:
     """Run the protocol, write report.json/.md, split.csv and the figures into ``out_dir``; return the report.
 
@@ -102,10 +111,10 @@ def run_evaluation(
     rounds of label-free adaptation of each target's classifier to that target's cells
     (:func:`classify.fit_classifier`), for every method alike; the in-domain score stays a plain fit.
     ``class_weight``: how the classifier weighs the source's classes (:func:`classify.make_classifier`), for
-    every method alike.
+    every method alike; ``trees`` the random forest's size, for every method alike.
     """
     out_dir = Path(out_dir)
-    make_classifier(classifier, seed, class_weight)  # fail on a bad name or weighting before any work
+    make_classifier(classifier, seed, class_weight, trees)  # fail on a bad name or weighting before any work
     normalise_features(np.zeros((1, 1)), feature_norm)  # likewise for the normalisation
     stable_columns([np.zeros((1, 1))], max_shift)  # and for max_shift
     check_self_training(self_training)  # and for self_training
@@ -131,7 +140,7 @@ def run_evaluation(
     for method in methods:
         results[method.key] = _evaluate_method(
             method, source_y, target_ys, classes_per_target, train_idx, test_idx, classifier, seed, self_training,
-            class_weight)
+            class_weight, trees)
 
     report = {
         "source": source.name,
@@ -158,6 +167,7 @@ def run_evaluation(
         "max_shift": max_shift,
         "self_training": self_training,
         "class_weight": class_weight,
+        "trees": trees,
         "dropped_columns": {name: dropped_column_names(columns, keep) for name, keep in normalised.keep.items()},
     }
     if baselines_note:
@@ -335,13 +345,14 @@ def _evaluate_method(
     seed: int,
     self_training: int = 0,
     class_weight: str = "none",
+    trees: int = DEFAULT_TREES,
 ) -> dict:
     every_column = np.ones(method.source.shape[1], bool)
     train_features, train_y = method.source[train_idx], source_y[train_idx]
     plain_fits = {}  # shared by the in-domain score and every target that keeps the same columns
 
     def plain_fit(columns: np.ndarray):
-        return cached_plain_fit(plain_fits, classifier, seed, train_features, train_y, columns, class_weight)
+        return cached_plain_fit(plain_fits, classifier, seed, train_features, train_y, columns, class_weight, trees)
 
     test_y = source_y[test_idx]
     in_domain = score(test_y, plain_fit(every_column).predict(method.source[test_idx]), sorted(set(test_y.tolist())))
@@ -353,7 +364,8 @@ def _evaluate_method(
         # Self-training adapts to all of the target's cells, as predict does: which cells belong to the
         # compared classes is known from labels only.
         model = fit_classifier(classifier, seed, train_features[:, columns], train_y, target=features[:, columns],
-                               rounds=self_training, plain=plain_fit(columns), class_weight=class_weight)
+                               rounds=self_training, plain=plain_fit(columns), class_weight=class_weight,
+                               trees=trees)
         cross_domain[name] = score(target_ys[name][scored], model.predict(features[scored][:, columns]), compared)
     return {"in_domain": in_domain, "targets": cross_domain}
 

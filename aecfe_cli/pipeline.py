@@ -220,15 +220,8 @@ def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset])
         load_feature_set(session.workdir.root, source.name),
         [load_feature_set(session.workdir.root, t.name) for t in targets],
         folder,
-        labels_mode=cfg.labels,
-        classifier=cfg.classifier,
         seed=session.seed,
-        split_seed=cfg.split_seed,
-        baselines=cfg.baselines,
-        feature_norm=cfg.feature_norm,
-        max_shift=cfg.max_shift,
-        self_training=cfg.self_training,
-        class_weight=cfg.class_weight,
+        **evaluate.evaluation_settings(cfg),
     )
     files = report["files"]
     outputs = ["report.json", files["report"], files["split"], files["embedding"], *files["confusion"].values()]
@@ -323,7 +316,7 @@ def prediction_fingerprint(session: Session, training: Sequence[str], inputs: di
     cfg = session.config
     settings = {"evaluate": {key: getattr(cfg.evaluate, key)
                              for key in ("classifier", "labels", "split_seed", "feature_norm", "max_shift",
-                                         "self_training", "class_weight")},
+                                         "self_training", "class_weight", "trees")},
                 "predict": dataclasses.asdict(cfg.predict), "training_datasets": list(training)}
     return fingerprint("predict", settings, session.seed, inputs)
 

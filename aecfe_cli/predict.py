@@ -66,6 +66,7 @@ class SourceClassifier:
     source: str
     classifier: str
     class_weight: str  # evaluate.class_weight
+    trees: int  # evaluate.trees
     level: str
     to_class: Callable[[str], str]
     classes: list[str]  # haematology order; the probability columns follow it
@@ -163,10 +164,11 @@ def fit_source(
     classified = normalised[:, columns]
     target = None if cells is None else normalise_features(cells.features, evaluate_cfg.feature_norm)[:, columns]
     plain = cached_plain_fit({} if plain_fits is None else plain_fits, evaluate_cfg.classifier, seed,
-                             normalised[train_idx], labels[train_idx], columns, evaluate_cfg.class_weight)
+                             normalised[train_idx], labels[train_idx], columns, evaluate_cfg.class_weight,
+                             evaluate_cfg.trees)
     model = fit_classifier(evaluate_cfg.classifier, seed, classified[train_idx], labels[train_idx],
                            target=target, rounds=evaluate_cfg.self_training, plain=plain,
-                           class_weight=evaluate_cfg.class_weight)
+                           class_weight=evaluate_cfg.class_weight, trees=evaluate_cfg.trees)
     shift_columns = latent_columns(source)
     scaler = StandardScaler().fit(source.features[train_idx][:, shift_columns])
     k = min(cfg.neighbours, len(train_idx))
@@ -175,6 +177,7 @@ def fit_source(
         source=source.name,
         classifier=evaluate_cfg.classifier,
         class_weight=evaluate_cfg.class_weight,
+        trees=evaluate_cfg.trees,
         level=level,
         to_class=to_class,
         classes=classes,
@@ -382,6 +385,7 @@ def run_prediction(
         "training_datasets": list(training_datasets),
         "classifier": fitted.classifier,
         "class_weight": fitted.class_weight,
+        "trees": fitted.trees,
         "seed": seed,
         "labels": fitted.level,
         "classes": fitted.classes,

@@ -116,6 +116,9 @@ LEVERS: dict[str, dict] = {
     # The default gives the classifier the features as extracted and standardised per lab side by side
     # (evaluate.feature_norm: both); taken back, as before 2026-12-04 night and in the paper:
     "feature_norm_none": {"evaluate": {"feature_norm": "none"}},
+    # Forests of 500 trees instead of the paper's 100, for every method alike: a 100-tree vote moves by up to
+    # 0.08 between classifier seeds across labs (docs/accuracy_notes.md, twenty-third look).
+    "trees500": {"evaluate": {"trees": 500}},
 }
 ALL_LEVERS: dict[str, dict] = {}
 for _name in ("stain_norm", "channel_scaling", "norm_first", "ssim_l1", "normalised_alignment", "feature_norm"):
@@ -403,7 +406,7 @@ def evaluate_in_process(work: Path, names: list[str], seed: int, evaluate: dict,
     import tempfile
 
     from aecfe_cli.config import EvaluateConfig
-    from aecfe_cli.evaluate import run_evaluation
+    from aecfe_cli.evaluate import evaluation_settings, run_evaluation
     from aecfe_cli.feature_sets import load_feature_set
 
     cfg = dataclasses.replace(EvaluateConfig(), **evaluate)
@@ -411,11 +414,9 @@ def evaluate_in_process(work: Path, names: list[str], seed: int, evaluate: dict,
     reports = {}
     for source in names:
         with tempfile.TemporaryDirectory() as out:
+            settings = {**evaluation_settings(cfg), "split_seed": cfg.split_seed + draw}
             reports[source] = compact(run_evaluation(
-                sets[source], [sets[n] for n in names if n != source], Path(out), seed=seed + draw,
-                split_seed=cfg.split_seed + draw, labels_mode=cfg.labels, classifier=cfg.classifier,
-                baselines=cfg.baselines, feature_norm=cfg.feature_norm, max_shift=cfg.max_shift,
-                self_training=cfg.self_training, class_weight=cfg.class_weight))
+                sets[source], [sets[n] for n in names if n != source], Path(out), seed=seed + draw, **settings))
     return reports
 
 

@@ -210,8 +210,8 @@ def forest_size(trees: int | None):
         return
     own = classify.make_classifier
 
-    def larger(name: str, seed: int, class_weight: str = "none"):
-        return own(name, seed, class_weight).set_params(n_estimators=trees)
+    def larger(name: str, seed: int, class_weight: str = "none", _trees: int = classify.DEFAULT_TREES):
+        return own(name, seed, class_weight, trees)
 
     classify.make_classifier = larger
     try:

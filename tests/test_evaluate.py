@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from aecfe_cli.errors import UserError
-from aecfe_cli.classify import CLASSIFIERS, make_classifier, score
+from aecfe_cli.classify import CLASSIFIERS, fit_classifier, make_classifier, score
 from aecfe_cli.evaluate import run_evaluation
 from aecfe_cli.evaluate_report import render_summary_rows
 from aecfe_cli.feature_sets import FeatureSet, load_feature_set, load_split, resolve_labels, save_split, stratified_split
@@ -497,8 +497,6 @@ def _cluster_in_the_margin(seed: int = 0) -> tuple[FeatureSet, FeatureSet]:
 
 
 def test_self_training_adapts_each_target_classifier_to_that_targets_cells(tmp_path):
-    from aecfe_cli.classify import fit_classifier
-
     source, target = _cluster_in_the_margin()
     plain = run_evaluation(source, [target], tmp_path / "plain", baselines=False)
     adapted = run_evaluation(source, [target], tmp_path / "adapted", baselines=False, self_training=2)
@@ -575,3 +573,15 @@ def test_a_class_weighting_that_cannot_work_fails_before_any_work(tmp_path):
     with pytest.raises(UserError, match="knn cannot weigh classes"):
         run_evaluation(source, [target], tmp_path / "knn", baselines=False, classifier="knn", class_weight="balanced")
     assert not (tmp_path / "typo").exists() and not (tmp_path / "knn").exists()
+
+
+def test_the_forest_has_the_configured_trees_in_every_fit_and_the_report_says_so(tmp_path):
+    source, target = _imbalanced_labs()
+    model = fit_classifier("random_forest", 0, source.features, source.labels, target=target.features, rounds=2,
+                           class_weight="balanced", trees=7)
+    assert model.n_estimators == 7 and len(model.estimators_) == 7  # the self-trained refit, not only the first
+    report = run_evaluation(source, [target], tmp_path / "seven", baselines=False, class_weight="balanced", trees=7)
+    assert report["trees"] == 7
+    with pytest.raises(UserError, match="evaluate.trees is 0"):
+        run_evaluation(source, [target], tmp_path / "none", baselines=False, trees=0)
+    assert not (tmp_path / "none").exists()

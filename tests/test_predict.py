@@ -275,5 +275,6 @@ def test_predict_adapts_to_the_cells_it_labels_as_evaluate_does(tmp_path: Path) 
     summary = run_prediction(fitted, target, _errors(target), _boxes(target), [], tmp_path / "predict",
                              PredictConfig(), [source.name], seed=0)
     assert summary["self_training"] == 2 and summary["class_weight"] == cfg.class_weight == "balanced"
+    assert summary["trees"] == cfg.trees == 100
     with pytest.raises(UserError, match="evaluate.self_training"):
         fit_source(source, _errors(source), columns, EvaluateConfig(self_training=-1), PredictConfig(), seed=0)
