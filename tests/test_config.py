@@ -90,6 +90,7 @@ def test_paper_preset_sits_below_the_yaml_and_the_flag(tmp_path):
     assert (paper.evaluate.self_training, load_config(None, None).evaluate.self_training) == (0, 3)
     # Nor weighing the source's classes alike: the paper's forest weighs every cell alike.
     assert (paper.evaluate.class_weight, load_config(None, None).evaluate.class_weight) == ("none", "balanced")
+    assert (paper.evaluate.trees, load_config(None, None).evaluate.trees) == (100, 500)
     path = tmp_path / "cfg.yaml"
     path.write_text("preset: paper\ntrain:\n  epochs: 3\n")
     config = load_config(path)
