@@ -55,7 +55,6 @@ a class (Zheng's single basophil) moves a five-class balanced accuracy by 0.20.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import inspect
 import sys
@@ -71,8 +70,8 @@ from sklearn.metrics import balanced_accuracy_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aecfe_cli import baselines, classify, colour, morphology  # noqa: E402
-from aecfe_cli.classify import RARE_CLASS_CELLS, fit_classifier, make_classifier, normalise_features, stable_columns  # noqa: E402
+from aecfe_cli import baselines, colour, morphology  # noqa: E402
+from aecfe_cli.classify import DEFAULT_TREES, RARE_CLASS_CELLS, fit_classifier, make_classifier, normalise_features, stable_columns  # noqa: E402
 from aecfe_cli.detector import crop_cell  # noqa: E402
 from aecfe_cli.io import read_csv  # noqa: E402
 from aecfe_cli.feature_sets import MORPHOLOGY_PREFIX, load_feature_set, morphology_columns  # noqa: E402
@@ -194,30 +193,11 @@ def target_probabilities(idea: str, source, target, columns: str, virtual: list[
         train_x = np.concatenate([source_x, *copies])
         train_y = np.concatenate([source.labels] * (1 + len(copies)))
     forests = int(after.split(":")[1]) if after.startswith("forests:") else 1
-    trees = int(after.split(":")[1]) if after.startswith("trees:") else None
-    with forest_size(trees):
-        models = [fit_classifier("random_forest", CLASSIFIER_SEED + index, train_x[:, keep], train_y, target_x[:, keep],
-                                 SELF_TRAINING, class_weight=CLASS_WEIGHT) for index in range(forests)]
+    trees = int(after.split(":")[1]) if after.startswith("trees:") else DEFAULT_TREES
+    models = [fit_classifier("random_forest", CLASSIFIER_SEED + index, train_x[:, keep], train_y, target_x[:, keep],
+                             SELF_TRAINING, class_weight=CLASS_WEIGHT, trees=trees) for index in range(forests)]
     probabilities = np.mean([model.predict_proba(target_x[:, keep]) for model in models], axis=0)
     return np.asarray(models[0].classes_), after_forest(after, probabilities, target_x[:, keep])
-
-
-@contextlib.contextmanager
-def forest_size(trees: int | None):
-    """Within the block, every forest aecfe's classifier makes has ``trees`` trees (None: its own 100)."""
-    if trees is None:
-        yield
-        return
-    own = classify.make_classifier
-
-    def larger(name: str, seed: int, class_weight: str = "none", _trees: int = classify.DEFAULT_TREES):
-        return own(name, seed, class_weight, trees)
-
-    classify.make_classifier = larger
-    try:
-        yield
-    finally:
-        classify.make_classifier = own
 
 
 def after_forest(after: str, probabilities: np.ndarray, target_x: np.ndarray) -> np.ndarray:
