@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 
 @dataclass
@@ -39,6 +39,7 @@ class DatasetConfig:
 # The networks' precisions (detector and autoencoder); precision.autocast_dtype resolves them, this module
 # checks them when the config is read (it stays free of torch so that `aecfe --help` is instant).
 PRECISIONS = ("auto", "fp32", "bf16")
+CROP_SHAPES = ("box", "square")
 
 
 def _check_precision(value: str, key: str = "precision") -> None:
@@ -56,6 +57,10 @@ class DetectConfig:
     # a detector that learnt too little from a small dataset otherwise drops most images silently.
     max_missing_fraction: float = 0.05
     crop_size: int = 128  # side of the stored cell crop (the paper: 128)
+    # "box": the box with its margins resized to crop_size x crop_size, as the paper did, which stretches
+    # a cell whose box is not square; "square": the box with its margins grown along its shorter side to a
+    # square about its centre, so the crop keeps the cell's shape (detector.crop_cell).
+    crop_shape: str = "box"
     batch_size: int = 8  # images per inference batch
     all_cells: bool = False  # keep every cell of a smear field instead of the central one
     chunk_images: int = 256  # images per resumable shard written to disk
@@ -101,6 +106,9 @@ class DetectConfig:
                             f"{self.pretrain_steps} and {self.pretrain_batch_size}")
         if self.views < 0:
             raise UserError(f"views: expected 0 (none) or a number of augmented views per cell, got {self.views}")
+        if self.crop_shape not in CROP_SHAPES:
+            raise UserError(f"crop_shape: '{self.crop_shape}'{did_you_mean(self.crop_shape, CROP_SHAPES)}: "
+                            f"choose one of {', '.join(CROP_SHAPES)}")
 
 
 @dataclass
@@ -211,7 +219,7 @@ class RuntimeConfig:
 PRESETS: dict[str, dict] = {
     "paper": {
         "detect": {"backbone": "resnet101_fpn", "min_size": 900, "max_size": 1024, "score_threshold": 0.7,
-                   "stain_norm": "none", "train_precision": "fp32", "precision": "fp32"},
+                   "stain_norm": "none", "train_precision": "fp32", "precision": "fp32", "crop_shape": "box"},
         "train": {"image_size": 128, "width": 1.0, "epochs": 150, "batch_size": 500, "lr": 0.001,
                   "align_weight": 5.0, "feature_scaling": "sample", "norm_first": False, "image_loss": "ssim",
                   "alignment": "paper", "image_bottleneck": 0, "precision": "fp32"},

@@ -35,7 +35,7 @@ VIEWS_FILE = "roi_views.npy"  # (N, detect.views, 256, 14, 14): RoI features of 
 # Keys that decide how the detector is built and trained; the rest only affect detection.
 DETECTOR_KEYS = ("backbone", "min_size", "max_size", "train_images", "train_epochs", "train_steps", "train_batch_size",
                  "train_lr", "stain_norm", "train_precision", "pretrain_steps", "pretrain_batch_size")
-DETECTION_KEYS = ("score_threshold", "crop_size", "all_cells", "chunk_images", "stain_norm", "precision", "views")
+DETECTION_KEYS = ("score_threshold", "crop_size", "crop_shape", "all_cells", "chunk_images", "stain_norm", "precision", "views")
 # Images a dataset's stain statistics are measured on: evenly spaced over the dataset, so every process
 # of a sharded run measures the same ones; 64 images hold millions of pixels, plenty for 6 numbers.
 STAIN_SAMPLE_IMAGES = 64
@@ -305,7 +305,7 @@ def _detect_chunk(dataset, k, model, cfg, stain, autocast_dtype, parts, device, 
                 rows.append([f"{dataset.name}/{record.rel}#{index}", record.rel, dataset.name, record.label,
                              x0, y0, x1, y1, round(float(det.score), 4), int(det.mask.sum())])
                 features.append(det.roi_feature.astype(np.float16))
-                crops.append(net.crop_cell(image, det.box, size=cfg.crop_size))
+                crops.append(net.crop_cell(image, det.box, size=cfg.crop_size, shape=cfg.crop_shape))
         if cfg.views:
             views.extend(_view_features(model, [r.rel for r in batch], images, results, cfg.views, autocast_dtype, device))
         bar.advance(len(records[start:start + cfg.batch_size]))

@@ -483,21 +483,37 @@ def _central_index(boxes: np.ndarray, scores: np.ndarray, image_shape) -> Option
     return int(np.lexsort((-scores, distances))[0])
 
 
-def crop_cell(image: np.ndarray, box, size: int = 128, margin=(10, 20), reference: int = 400) -> np.ndarray:
-    """The cell crop the autoencoder reconstructs: (3, size, size) uint8.
+def crop_cell(image: np.ndarray, box, size: int = 128, margin=(10, 20), reference: int = 400,
+              shape: str = "box") -> np.ndarray:
+    """The cell crop the autoencoder reconstructs and the morphology is measured on: (3, size, size) uint8.
 
     The box grows by ``margin[0]`` pixels before (left, top) and ``margin[1]`` after (right, bottom),
     measured in a ``reference`` x ``reference`` resize of the image as the authors did, so the margin
-    scales with the image; the result is clipped to the image and resized to ``size`` x ``size``.
+    scales with the image. ``shape`` "box" (the paper's): that window, clipped to the image, is resized to
+    ``size`` x ``size``, so a box wider than tall squeezes the cell sideways and the cell's shape in the
+    crop follows how tightly the detector happened to fit it. "square": the window grows along its shorter
+    side to a square about its centre and is resized alike in both directions, so the cell keeps its
+    shape; where the square leaves the image, the image's edge pixels fill it.
     """
     height, width = image.shape[:2]
     before_x, after_x = margin[0] * width / reference, margin[1] * width / reference
     before_y, after_y = margin[0] * height / reference, margin[1] * height / reference
-    x0 = int(np.clip(math.floor(box[0] - before_x), 0, width - 1))
-    y0 = int(np.clip(math.floor(box[1] - before_y), 0, height - 1))
-    x1 = int(np.clip(math.ceil(box[2] + after_x), x0 + 1, width))
-    y1 = int(np.clip(math.ceil(box[3] + after_y), y0 + 1, height))
-    crop = Image.fromarray(np.ascontiguousarray(image[y0:y1, x0:x1])).resize((size, size), Image.BILINEAR)
+    left, top, right, bottom = box[0] - before_x, box[1] - before_y, box[2] + after_x, box[3] + after_y
+    if shape == "square":
+        side = max(right - left, bottom - top)
+        centre_x, centre_y = (left + right) / 2, (top + bottom) / 2
+        x0, y0 = math.floor(centre_x - side / 2), math.floor(centre_y - side / 2)
+        side = max(1, math.ceil(side))
+        pad = ((max(0, -y0), max(0, y0 + side - height)), (max(0, -x0), max(0, x0 + side - width)), (0, 0))
+        inside = image[max(0, y0):min(height, y0 + side), max(0, x0):min(width, x0 + side)]
+        window = np.pad(inside, pad, mode="edge")  # a box lies in its image, so ``inside`` is never empty
+    else:
+        x0 = int(np.clip(math.floor(left), 0, width - 1))
+        y0 = int(np.clip(math.floor(top), 0, height - 1))
+        x1 = int(np.clip(math.ceil(right), x0 + 1, width))
+        y1 = int(np.clip(math.ceil(bottom), y0 + 1, height))
+        window = image[y0:y1, x0:x1]
+    crop = Image.fromarray(np.ascontiguousarray(window)).resize((size, size), Image.BILINEAR)
     return np.ascontiguousarray(np.asarray(crop).transpose(2, 0, 1))
 
 

@@ -119,6 +119,10 @@ LEVERS: dict[str, dict] = {
     # Forests of 500 trees instead of the paper's 100, for every method alike: a 100-tree vote moves by up to
     # 0.08 between classifier seeds across labs (docs/accuracy_notes.md, twenty-third look).
     "trees500": {"evaluate": {"trees": 500}},
+    # Crops that keep the cell's shape: the paper's crop stretches the box to a square, so a cell's
+    # elongation, circularity and lobes in the crop follow the box's aspect ratio, which moves by 15-30 %
+    # between detectors of different seeds for the same cell (the 5th-95th percentiles on the real triangle).
+    "square_crops": {"detect": {"crop_shape": "square"}},
 }
 ALL_LEVERS: dict[str, dict] = {}
 for _name in ("stain_norm", "channel_scaling", "norm_first", "ssim_l1", "normalised_alignment", "feature_norm"):

@@ -254,6 +254,31 @@ def test_crop_cell_adds_the_scaled_margin_and_resizes():
     assert edge.shape == (3, 128, 128) and edge[0, 0, 0] == 0
 
 
+def test_a_square_crop_keeps_the_shape_of_a_cell_the_box_crop_stretches():
+    # A round cell in a box twice as wide as tall (a detector that fitted it loosely sideways).
+    ys, xs = np.mgrid[0:400, 0:400]
+    image = np.full((400, 400, 3), 230, np.uint8)
+    image[(ys - 200) ** 2 + (xs - 200) ** 2 <= 40 ** 2] = (120, 40, 160)
+    box = [115, 155, 275, 235]  # 160 x 80 px, the cell at its centre
+
+    def width_over_height(crop):
+        cell = crop[1] < 100
+        return cell.any(axis=0).sum() / cell.any(axis=1).sum()
+
+    stretched = net.crop_cell(image, box, size=100)
+    square = net.crop_cell(image, box, size=100, shape="square")
+    assert width_over_height(stretched) == pytest.approx(0.5, abs=0.1)  # squeezed sideways to half its height
+    assert width_over_height(square) == pytest.approx(1.0, abs=0.05)
+
+    # The square is centred on the box; where it leaves the image, the image's edge pixels fill it.
+    ys, xs = np.mgrid[0:250, 0:250]
+    coordinates = np.stack([xs, ys, np.zeros_like(xs)], axis=2).astype(np.uint8)
+    # Margins 6.25 before and 12.5 after: window x -6.25..72.5, y 93.75..132.5; the 79 px square from x -7, y 73.
+    edge = net.crop_cell(coordinates, [0, 100, 60, 120], size=79, shape="square")
+    assert list(edge[0, 0, :9]) == [0] * 8 + [1] and edge[0, 0, -1] == 71
+    assert edge[1, 0, 0] == 73 and edge[1, -1, 0] == 151
+
+
 def test_detector_flops_counts_the_whole_network_and_grows_with_the_image(trained):
     model, _, _ = trained
     square = net.detector_flops(model, (96, 96))
