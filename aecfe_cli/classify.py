@@ -47,8 +47,8 @@ def make_classifier(name: str, seed: int, class_weight: str = "none", trees: int
         raise UserError(f"evaluate.class_weight '{class_weight}'{did_you_mean(class_weight, CLASS_WEIGHTS)}: "
                         f"choose one of {', '.join(CLASS_WEIGHTS)}")
     if isinstance(trees, bool) or not isinstance(trees, int) or trees < 1:
-        raise UserError(f"evaluate.trees is {trees!r}: set it to a whole number of trees, 1 or more, "
-                        "in the config file")
+        raise UserError(f"evaluate.trees is {trees!r}: set it to a whole number of trees, 1 or more "
+                        "(--trees, or evaluate.trees in the config file)")
     weights = None if class_weight == "none" else class_weight
     if name == "random_forest":
         # The paper's forest (method.md); n_jobs does not change the result, only the speed.

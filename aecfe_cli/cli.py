@@ -160,6 +160,8 @@ def _print_table(title: str, columns: List[str], rows) -> None:
 DataOption = typer.Option(None, "--data", help="Registered dataset name or dataset path (repeatable).")
 LayoutOption = typer.Option(None, "--layout", help="matek, acevedo, int20, folder or csv [default: detected].")
 ForceOption = typer.Option(False, "--force", help="Recompute even when up to date.")
+TreesOption = typer.Option(None, "--trees", help="Trees of the random forest (more: a steadier vote, a slower fit) "
+                                                 "[default: evaluate.trees, 500].")
 StrictOption = typer.Option(None, "--strict/--no-strict",
                             help="Fail on an unreadable image instead of skipping it (exit 2), and when more than "
                                  "detect.max_missing_fraction of the images have no detection (exit 1).")
@@ -377,6 +379,7 @@ def evaluate(
                                              help="random_forest, logistic_regression, knn or linear_svm."),
     class_weight: Optional[str] = typer.Option(None, "--class-weight",
                                                help="balanced (each source class weighs alike) or none."),
+    trees: Optional[int] = TreesOption,
     baselines: Optional[bool] = typer.Option(None, "--baselines/--no-baselines", help="Score the baselines too."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json only."),
     force: bool = ForceOption,
@@ -385,7 +388,7 @@ def evaluate(
     if labels is not None and labels not in ("fine", "coarse", "auto"):
         raise UserError(f"--labels {labels}: expected fine, coarse or auto")
     overrides = {"evaluate": {"labels": labels, "classifier": classifier, "class_weight": class_weight,
-                              "baselines": baselines}}
+                              "trees": trees, "baselines": baselines}}
     session = _session(ctx.obj, overrides, force, ("evaluate",))
     if as_json:
         session.reporter.quiet = True
@@ -425,6 +428,7 @@ def predict(
     output_format: Optional[str] = typer.Option(None, "--format", help="csv, or geojson: also one GeoJSON per image."),
     reject_target: Optional[float] = typer.Option(None, "--reject-target",
                                                   help="Held-out accuracy (or coverage) the reject threshold aims at."),
+    trees: Optional[int] = TreesOption,
     as_json: bool = typer.Option(False, "--json", help="Print the summaries only, as JSON keyed by dataset."),
     force: bool = ForceOption,
 ):
@@ -434,7 +438,8 @@ def predict(
     from . import pipeline
     from .predict_report import reject_line, render_count_rows, shift_line
 
-    overrides = {"predict": {"all_cells": all_cells, "format": output_format, "reject_target": reject_target}}
+    overrides = {"predict": {"all_cells": all_cells, "format": output_format, "reject_target": reject_target},
+                 "evaluate": {"trees": trees}}
     session = _session(ctx.obj, overrides, force, ("predict",))
     if as_json:
         session.reporter.quiet = True

@@ -149,12 +149,14 @@ def test_backbone_pretraining_is_a_detector_key_and_runs_before_detector_trainin
     assert obtained["pretraining"]["seconds"] > 0
 
 
-def test_evaluate_json_is_the_report_only(finished_project, tmp_path):
+def test_evaluate_json_is_the_report_only_of_the_forest_asked_for(finished_project, tmp_path):
     root = _copy(finished_project[0], tmp_path)
-    result = run_cli("--quiet", "evaluate", "--source", "lab_b", "--target", "lab_a", "--json", cwd=root)
+    result = run_cli("--quiet", "evaluate", "--source", "lab_b", "--target", "lab_a", "--trees", "7", "--json",
+                     cwd=root)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["source"] == "lab_b" and set(report["in_domain"]) >= {"accuracy", "balanced_accuracy", "macro_f1"}
+    assert report["trees"] == 7
     assert result.stderr == ""
 
 

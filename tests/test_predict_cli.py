@@ -92,6 +92,10 @@ def test_a_second_run_reuses_the_predictions(predicted, tmp_path):
     messages = " ".join(again.stderr.split())  # Rich wraps long lines when stderr is not a terminal
     assert "lab_b_unlabelled: not among the datasets the autoencoder was trained on (lab_a, lab_b)" in messages
     assert "differential count" in again.stdout and "rejected" in again.stdout
+    # Another forest size is another classifier: predicted again, and the summary says with how many trees.
+    smaller = run_cli("predict", "--source", "lab_a", "--data", "lab_b_unlabelled", "--trees", "7", "--json", cwd=root)
+    assert smaller.returncode == 0, smaller.stderr
+    assert "up to date" not in smaller.stderr and json.loads(smaller.stdout)["lab_b_unlabelled"]["trees"] == 7
 
 
 def test_smear_fields_get_per_field_counts_and_geojson(finished_project, tmp_path):

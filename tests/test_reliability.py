@@ -217,6 +217,8 @@ def test_a_classifier_that_cannot_be_built_as_configured_exits_2_before_any_work
     result = run_cli("evaluate", "--source", "lab_a", "--target", "lab_b", "--class-weight", "balance", cwd=root)
     assert result.returncode == 2 and "did you mean 'balanced'" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+    result = run_cli("predict", "--source", "lab_a", "--data", "lab_b", "--trees", "0", cwd=root)
+    assert result.returncode == 2 and "evaluate.trees is 0" in result.stderr and "--trees" in result.stderr
     assert not (root / "aecfe-work" / "detector" / "manifest.json").exists()
     # Nor is the refused setting saved for the next command in the workdir.
     assert not (root / "aecfe-work" / "config.yaml").exists()
