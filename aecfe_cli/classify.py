@@ -14,6 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from .errors import UserError, did_you_mean
+from .feature_sets import size_columns
 
 CLASSIFIERS = ("random_forest", "logistic_regression", "knn", "linear_svm")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -140,7 +141,7 @@ def _predictions_and_confidence(model: BaseEstimator, features: np.ndarray) -> t
     return np.asarray(model.classes_)[scores.argmax(axis=1)], scores.max(axis=1)
 
 
-def normalise_features(features: np.ndarray, mode: str) -> np.ndarray:
+def normalise_features(features: np.ndarray, mode: str, columns: Sequence[str] = ()) -> np.ndarray:
     """``mode`` "dataset": standardise each dimension with this dataset's own mean and standard deviation
     over all its cells (label-free, like AdaBN re-estimating batch statistics in a new domain), so a shift
     or rescaling of the whole lab in feature space does not move its cells across the classifier's
@@ -149,24 +150,38 @@ def normalise_features(features: np.ndarray, mode: str) -> np.ndarray:
     a forest splits on either alike; across labs its trees then vote over both alignments of the labs. Each
     alone moves one direction of a lab pair up and the other down, since a lab's own moments follow its
     class mix as well as its stain (docs/accuracy_notes.md, seventeenth and eighteenth looks). Call it once
-    per dataset; "none" returns the features as they are."""
+    per dataset; "none" returns the features as they are.
+
+    Whatever the mode, the cell sizes among the named ``columns`` (:func:`feature_sets.size_columns`, logs of
+    sizes in image pixels) become differences from this dataset's median, ratios to its typical cell, which
+    is what a lab's magnification leaves unchanged; they are not standardised too, since their spread follows
+    the lab's class mix, not its optics (twenty-sixth look)."""
     if mode not in FEATURE_NORMS:
         raise UserError(f"evaluate.feature_norm '{mode}'{did_you_mean(mode, FEATURE_NORMS)}: "
                         f"choose one of {', '.join(FEATURE_NORMS)}")
-    if mode == "none":
+    sizes = size_columns(columns) if len(columns) else np.zeros(np.shape(features)[1], bool)
+    if mode == "none" and not sizes.any():
         return features
-    features = np.asarray(features, np.float64)
+    features = np.array(features, np.float64)
+    features[:, sizes] -= np.median(features[:, sizes], axis=0)
+    if mode == "none":
+        return features.astype(np.float32)
     std = features.std(axis=0)
-    standardised = ((features - features.mean(axis=0)) / np.where(std > 1e-12, std, 1.0)).astype(np.float32)
-    return standardised if mode == "dataset" else np.concatenate([features.astype(np.float32), standardised], axis=1)
+    standardised = (features - features.mean(axis=0)) / np.where(std > 1e-12, std, 1.0)
+    standardised[:, sizes] = features[:, sizes]
+    if mode == "dataset":
+        return standardised.astype(np.float32)
+    return np.concatenate([features, standardised[:, ~sizes]], axis=1).astype(np.float32)
 
 
 def normalised_column_names(columns: Sequence[str], mode: str) -> tuple[str, ...]:
     """The names of :func:`normalise_features`' columns for features whose columns are ``columns`` (none
-    when the features name none): under "both" each name, then each name with :data:`STANDARDISED_SUFFIX`."""
+    when the features name none): under "both" each name, then each name but the sizes' with
+    :data:`STANDARDISED_SUFFIX`."""
     if mode != "both" or not columns:
         return tuple(columns)
-    return (*columns, *(f"{column}{STANDARDISED_SUFFIX}" for column in columns))
+    sizes = size_columns(columns)
+    return (*columns, *(f"{column}{STANDARDISED_SUFFIX}" for column, size in zip(columns, sizes) if not size))
 
 
 def stable_columns(datasets: Sequence[np.ndarray], max_shift: float | None) -> np.ndarray:

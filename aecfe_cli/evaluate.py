@@ -124,8 +124,9 @@ def run_evaluation(
     source_classes = sorted(set(source_y.tolist()))
 
     train_idx, test_idx, split_info = _source_split(source, source_y, out_dir, split_seed)
-    normalised = _Method("aecfe", normalise_features(source.features, feature_norm),
-                         {target.name: normalise_features(target.features, feature_norm) for target in targets})
+    normalised = _Method("aecfe", normalise_features(source.features, feature_norm, source.columns),
+                         {target.name: normalise_features(target.features, feature_norm, target.columns)
+                          for target in targets})
     normalised.keep = {name: stable_columns([normalised.source, features], max_shift)
                        for name, features in normalised.targets.items()}
     columns = normalised_column_names(source.columns, feature_norm)

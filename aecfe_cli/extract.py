@@ -3,7 +3,8 @@
 Cells are read from the RoI features on disk, encoded and appended to both outputs one batch at a
 time, so peak memory does not grow with the dataset. With ``extract.morphology`` each vector is followed
 by the cell's morphology descriptors (``morphology.DESCRIPTORS``, columns ``m_<name>``), measured on its
-crop: the latent columns are ``f0``, ``f1``, ...
+crop, and its sizes in the image (``morphology.SIZES``, from its detection): the latent columns are ``f0``,
+``f1``, ...
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def run_extraction(
     with open(roi_path, "rb") as handle:
         cells = npy_header(handle)[0][0]
     latent_dim = model.model_args["latent_dim"]
-    descriptors = morphology.DESCRIPTORS if cfg.morphology else ()
+    descriptors = (*morphology.DESCRIPTORS, *morphology.SIZES) if cfg.morphology else ()
     dimensions = latent_dim + len(descriptors)
     header = [*ID_COLUMNS, *(f"f{i}" for i in range(latent_dim)), *(f"{MORPHOLOGY_PREFIX}{name}" for name in descriptors)]
     described = itertools.repeat(None)
@@ -73,17 +74,23 @@ def run_extraction(
                                               cfg.cut_red_cells)
     mismatch = UserError(f"{instances_path} does not list one row per cell of {roi_path} ({cells}): "
                          f"re-run `aecfe detect --data {name} --force`")
+    if descriptors:
+        with open(instances_path, newline="", encoding="utf-8") as handle:
+            missing = set(morphology.SIZE_FIELDS) - set(csv.DictReader(handle).fieldnames or ())
+        if missing:
+            raise UserError(f"{instances_path} lacks the columns {sorted(missing)} that the cell sizes are read from: "
+                            f"re-run `aecfe detect --data {name} --force`")
 
     def table_rows(instances, append_features, bar):
         """Encode batch by batch: each batch's vectors go to features.npy, its rows to the CSV writer."""
         for block, shapes in zip(iter_npy_blocks(roi_path, cfg.batch_size), described):
+            rows = list(itertools.islice(instances, len(block)))
+            if len(rows) < len(block):
+                raise mismatch
             vectors = model.encode(model.scale(torch.from_numpy(block).to(device).float())).cpu().numpy()
             if shapes is not None:
-                vectors = np.concatenate([vectors, shapes], axis=1)
+                vectors = np.concatenate([vectors, shapes, morphology.cell_sizes(rows)], axis=1)
             append_features(vectors)
-            rows = list(itertools.islice(instances, len(vectors)))
-            if len(rows) < len(vectors):
-                raise mismatch
             for row, vector in zip(rows, vectors):
                 # repr-exact float32 text (9 significant digits) so the CSV round-trips the .npy.
                 yield [row[c] for c in ID_COLUMNS] + [f"{v:.9g}" for v in vector.tolist()]

@@ -15,6 +15,7 @@ import numpy as np
 from .errors import UserError, did_you_mean
 from .io import read_csv, read_npy, write_csv
 from .labels import coarse_of, is_fine, is_known
+from .morphology import SIZES
 
 LABEL_MODES = ("fine", "coarse", "auto")
 ID_COLUMNS = ("instance_id", "image", "dataset", "label")  # features.csv: these, then the feature columns
@@ -98,6 +99,11 @@ def load_feature_set(workdir: Path, name: str) -> FeatureSet:
 def morphology_columns(columns: Sequence[str]) -> np.ndarray:
     """(D,) bool: which of the named feature columns are morphology descriptors (the rest: the latent)."""
     return np.array([column.startswith(MORPHOLOGY_PREFIX) for column in columns], bool)
+
+
+def size_columns(columns: Sequence[str]) -> np.ndarray:
+    """(D,) bool: which of the named feature columns are cell sizes in image pixels (``morphology.SIZES``)."""
+    return np.isin(np.asarray(columns, dtype=object), [f"{MORPHOLOGY_PREFIX}{name}" for name in SIZES])
 
 
 def _feature_columns(row: dict, dimensions: int) -> tuple[str, ...]:

@@ -27,6 +27,9 @@ histograms do not (docs/accuracy.md). The descriptors are label-free and need no
   stain strength or class mix of a dataset (which moves per-dataset normalisation): an eosinophil's
   cytoplasm is nearly as dense as its nucleus, a neutrophil's is pale, in every lab.
 
+* size (version 4, ``SIZES``): from the detection, not the crop, since crops are all resized alike:
+  the cell's area in the original image, compared across labs as a ratio to its own dataset's median.
+
 Texture (granularity as high-pass lightness, at one or two scales, raw or contrast-normalised) is left
 out on measurement: it follows each lab's focus and camera resolution more than the granules, and adding
 it lowered every cross-lab direction from PBC (docs/accuracy_notes.md).
@@ -35,7 +38,7 @@ it lowered every cross-lab direction from PBC (docs/accuracy_notes.md).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -51,18 +54,35 @@ _CONTRAST = ("density", "density_red", "density_green", "density_blue", "L", "a"
 EROSION_DEPTHS = (0.15, 0.25, 0.35)  # of the nucleus's equivalent radius: thin strands part, lobes stay
 STRUCTURE = (*(f"lobes_eroded{round(100 * depth)}" for depth in EROSION_DEPTHS), "ridge_spread", "narrowest_neck",
               "max_thickness", "offset")
+GEOMETRY = (*(f"nucleus_{name}" for name in _SHAPE), *(f"cell_{name}" for name in _SHAPE[:3]))
 DESCRIPTORS: tuple[str, ...] = (
     "nucleus_fraction",
-    *(f"nucleus_{name}" for name in _SHAPE),
-    *(f"cell_{name}" for name in _SHAPE[:3]),
+    *GEOMETRY,
     *(f"nucleus_{name}" for name in _COLOUR),
     *(f"cytoplasm_{name}" for name in _COLOUR),
     *(f"contrast_{name}" for name in _CONTRAST),
     *(f"nucleus_{name}" for name in STRUCTURE),
 )
-VERSION = 3  # raised whenever a descriptor is added, dropped or measured differently: features re-extract
+# The descriptors no stain can move: the nucleus's share of the cell, shape indices and nuclear structure.
+SHAPE_DESCRIPTORS = ("nucleus_fraction", *GEOMETRY, *(f"nucleus_{name}" for name in STRUCTURE))
+# The cell's size in the original image's pixels, from its detection (version 4): log of the square root of
+# the detector's mask area and of its box's area. Every crop is resized to one size, so the descriptors above
+# know a cell's shape but not its size, which a haematologist reads first (a lymphocyte is smaller than a
+# monocyte in any lab). A lab's magnification multiplies every size alike, so these columns are compared
+# across labs only as differences from their own dataset's median (``classify.normalise_features``): the log
+# makes that difference a ratio to the lab's typical cell, which no magnification moves.
+SIZES = ("cell_size", "box_size")
+SIZE_FIELDS = ("mask_area", "x0", "y0", "x1", "y1")  # the columns of detect's instances.csv they are read from
+VERSION = 4  # raised whenever a descriptor is added, dropped or measured differently: features re-extract
 MIN_REGION_PIXELS = 5  # a nucleus or cytoplasm smaller than this is measured over the whole cell instead
 LOBE_SHARE = 0.1  # a separate piece of nucleus is a lobe when it holds at least this share of its area
+
+
+def cell_sizes(rows: Sequence[dict]) -> np.ndarray:
+    """(n, len(SIZES)) float32: the ``SIZES`` of the cells of detect's ``instances.csv`` rows."""
+    areas = [[float(row["mask_area"]), (float(row["x1"]) - float(row["x0"])) * (float(row["y1"]) - float(row["y0"]))]
+             for row in rows]
+    return (0.5 * np.log(np.maximum(np.asarray(areas, np.float64).reshape(-1, len(SIZES)), 1.0))).astype(np.float32)
 
 
 def describe_crops(crops: Iterable[np.ndarray], statistics: np.ndarray,

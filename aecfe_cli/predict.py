@@ -124,8 +124,8 @@ def classifier_columns(source: FeatureSet, cells: FeatureSet, evaluate_cfg: Eval
     """(D,) bool: the columns of the classifier that labels ``cells``. Those shifted between the source and
     ``cells`` are left out, as ``evaluate`` leaves them out for a target (``evaluate.max_shift``), so a
     labelled copy of ``cells`` scored by ``evaluate`` gets the same labels."""
-    return stable_columns([normalise_features(d.features, evaluate_cfg.feature_norm) for d in (source, cells)],
-                          evaluate_cfg.max_shift)
+    return stable_columns([normalise_features(d.features, evaluate_cfg.feature_norm, d.columns)
+                           for d in (source, cells)], evaluate_cfg.max_shift)
 
 
 def fit_source(
@@ -160,9 +160,10 @@ def fit_source(
     train_idx, test_idx = stratified_split(labels, evaluate_cfg.split_seed)
     if len(test_idx) == 0:
         raise UserError(f"source '{source.name}': no class has two cells, so none can be held out to calibrate on")
-    normalised = normalise_features(source.features, evaluate_cfg.feature_norm)
+    normalised = normalise_features(source.features, evaluate_cfg.feature_norm, source.columns)
     classified = normalised[:, columns]
-    target = None if cells is None else normalise_features(cells.features, evaluate_cfg.feature_norm)[:, columns]
+    target = (None if cells is None
+              else normalise_features(cells.features, evaluate_cfg.feature_norm, cells.columns)[:, columns])
     plain = cached_plain_fit({} if plain_fits is None else plain_fits, evaluate_cfg.classifier, seed,
                              normalised[train_idx], labels[train_idx], columns, evaluate_cfg.class_weight,
                              evaluate_cfg.trees)
@@ -277,7 +278,7 @@ def classify(fitted: SourceClassifier, cells: FeatureSet, reconstruction: np.nda
     """Label ``cells``; ``reconstruction`` holds their reconstruction errors, row for row."""
     # evaluate.feature_norm "dataset" standardises a dataset by its own statistics: all of these cells.
     probabilities, predicted = _probabilities(
-        fitted, normalise_features(cells.features, fitted.feature_norm)[:, fitted.columns])
+        fitted, normalise_features(cells.features, fitted.feature_norm, cells.columns)[:, fitted.columns])
     ranked = np.sort(probabilities, axis=1)
     confidence = ranked[:, -1]
     distance = _distances(fitted, cells.features)

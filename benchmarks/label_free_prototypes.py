@@ -34,6 +34,7 @@ harness's, so an idea is compared with the ``none`` row of the same invocation, 
 * ``histograms_IDEA``: IDEA with the ``stain_normalized_histogram`` baseline's columns appended (each lab's
   crops normalised onto the source's stain statistics, as ``aecfe evaluate`` computes that baseline).
 * ``granules_IDEA``: IDEA with four granule descriptors per cell appended (:func:`granule_descriptors`).
+* ``sizes_IDEA``: IDEA with four sizes of each cell against its lab's median cell appended (:func:`cell_sizes`).
 * ``contrastive_IDEA``: IDEA with a contrastive embedding of each cell appended (:func:`contrastive_embeddings`):
   a ResNet-18 trained from scratch on the cells of all three labs to recognise each cell under stain, lamp,
   focus and camera jitter (aecfe's own backbone pretraining, ``backbone_pretraining.pretrain_backbone``),
@@ -45,7 +46,8 @@ harness's, so an idea is compared with the ``none`` row of the same invocation, 
   by EM), ``forests:N`` (N self-trained forests averaged), ``trees:N`` (forests of N trees); see
   :func:`after_forest`.
 
-``--columns morphology`` scores the morphology columns alone (``latent`` the latent alone). Each row also
+``--columns morphology`` scores the morphology columns alone (``latent`` the latent alone; ``shape`` the
+morphology's geometry, ``colour`` the rest of it: see :func:`chosen_columns`). Each row also
 gives the mean over the classes of 10 cells or more in the target (``RARE_CLASS_CELLS``), since one cell of
 a class (Zheng's single basophil) moves a five-class balanced accuracy by 0.20.
 
@@ -74,11 +76,12 @@ from aecfe_cli import baselines, colour, morphology  # noqa: E402
 from aecfe_cli.classify import DEFAULT_TREES, RARE_CLASS_CELLS, fit_classifier, make_classifier, normalise_features, stable_columns  # noqa: E402
 from aecfe_cli.detector import crop_cell  # noqa: E402
 from aecfe_cli.io import read_csv  # noqa: E402
-from aecfe_cli.feature_sets import MORPHOLOGY_PREFIX, load_feature_set, morphology_columns  # noqa: E402
+from aecfe_cli.feature_sets import MORPHOLOGY_PREFIX, load_feature_set, morphology_columns, size_columns  # noqa: E402
 
 LABS = ("pbc", "zheng", "bccd")
 DIRECTIONS = [(source, target) for source in LABS for target in LABS if source != target]
 MAX_SHIFT, SELF_TRAINING, CLASS_WEIGHT, CLASSIFIER_SEED = 1.5, 3, "balanced", 0
+COLUMN_GROUPS = ("all", "morphology", "latent", "shape", "colour", "none")
 HUE_DESCRIPTORS = ("_a", "_b", "_a_spread", "_b_spread", "_density_red", "_density_green", "_density_blue")
 PRIOR_ROUNDS = 3
 EM_ROUNDS = 20
@@ -86,6 +89,7 @@ HISTOGRAM_PREFIX = "histograms_"
 GRANULE_PREFIX = "granules_"
 RESOLUTION_PREFIX = "resolution_"
 CONTRASTIVE_PREFIX = "contrastive_"
+SIZE_PREFIX = "sizes_"
 CONTRASTIVE_BATCH, CONTRASTIVE_COLUMNS = 64, 32
 # The margins detector.crop_cell adds around a box (pixels of a 400-px resize of the image), read from it
 # so the crop spans below follow the detect stage.
@@ -100,7 +104,7 @@ def main() -> None:
     parser.add_argument("--variant", default="default", help="the harness variant whose workdirs to read")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--ideas", default="none,dataset")
-    parser.add_argument("--columns", choices=("all", "morphology", "latent", "none"), default="all",
+    parser.add_argument("--columns", choices=COLUMN_GROUPS, default="all",
                         help="the extracted columns the classifier sees; none: only those an idea appends")
     parser.add_argument("--contrastive-steps", type=int, default=400, help="SimCLR steps of contrastive_ ideas")
     args = parser.parse_args()
@@ -163,32 +167,25 @@ def target_probabilities(idea: str, source, target, columns: str, virtual: list[
     idea, _, own_columns = idea.partition("@")
     columns = own_columns or columns
     idea, _, after = idea.partition("/")
-    with_histograms, with_granules = idea.startswith(HISTOGRAM_PREFIX), idea.startswith(GRANULE_PREFIX)
-    with_contrastive = idea.startswith(CONTRASTIVE_PREFIX)
+    appended = [prefix for prefix in APPENDED if idea.startswith(prefix)]
     if idea.startswith(RESOLUTION_PREFIX):
         source, target = resolution_matched(source, target), resolution_matched(target, source)
-    for prefix in (HISTOGRAM_PREFIX, GRANULE_PREFIX, RESOLUTION_PREFIX, CONTRASTIVE_PREFIX):
+    for prefix in (*APPENDED, RESOLUTION_PREFIX):
         idea = idea.removeprefix(prefix)
     chosen = chosen_columns(source.columns, columns, achromatic=idea == "achromatic")
     source_x, target_x = source.features[:, chosen].astype(np.float64), target.features[:, chosen].astype(np.float64)
-    source_x, target_x = normalise(idea, source_x, source.labels, target_x)
-    if with_histograms:
-        source_x = np.concatenate([source_x, stain_normalised_histograms(source, source)], axis=1)
-        target_x = np.concatenate([target_x, stain_normalised_histograms(target, source)], axis=1)
-    if with_granules:
-        source_x = np.concatenate([source_x, granule_descriptors(source)], axis=1)
-        target_x = np.concatenate([target_x, granule_descriptors(target)], axis=1)
-    if with_contrastive:
-        source_x = np.concatenate([source_x, contrastive_embeddings()[source.name]], axis=1)
-        target_x = np.concatenate([target_x, contrastive_embeddings()[target.name]], axis=1)
+    source_x, target_x = normalise(idea, source_x, source.labels, target_x, np.asarray(source.columns)[chosen])
+    for prefix in appended:
+        source_x = np.concatenate([source_x, APPENDED[prefix](source, source)], axis=1)
+        target_x = np.concatenate([target_x, APPENDED[prefix](target, source)], axis=1)
     keep = stable_columns([source_x, target_x], MAX_SHIFT)
     train_x, train_y = source_x, source.labels
     if virtual:
-        is_morphology = morphology_columns(source.columns)[chosen]
+        is_morphology = crop_descriptor_columns(source.columns)[chosen]
         copies = []
         for descriptors in virtual:
             copy = source_x.copy()
-            copy[:, is_morphology] = descriptors[:, chosen[morphology_columns(source.columns)]]
+            copy[:, is_morphology] = descriptors[:, chosen[crop_descriptor_columns(source.columns)]]
             copies.append(copy)
         train_x = np.concatenate([source_x, *copies])
         train_y = np.concatenate([source.labels] * (1 + len(copies)))
@@ -240,20 +237,29 @@ def after_forest(after: str, probabilities: np.ndarray, target_x: np.ndarray) ->
 
 
 def chosen_columns(names: tuple[str, ...], columns: str, achromatic: bool) -> np.ndarray:
+    """The extracted columns of one of :data:`COLUMN_GROUPS`: "shape" is the morphology's geometry (the
+    nucleus's share of the cell, the shape indices of nucleus and cell, the nuclear structure), which no stain
+    moves; "colour" the rest of the morphology (colour, optical density, stain composition, contrast)."""
     is_morphology = morphology_columns(names)
+    is_shape = np.isin(np.asarray(names, dtype=object), [MORPHOLOGY_PREFIX + name for name in morphology.SHAPE_DESCRIPTORS])
     chosen = {"all": np.ones(len(names), bool), "morphology": is_morphology, "latent": ~is_morphology,
-              "none": np.zeros(len(names), bool)}[columns]
+              "shape": is_shape, "colour": is_morphology & ~is_shape, "none": np.zeros(len(names), bool)}[columns]
     if achromatic:
         chosen &= ~np.array([n.startswith(MORPHOLOGY_PREFIX) and n.endswith(HUE_DESCRIPTORS) for n in names])
     return chosen
 
 
-def normalise(idea: str, source_x: np.ndarray, source_y: np.ndarray, target_x: np.ndarray):
+def crop_descriptor_columns(names) -> np.ndarray:
+    """The morphology columns measured on the crop (``morphology_of`` gives them): all but the sizes."""
+    return morphology_columns(names) & ~size_columns(names)
+
+
+def normalise(idea: str, source_x: np.ndarray, source_y: np.ndarray, target_x: np.ndarray, names: np.ndarray):
     kind, _, k = idea.partition(":")
     if kind in ("none", "achromatic", "virtual_labs"):
         return source_x, target_x
     if kind in ("dataset", "both"):
-        return normalise_features(source_x, kind), normalise_features(target_x, kind)
+        return normalise_features(source_x, kind, names), normalise_features(target_x, kind, names)
     if kind == "clusters":
         return (standardise(source_x, *group_moments(source_x, clusters(source_x, int(k)))),
                 standardise(target_x, *group_moments(target_x, clusters(target_x, int(k)))))
@@ -311,7 +317,7 @@ def resolution_matched(lab, other):
         shown = np.stack([np.asarray(Image.fromarray(np.moveaxis(np.asarray(crop), 0, -1)).resize(
             (small, small), Image.BOX).resize((size, size), Image.BILINEAR)).transpose(2, 0, 1) for crop in lab.crops])
         features = lab.features.copy()
-        features[:, morphology_columns(lab.columns)] = morphology_of(shown)
+        features[:, crop_descriptor_columns(lab.columns)] = morphology_of(shown)
         _CACHE[key] = features
         print(f"<!-- {lab.name} seen at {factor:.2f} of its resolution ({small} px) -->", flush=True)
     return dataclasses.replace(lab, features=_CACHE[key])
@@ -324,17 +330,47 @@ def crop_span(lab) -> float:
     if key not in _CACHE:
         rows = read_csv(Path(lab_workdirs[lab.name]) / "detect" / lab.name / "instances.csv")
         spans = []
-        sizes = {}
         for row in rows:
-            if row["image"] not in sizes:
-                with Image.open(row["image"]) as image:
-                    sizes[row["image"]] = image.size
-            width, height = sizes[row["image"]]
+            width, height = image_size(row["image"])
             box = [float(row[name]) for name in ("x0", "y0", "x1", "y1")]
             spans.append(max(box[2] - box[0] + sum(MARGIN) * width / MARGIN_REFERENCE,
                              box[3] - box[1] + sum(MARGIN) * height / MARGIN_REFERENCE))
         _CACHE[key] = float(np.median(spans))
         print(f"<!-- {lab.name}: crops span {_CACHE[key]:.0f} original pixels (median) -->", flush=True)
+    return _CACHE[key]
+
+
+def cell_sizes(lab) -> np.ndarray:
+    """(N, 4) per cell: how large it is against its own lab's typical cell, as log ratios to the lab's median
+    (0 for a cell of the lab's median size), as the twenty-sixth look measured before ``morphology.SIZES``
+    (the first two columns) became extracted columns. The detect stage resizes every crop to one size, so the
+    features of that time knew the cell's shape but not its size; within a lab the camera's magnification
+    is fixed, so a ratio to the lab's median cancels it. Columns: ``morphology.cell_sizes`` (the detector's
+    mask and box areas), then the classical segmentation's cell and nucleus areas (pixels of the crop scaled
+    back to the original image, ignoring the image's edge), each as the log of its square root."""
+    key = ("sizes", lab.name)
+    if key not in _CACHE:
+        by_id = {row["instance_id"]: row for row in
+                 read_csv(Path(lab_workdirs[lab.name]) / "detect" / lab.name / "instances.csv")}
+        rows = [by_id[instance_id] for instance_id in lab.instance_ids]
+        areas = []
+        for row, crop in zip(rows, lab.crops):
+            width, height = image_size(row["image"])
+            # the crop's span in original pixels, per axis (detector.crop_cell's margins)
+            span_x = float(row["x1"]) - float(row["x0"]) + sum(MARGIN) * width / MARGIN_REFERENCE
+            span_y = float(row["y1"]) - float(row["y0"]) + sum(MARGIN) * height / MARGIN_REFERENCE
+            cell, nucleus = morphology.central_cell(np.moveaxis(np.asarray(crop), 0, -1))
+            areas.append(np.array([cell.sum(), nucleus.sum()]) * (span_x * span_y / crop.shape[-1] / crop.shape[-2]))
+        sizes = np.concatenate([morphology.cell_sizes(rows), 0.5 * np.log(np.maximum(np.asarray(areas), 1.0))], axis=1)
+        _CACHE[key] = sizes - np.median(sizes, axis=0)
+    return _CACHE[key]
+
+
+def image_size(path: str) -> tuple[int, int]:
+    key = ("image_size", path)
+    if key not in _CACHE:
+        with Image.open(path) as image:
+            _CACHE[key] = image.size
     return _CACHE[key]
 
 
@@ -459,6 +495,15 @@ def morphology_of(crops: np.ndarray) -> np.ndarray:
     statistics = colour.lab_statistics(np.moveaxis(block, 1, -1) for block in blocks)
     return np.concatenate(list(morphology.describe_crops(blocks, statistics)))
 
+
+
+# Ideas that append columns to the extracted ones: prefix -> the columns of (lab, source lab).
+APPENDED = {
+    HISTOGRAM_PREFIX: stain_normalised_histograms,
+    GRANULE_PREFIX: lambda lab, source: granule_descriptors(lab),
+    CONTRASTIVE_PREFIX: lambda lab, source: contrastive_embeddings()[lab.name],
+    SIZE_PREFIX: lambda lab, source: cell_sizes(lab),
+}
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from aecfe_cli.errors import UserError
-from aecfe_cli.classify import CLASSIFIERS, fit_classifier, make_classifier, score
+from aecfe_cli.classify import CLASSIFIERS, fit_classifier, make_classifier, normalise_features, normalised_column_names, score
 from aecfe_cli.evaluate import run_evaluation
 from aecfe_cli.evaluate_report import render_summary_rows
 from aecfe_cli.feature_sets import FeatureSet, load_feature_set, load_split, resolve_labels, save_split, stratified_split
@@ -409,6 +409,28 @@ def test_feature_norm_both_keeps_each_column_as_extracted_and_standardised(tmp_p
     assert report["parts"]["morphology"]["dimension"] == 2 * (DIMENSION - DIMENSION // 2)
     assert report["parts"]["morphology"]["targets"]["lab_b"]["balanced_accuracy"] > 0.9
     assert "`evaluate.feature_norm`" in (tmp_path / "both" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("mode", ["none", "dataset", "both"])
+def test_cell_sizes_become_ratios_to_their_own_labs_median_under_every_feature_norm(mode: str) -> None:
+    """Two labs with the same cells, one imaged at twice the magnification: every size of the second is
+    log(2) larger. After normalisation the sizes of both labs agree (a ratio to the lab's median cell), they
+    are not standardised (a spread follows the class mix, not the optics) and get no standardised copy."""
+    columns = ("f0", "m_nucleus_fraction", "m_cell_size", "m_box_size")
+    rng = np.random.default_rng(0)
+    near = np.column_stack([rng.normal(size=41), rng.uniform(size=41), 0.5 * np.log(rng.uniform(2e3, 9e3, (41, 2)))])
+    far = near + [0.0, 0.0, np.log(2.0), np.log(2.0)]
+    a, b = (normalise_features(x.astype(np.float32), mode, columns) for x in (near, far))
+    names = normalised_column_names(columns, mode)
+    assert a.shape == b.shape == (41, len(names))
+    sizes = [names.index("m_cell_size"), names.index("m_box_size")]
+    assert np.allclose(a[:, sizes], b[:, sizes], atol=1e-5)
+    assert np.allclose(np.median(a[:, sizes], axis=0), 0.0, atol=1e-6)
+    assert np.allclose(a[:, sizes], near[:, 2:] - np.median(near[:, 2:], axis=0), atol=1e-5)  # not rescaled
+    assert names == {"none": columns, "dataset": columns,
+                     "both": (*columns, "f0@dataset", "m_nucleus_fraction@dataset")}[mode]
+    if mode == "none":
+        assert np.array_equal(a[:, :2], near[:, :2].astype(np.float32))
 
 
 def test_latent_and_morphology_parts_are_scored_alone_when_both_are_present(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from aecfe_cli.config import ExtractConfig
 from aecfe_cli.errors import UserError
 from aecfe_cli.extract import run_extraction
 from aecfe_cli.io import iter_npy_blocks, npy_writer, write_npy
-from aecfe_cli.morphology import DESCRIPTORS
+from aecfe_cli.morphology import DESCRIPTORS, SIZES
 from aecfe_cli.reporting import Reporter
 from conftest import drawn_cell
 
@@ -61,8 +61,10 @@ def _detections(folder, cells, rows, crops=None):
     write_npy(folder / "crops.npy", np.stack([drawn_cell(nucleus_radius=8 + i % 4) for i in range(crops)]))
     with open(folder / "instances.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["instance_id", "image", "dataset", "label"])
-        writer.writerows([[f"c{i}", f"img{i}.png", "lab", "NEU"] for i in range(rows)])
+        writer.writerow(["instance_id", "image", "dataset", "label", "x0", "y0", "x1", "y1", "score", "mask_area"])
+        # cell i: a box of 40 + i by 40 pixels holding a mask of 1000 * (i + 1) pixels
+        writer.writerows([[f"c{i}", f"img{i}.png", "lab", "NEU", 10, 20, 50 + i, 60, 0.9, 1000 * (i + 1)]
+                          for i in range(rows)])
     return roi
 
 
@@ -95,14 +97,19 @@ def test_extract_puts_morphology_after_the_latent_of_the_same_cell(tmp_path):
     manifest, _ = _extract(tmp_path, batch_size=3, morphology=True)
     features = np.load(tmp_path / "extract" / "features.npy")
     latent = np.load(tmp_path / "without" / "extract" / "features.npy")
-    assert features.shape == (7, 50 + len(DESCRIPTORS)) and np.array_equal(features[:, :50], latent)
+    descriptors = (*DESCRIPTORS, *SIZES)
+    assert features.shape == (7, 50 + len(descriptors)) and np.array_equal(features[:, :50], latent)
     with open(tmp_path / "extract" / "features.csv", newline="") as handle:
         header = next(csv.reader(handle))
-    assert header[4 + 50:] == [f"m_{name}" for name in DESCRIPTORS]
+    assert header[4 + 50:] == [f"m_{name}" for name in descriptors]
     # Cells drawn with growing nuclei (radius 8..11 in the same 40-px cell): the ratio follows them.
     fraction = features[:4, 50 + DESCRIPTORS.index("nucleus_fraction")]
     assert np.all(np.diff(fraction) > 0)
-    assert manifest["counts"]["dimensions"] == 50 + len(DESCRIPTORS)
+    # The sizes come from each cell's own detection row, in the image's pixels (log of the square root).
+    cell = np.arange(7)
+    assert np.allclose(features[:, -2], 0.5 * np.log(1000 * (cell + 1)), atol=1e-5)
+    assert np.allclose(features[:, -1], 0.5 * np.log((40 + cell) * 40), atol=1e-5)
+    assert manifest["counts"]["dimensions"] == 50 + len(descriptors)
     assert latent_only["fingerprint"] != manifest["fingerprint"]
 
 
@@ -110,6 +117,17 @@ def test_extract_refuses_crops_that_disagree_with_the_cells(tmp_path):
     _detections(tmp_path / "detect", 7, 7, crops=6)
     with pytest.raises(UserError, match="crops.npy does not hold one crop per cell"):
         _extract(tmp_path, batch_size=3, morphology=True)
+
+
+def test_extract_refuses_detections_without_the_columns_sizes_come_from(tmp_path):
+    _detections(tmp_path / "detect", 7, 7)
+    instances = tmp_path / "detect" / "instances.csv"
+    table = list(csv.reader(instances.open(newline="")))
+    with open(instances, "w", newline="") as handle:
+        csv.writer(handle).writerows([row[:9] for row in table])  # mask_area dropped
+    with pytest.raises(UserError, match=r"instances.csv lacks the columns \['mask_area'\].*aecfe detect --data lab --force"):
+        _extract(tmp_path, batch_size=3, morphology=True)
+    assert not (tmp_path / "extract" / "features.npy").exists()
 
 
 @pytest.mark.parametrize("rows", [6, 8])

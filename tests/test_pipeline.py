@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from aecfe_cli.morphology import DESCRIPTORS
+from aecfe_cli.morphology import DESCRIPTORS, SIZES
 from conftest import copy_project as _copy
 from conftest import run_cli
 
@@ -44,7 +44,7 @@ def test_run_writes_consistent_interface_files(finished_project):
         ids = _rows(work / "extract" / name / "features.csv")
         assert len(instances) == len(roi) == len(crops) == len(features) == len(ids) > 0
         assert roi.shape[1:] == (256, 14, 14) and crops.shape[1:] == (3, 32, 32) and crops.dtype == np.uint8
-        columns = [*(f"f{i}" for i in range(50)), *(f"m_{d}" for d in DESCRIPTORS)]  # latent, then morphology
+        columns = [*(f"f{i}" for i in range(50)), *(f"m_{d}" for d in (*DESCRIPTORS, *SIZES))]  # latent, then morphology
         assert features.shape[1] == len(columns) and features.dtype == np.float32
         assert [r["instance_id"] for r in instances] == [r["instance_id"] for r in ids]
         assert list(ids[0])[4:] == columns
