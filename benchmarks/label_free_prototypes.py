@@ -329,13 +329,7 @@ def crop_span(lab) -> float:
     key = ("span", lab.name)
     if key not in _CACHE:
         rows = read_csv(Path(lab_workdirs[lab.name]) / "detect" / lab.name / "instances.csv")
-        spans = []
-        for row in rows:
-            width, height = image_size(row["image"])
-            box = [float(row[name]) for name in ("x0", "y0", "x1", "y1")]
-            spans.append(max(box[2] - box[0] + sum(MARGIN) * width / MARGIN_REFERENCE,
-                             box[3] - box[1] + sum(MARGIN) * height / MARGIN_REFERENCE))
-        _CACHE[key] = float(np.median(spans))
+        _CACHE[key] = float(np.median([max(window_span(row)) for row in rows]))
         print(f"<!-- {lab.name}: crops span {_CACHE[key]:.0f} original pixels (median) -->", flush=True)
     return _CACHE[key]
 
@@ -355,15 +349,20 @@ def cell_sizes(lab) -> np.ndarray:
         rows = [by_id[instance_id] for instance_id in lab.instance_ids]
         areas = []
         for row, crop in zip(rows, lab.crops):
-            width, height = image_size(row["image"])
-            # the crop's span in original pixels, per axis (detector.crop_cell's margins)
-            span_x = float(row["x1"]) - float(row["x0"]) + sum(MARGIN) * width / MARGIN_REFERENCE
-            span_y = float(row["y1"]) - float(row["y0"]) + sum(MARGIN) * height / MARGIN_REFERENCE
+            span_x, span_y = window_span(row)
             cell, nucleus = morphology.central_cell(np.moveaxis(np.asarray(crop), 0, -1))
             areas.append(np.array([cell.sum(), nucleus.sum()]) * (span_x * span_y / crop.shape[-1] / crop.shape[-2]))
         sizes = np.concatenate([morphology.cell_sizes(rows), 0.5 * np.log(np.maximum(np.asarray(areas), 1.0))], axis=1)
         _CACHE[key] = sizes - np.median(sizes, axis=0)
     return _CACHE[key]
+
+
+def window_span(row: dict) -> tuple[float, float]:
+    """The width and height in original image pixels of the window a detection's crop is cut from: its box
+    and the margins ``detector.crop_cell`` adds, which scale with the image's size (the image's edge ignored)."""
+    width, height = image_size(row["image"])
+    return (float(row["x1"]) - float(row["x0"]) + sum(MARGIN) * width / MARGIN_REFERENCE,
+            float(row["y1"]) - float(row["y0"]) + sum(MARGIN) * height / MARGIN_REFERENCE)
 
 
 def image_size(path: str) -> tuple[int, int]:
