@@ -19,6 +19,9 @@ harness's, so an idea is compared with the ``none`` row of the same invocation, 
   within the lab) weighing alike, a label-free stand-in for "each class alike".
 * ``source_classes:K``: the source's moments with each of its classes alike, the target's with each of K
   clusters alike.
+* ``whitened``: each lab ZCA-whitened with its own mean and (Ledoit-Wolf) covariance; ``both_whitened`` the
+  features as extracted and whitened, side by side (``both`` with the correlations removed as well).
+* ``coral``: the source mapped onto the target's mean and covariance (CORAL), the target as extracted.
 * ``achromatic``: the morphology's hue columns left out (CIELAB a and b and their spreads, the stain's
   channel shares and their contrasts); lightness, optical density, shape and nuclear structure kept.
 * ``mean:A+B``: the class probabilities of the forests of ideas A and B averaged (a hedge between two
@@ -66,6 +69,7 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.cluster import KMeans
+from sklearn.covariance import LedoitWolf
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
@@ -260,6 +264,20 @@ def normalise(idea: str, source_x: np.ndarray, source_y: np.ndarray, target_x: n
         return source_x, target_x
     if kind in ("dataset", "both"):
         return normalise_features(source_x, kind, names), normalise_features(target_x, kind, names)
+    if kind in ("whitened", "both_whitened", "coral"):
+        # The sizes as every feature_norm gives them (ratios to the lab's median cell, not standardised);
+        # the other columns aligned by their means and covariances.
+        sizes = size_columns(names)
+        source_x, target_x = normalise_features(source_x, "none", names), normalise_features(target_x, "none", names)
+        if kind == "coral":
+            source_x = source_x.astype(np.float64)
+            source_x[:, ~sizes] = coral(source_x[:, ~sizes], target_x[:, ~sizes])
+            return source_x, target_x
+        aligned = [whitened(x[:, ~sizes].astype(np.float64)) for x in (source_x, target_x)]
+        if kind == "whitened":
+            return (np.concatenate([aligned[0], source_x[:, sizes]], axis=1),
+                    np.concatenate([aligned[1], target_x[:, sizes]], axis=1))
+        return np.concatenate([source_x, aligned[0]], axis=1), np.concatenate([target_x, aligned[1]], axis=1)
     if kind == "clusters":
         return (standardise(source_x, *group_moments(source_x, clusters(source_x, int(k)))),
                 standardise(target_x, *group_moments(target_x, clusters(target_x, int(k)))))
@@ -464,6 +482,25 @@ def group_moments(x: np.ndarray, groups: np.ndarray, weights: np.ndarray | None 
     mean = sum(w * x[groups == g].mean(axis=0) for w, g in zip(weights, keys))
     second = sum(w * (x[groups == g] ** 2).mean(axis=0) for w, g in zip(weights, keys))
     return mean, np.sqrt(np.maximum(second - mean**2, 0.0))
+
+
+def covariance_power(x: np.ndarray, power: float) -> np.ndarray:
+    """The lab's Ledoit-Wolf-shrunk covariance raised to ``power`` (symmetric, by eigendecomposition): shrinkage
+    keeps the inverse root finite with fewer cells than columns, as BCCD's few hundred against 80 columns."""
+    values, vectors = np.linalg.eigh(LedoitWolf().fit(x).covariance_)
+    return (vectors * np.maximum(values, 1e-9) ** power) @ vectors.T
+
+
+def whitened(x: np.ndarray) -> np.ndarray:
+    """ZCA whitening with the lab's own mean and covariance: ``dataset`` standardisation with the columns'
+    correlations removed too (a stain that moves several colour columns together is undone as one)."""
+    return (x - x.mean(axis=0)) @ covariance_power(x, -0.5)
+
+
+def coral(source_x: np.ndarray, target_x: np.ndarray) -> np.ndarray:
+    """CORAL (Sun, Feng and Saenko 2016): the source whitened, then coloured with the target's covariance and
+    moved to its mean, so a forest trained on it splits where the target's cells lie."""
+    return whitened(source_x) @ covariance_power(target_x, 0.5) + target_x.mean(axis=0)
 
 
 def standardise(x: np.ndarray, mean: np.ndarray, spread: np.ndarray) -> np.ndarray:

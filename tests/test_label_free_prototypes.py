@@ -118,3 +118,22 @@ def test_spreading_makes_a_cluster_agree_with_its_majority():
     spread = prototypes.after_forest("spread:5:0.8", probabilities, x)
     assert np.allclose(spread.sum(axis=1), 1.0)
     assert (spread.argmax(axis=1) == [0] * 10 + [1] * 10).all()
+
+
+def test_whitening_and_coral_align_means_and_covariances_and_keep_sizes_as_ratios():
+    rng = np.random.default_rng(0)
+    mixing = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    source = rng.normal(size=(2000, 3)) @ mixing + [5.0, -1.0, np.log(120.0)]
+    target = rng.normal(size=(3000, 3)) @ mixing.T * 0.5 + [0.0, 2.0, np.log(60.0)]
+    names = np.array(["f0", "m_nucleus_L", "m_cell_size"])
+    white_source, white_target = prototypes.normalise("whitened", source, None, target, names)
+    for white in (white_source[:, :2], white_target[:, :2]):
+        assert np.allclose(white.mean(axis=0), 0.0, atol=1e-5)
+        assert np.allclose(np.cov(white.T), np.eye(2), atol=0.02)  # shrinkage leaves it a little under 1
+    assert np.median(white_source[:, 2]) == pytest.approx(0.0) and np.median(white_target[:, 2]) == pytest.approx(0.0)
+    moved, kept = prototypes.normalise("coral", source, None, target, names)
+    assert np.allclose(kept[:, :2], target[:, :2], atol=1e-5)  # as extracted (float32)
+    assert np.allclose(moved[:, :2].mean(axis=0), target[:, :2].mean(axis=0), atol=1e-5)
+    assert np.allclose(np.cov(moved[:, :2].T), np.cov(target[:, :2].T), atol=0.02)
+    side_by_side, _ = prototypes.normalise("both_whitened", source, None, target, names)
+    assert side_by_side.shape == (2000, 5) and np.allclose(side_by_side[:, 3:], white_source[:, :2])
