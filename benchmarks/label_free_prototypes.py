@@ -44,6 +44,9 @@ harness's, so an idea is compared with the ``none`` row of the same invocation, 
   its pooled output reduced to ``CONTRASTIVE_COLUMNS`` principal components over the three labs.
 * ``resolution_IDEA``: IDEA after the lab of the pair whose crops span more original pixels has its
   morphology measured again on crops sampled down to the other lab's resolution (:func:`resolution_matched`).
+* ``importance_IDEA``: IDEA with the source's cells drawn in proportion to how target-like each is
+  (:func:`importance_resampled`: covariate-shift correction by a logistic regression told to tell the labs
+  apart), so the forest learns most from the source cells that look like the target's.
 * ``IDEA/STEP``: IDEA followed by a label-free step on the forest or its target probabilities:
   ``spread:K:ALPHA`` (label spreading over the target's own neighbours), ``em`` (the target's class prior
   by EM), ``forests:N`` (N self-trained forests averaged), ``trees:N`` (forests of N trees); see
@@ -70,6 +73,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.covariance import LedoitWolf
+from sklearn.linear_model import LogisticRegression
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
@@ -94,6 +98,8 @@ GRANULE_PREFIX = "granules_"
 RESOLUTION_PREFIX = "resolution_"
 CONTRASTIVE_PREFIX = "contrastive_"
 SIZE_PREFIX = "sizes_"
+IMPORTANCE_PREFIX = "importance_"
+IMPORTANCE_CLIP = 10.0  # the largest density ratio a source cell may get, so a few cells cannot stand for all
 CONTRASTIVE_BATCH, CONTRASTIVE_COLUMNS = 64, 32
 # The margins detector.crop_cell adds around a box (pixels of a 400-px resize of the image), read from it
 # so the crop spans below follow the detect stage.
@@ -172,6 +178,8 @@ def target_probabilities(idea: str, source, target, columns: str, virtual: list[
     columns = own_columns or columns
     idea, _, after = idea.partition("/")
     appended = [prefix for prefix in APPENDED if idea.startswith(prefix)]
+    importance = idea.startswith(IMPORTANCE_PREFIX)
+    idea = idea.removeprefix(IMPORTANCE_PREFIX)
     if idea.startswith(RESOLUTION_PREFIX):
         source, target = resolution_matched(source, target), resolution_matched(target, source)
     for prefix in (*APPENDED, RESOLUTION_PREFIX):
@@ -193,6 +201,9 @@ def target_probabilities(idea: str, source, target, columns: str, virtual: list[
             copies.append(copy)
         train_x = np.concatenate([source_x, *copies])
         train_y = np.concatenate([source.labels] * (1 + len(copies)))
+    if importance:
+        picked = importance_resampled(train_x[:, keep], target_x[:, keep], CLASSIFIER_SEED)
+        train_x, train_y = train_x[picked], train_y[picked]
     forests = int(after.split(":")[1]) if after.startswith("forests:") else 1
     trees = int(after.split(":")[1]) if after.startswith("trees:") else DEFAULT_TREES
     models = [fit_classifier("random_forest", CLASSIFIER_SEED + index, train_x[:, keep], train_y, target_x[:, keep],
@@ -238,6 +249,21 @@ def after_forest(after: str, probabilities: np.ndarray, target_x: np.ndarray) ->
         spread = np.linalg.solve(np.eye(len(x)) - alpha * normalised, (1 - alpha) * probabilities)
         return spread / spread.sum(axis=1, keepdims=True)
     raise SystemExit(f"unknown step after the forest '{after}'")
+
+
+def importance_resampled(source_x: np.ndarray, target_x: np.ndarray, seed: int) -> np.ndarray:
+    """Indices of the source's cells drawn (as many as it has, with replacement) in proportion to how
+    target-like each is: the density ratio p(target | x) / p(source | x) of a logistic regression told to
+    tell the two labs apart on the classifier's columns (covariate-shift correction, Shimodaira 2000), clipped
+    to :data:`IMPORTANCE_CLIP` times its median. Drawing instead of weighing leaves the forest's own fit as is."""
+    x = np.concatenate([source_x, target_x])
+    is_target = np.r_[np.zeros(len(source_x)), np.ones(len(target_x))]
+    mean, spread = plain_moments(x)
+    domain = LogisticRegression(C=0.1, max_iter=2000).fit(standardise(x, mean, spread), is_target)
+    p_target = domain.predict_proba(standardise(source_x, mean, spread))[:, 1]
+    ratio = p_target / np.maximum(1 - p_target, 1e-9)
+    ratio = np.minimum(ratio, IMPORTANCE_CLIP * np.median(ratio))
+    return np.random.default_rng(seed).choice(len(source_x), len(source_x), p=ratio / ratio.sum())
 
 
 def chosen_columns(names: tuple[str, ...], columns: str, achromatic: bool) -> np.ndarray:

@@ -137,3 +137,11 @@ def test_whitening_and_coral_align_means_and_covariances_and_keep_sizes_as_ratio
     assert np.allclose(np.cov(moved[:, :2].T), np.cov(target[:, :2].T), atol=0.02)
     side_by_side, _ = prototypes.normalise("both_whitened", source, None, target, names)
     assert side_by_side.shape == (2000, 5) and np.allclose(side_by_side[:, 3:], white_source[:, :2])
+
+
+def test_importance_resampling_draws_the_target_like_source_cells_more():
+    rng = np.random.default_rng(0)
+    source = np.concatenate([rng.normal(0, 1, (100, 2)), rng.normal(6, 1, (100, 2))])  # half of it like the target
+    target = rng.normal(6, 1, (200, 2))
+    picked = prototypes.importance_resampled(source, target, seed=0)
+    assert len(picked) == len(source) and (picked >= 100).mean() > 0.8
