@@ -177,9 +177,10 @@ def target_probabilities(idea: str, source, target, columns: str, virtual: list[
     idea, _, own_columns = idea.partition("@")
     columns = own_columns or columns
     idea, _, after = idea.partition("/")
-    appended = [prefix for prefix in APPENDED if idea.startswith(prefix)]
+    # importance_ wraps any idea, appended columns included, so it is read off first.
     importance = idea.startswith(IMPORTANCE_PREFIX)
     idea = idea.removeprefix(IMPORTANCE_PREFIX)
+    appended = [prefix for prefix in APPENDED if idea.startswith(prefix)]
     if idea.startswith(RESOLUTION_PREFIX):
         source, target = resolution_matched(source, target), resolution_matched(target, source)
     for prefix in (*APPENDED, RESOLUTION_PREFIX):
