@@ -21,6 +21,7 @@ from aecfe_cli.autoencoder import (
     count_flops,
     feature_r2,
     load_checkpoint,
+    place_for_training,
     prepare_batch,
     save_checkpoint,
     scale_features,
@@ -428,6 +429,28 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     fresh.load_state_dict(checkpoint["optimizer"])
     assert fresh.state_dict()["state"][0]["step"] == 1
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
+
+
+def test_channels_last_training_computes_what_the_plain_layout_does_and_saves_plain_weights(tmp_path):
+    """`aecfe train` keeps the weights channels-last on a CPU for speed: the model must compute the same
+    outputs and gradients, and its checkpoint must rebuild into an ordinary model with the same outputs."""
+    torch.manual_seed(0)
+    plain = tiny_model()
+    placed = place_for_training(tiny_model(), "cpu")
+    placed.load_state_dict(plain.state_dict())
+    assert placed.image_decoder[3].weight.is_contiguous(memory_format=torch.channels_last)
+    features, crops, domains = random_cells(8)
+    features, images = prepare_batch(features, crops, 32, "cpu")
+    for model in (plain, placed):
+        aecfe_loss(model(features), features, images, domains)["total"].backward()
+    for (name, a), b in zip(plain.named_parameters(), placed.parameters()):
+        # Float sums in another order: equal up to rounding, relative to the gradient's size.
+        assert (a.grad - b.grad).norm() <= 1e-4 * a.grad.norm(), name
+    save_checkpoint(tmp_path / "model.pt", placed, torch.optim.Adam(placed.parameters()), epoch=1, extra={})
+    rebuilt = build_model(load_checkpoint(tmp_path / "model.pt", "cpu")).eval()
+    with torch.no_grad():
+        for expected, got in zip(plain.eval()(features), rebuilt(features)):
+            assert (expected - got).norm() <= 1e-5 * expected.norm()
 
 
 def test_load_checkpoint_refuses_pickled_code(tmp_path):
