@@ -196,7 +196,7 @@ class AECFE(nn.Module):
 
 def place_for_training(model: AECFE, device: Device) -> AECFE:
     """``model`` moved to ``device``, its weights channels-last on a CPU: oneDNN runs the decoders' transposed
-    convolutions faster that way (an autoencoder step took 13-15 % less time on a 2-core AMD EPYC; the
+    convolutions faster that way (an autoencoder step took 11-13 % less time on a 2-core AMD EPYC; the
     training of the real triangle 628 s against 826 s). The sums are the same, in another order."""
     model.to(device)
     if torch.device(device).type == "cpu":
