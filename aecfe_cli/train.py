@@ -127,7 +127,7 @@ def run_training(
     autocast_dtype = precision.autocast_dtype(cfg.precision, device)
     model.fit_feature_scaling(block for directory in detect_dirs
                               for block in iter_npy_blocks(Path(directory) / "roi_features.npy", 512))
-    ae.place_for_training(model, device)
+    precision.place(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start_epoch, history = _restore(folder / "model.pt", resume_key, model, optimizer, device, require_resume, reporter)
     if rank == 0:

@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aecfe_cli.autoencoder import AECFE, count_flops, place_for_training, prepare_batch, train_one_epoch  # noqa: E402
+from aecfe_cli.autoencoder import AECFE, count_flops, prepare_batch, train_one_epoch  # noqa: E402
+from aecfe_cli.precision import place  # noqa: E402
 
 CROP_SIZE = 128  # the detect stage stores 128x128 crops; prepare_batch shrinks them per config
 TARGET_CELLS = 10_000
@@ -81,7 +82,7 @@ def free_memory_bytes(device: torch.device) -> int:
 
 def measure(image_size: int, width: float, batch: int, timed_batches: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    model = place_for_training(AECFE(image_size=image_size, width=width), device)  # as `aecfe train` places it
+    model = place(AECFE(image_size=image_size, width=width), device)  # as `aecfe train` places it
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     per_sample = activation_bytes_per_sample(model, device)
     fitting = max(2, int(free_memory_bytes(device) * MEMORY_FRACTION // per_sample))

@@ -21,7 +21,6 @@ from aecfe_cli.autoencoder import (
     count_flops,
     feature_r2,
     load_checkpoint,
-    place_for_training,
     prepare_batch,
     save_checkpoint,
     scale_features,
@@ -31,7 +30,7 @@ from aecfe_cli.autoencoder import (
 )
 from aecfe_cli.errors import StageError, UserError
 from aecfe_cli.sampling import DomainBalancedBatchSampler
-from aecfe_cli.precision import autocast_dtype
+from aecfe_cli.precision import autocast_dtype, place
 from conftest import CreatesMarkerWhenUnpickled
 
 TINY = {"width": 0.25, "image_size": 32}
@@ -435,7 +434,7 @@ def test_channels_last_training_computes_what_the_plain_layout_does_and_saves_pl
     """`aecfe train` keeps the weights channels-last on a CPU for speed: the model must compute the same
     outputs and gradients, and its checkpoint must rebuild into an ordinary model with the same outputs."""
     plain = tiny_model()
-    placed = place_for_training(tiny_model(), "cpu")
+    placed = place(tiny_model(), "cpu")
     placed.load_state_dict(plain.state_dict())
     assert placed.image_decoder[3].weight.is_contiguous(memory_format=torch.channels_last)
     features, crops, domains = random_cells(8)
