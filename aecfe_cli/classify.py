@@ -14,12 +14,13 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from .errors import UserError, did_you_mean
-from .feature_sets import size_columns
+from .feature_sets import morphology_columns, size_columns
 
 CLASSIFIERS = ("random_forest", "logistic_regression", "knn", "linear_svm")
 CLASS_WEIGHTS = ("none", "balanced")
 DEFAULT_TREES = 100  # the paper's random forest (method.md)
 FEATURE_NORMS = ("none", "dataset", "both")
+SELF_TRAINING_AGREEMENTS = ("none", "morphology")
 STANDARDISED_SUFFIX = "@dataset"  # names the standardised copy of a column under feature_norm "both"
 DIGITS = 6
 # A class scored on fewer cells than this is all but a coin: Zheng's one basophil, right or wrong, moves a
@@ -80,6 +81,7 @@ def fit_classifier(
     plain: BaseEstimator | None = None,
     class_weight: str = "none",
     trees: int = DEFAULT_TREES,
+    agreement: np.ndarray | None = None,
 ) -> BaseEstimator:
     """A classifier fitted on ``features`` and ``labels``, then adapted to the unlabelled ``target`` cells
     by ``rounds`` rounds of self-training (0, or no ``target``: the plain fit). ``plain``: that plain fit,
@@ -92,23 +94,43 @@ def fit_classifier(
     cells are sparse, not only where the source's are: a stain that moves a whole class of the new lab
     towards another class of the source moves the confident core of that class less than its edge. No
     target label is used, so ``predict`` on a new lab adapts exactly as ``evaluate`` does on a labelled one.
+
+    ``agreement``: (D,) bool, a second view of the cells among the columns of ``features`` (the morphology
+    descriptors: :func:`agreement_columns`). A plain fit on those columns alone labels the target once,
+    and self-training then takes a target cell only where the current model agrees with it, still at most the
+    share of each predicted class above. A forest's confident mistakes on a new lab are mostly its own (a
+    colour the source never showed); a second view that errs otherwise rarely makes the same one (co-training,
+    Blum and Mitchell 1998), so fewer wrong labels are learnt as right. A view of no column, or of every
+    column, is no second opinion, and self-training takes the cells as without it.
     """
     check_self_training(rounds)
     model = make_classifier(name, seed, class_weight, trees).fit(features, labels) if plain is None else plain
     if target is None or len(target) == 0:
         return model
+    second_opinion = None
+    if rounds and agreement is not None and 0 < np.count_nonzero(agreement) < len(agreement):
+        view = make_classifier(name, seed, class_weight, trees).fit(features[:, agreement], labels)
+        second_opinion = np.asarray(view.predict(target[:, agreement]))
     for round_number in range(1, rounds + 1):
         predicted, confidence = _predictions_and_confidence(model, target)
-        share = SELF_TRAINING_SHARE * round_number / rounds
-        chosen = []
-        for cls in np.unique(predicted):
-            members = np.flatnonzero(predicted == cls)
-            count = max(1, int(round(share * len(members))))
-            chosen.append(members[np.argsort(-confidence[members], kind="stable")[:count]])
-        chosen = np.concatenate(chosen)
+        agreed = np.ones(len(target), bool) if second_opinion is None else predicted == second_opinion
+        chosen = self_training_cells(predicted, confidence, SELF_TRAINING_SHARE * round_number / rounds, agreed)
         model = make_classifier(name, seed, class_weight, trees).fit(np.concatenate([features, target[chosen]]),
                                                 np.concatenate([np.asarray(labels), predicted[chosen]]))
     return model
+
+
+def self_training_cells(predicted: np.ndarray, confidence: np.ndarray, share: float, agreed: np.ndarray) -> np.ndarray:
+    """Indices of the target cells a round of self-training learns under their predicted class: per predicted
+    class, its most confident ``share`` (at least one cell), of which only those ``agreed`` (a second view gave
+    the same class) are taken; the count is the class's share whether or not all agree."""
+    chosen = [np.zeros(0, int)]
+    for cls in np.unique(predicted):
+        members = np.flatnonzero(predicted == cls)
+        count = max(1, int(round(share * len(members))))
+        candidates = members[agreed[members]]
+        chosen.append(candidates[np.argsort(-confidence[candidates], kind="stable")[:count]])
+    return np.concatenate(chosen)
 
 
 def cached_plain_fit(
@@ -122,6 +144,20 @@ def cached_plain_fit(
     if key not in cache:
         cache[key] = fit_classifier(name, seed, features[:, columns], labels, class_weight=class_weight, trees=trees)
     return cache[key]
+
+
+def agreement_columns(columns: Sequence[str], kind: str) -> np.ndarray | None:
+    """(D,) bool over the named ``columns`` of a classifier: the second view whose labels self-training must
+    agree with (:func:`fit_classifier`'s ``agreement``; ``evaluate.self_training_agreement``). "morphology":
+    the morphology descriptors, measured on each cell's own pixels and read against its own lab (sizes as
+    ratios to the lab's median cell, colours on its stain statistics), which across labs classify far better
+    alone than the latent does (docs/accuracy_notes.md). None for "none", or columns without names."""
+    if kind not in SELF_TRAINING_AGREEMENTS:
+        raise UserError(f"evaluate.self_training_agreement '{kind}'{did_you_mean(kind, SELF_TRAINING_AGREEMENTS)}: "
+                        f"choose one of {', '.join(SELF_TRAINING_AGREEMENTS)}")
+    if kind == "none" or not len(columns):
+        return None
+    return morphology_columns(columns)
 
 
 def check_self_training(rounds: int) -> None:

@@ -181,6 +181,12 @@ class EvaluateConfig:
     # labels most confidently. Every method, baselines included, gets it alike. 0 is off (the paper). 3 raised
     # the real cross-lab mean on 5 of 6 feature sets (docs/accuracy_notes.md, sixth step).
     self_training: int = 3
+    # Self-training takes a target cell's label only where a forest on the morphology columns alone agrees
+    # (evaluate and predict; aecfe_cli/classify.py, fit_classifier): a second view rarely makes the forest's
+    # own confident mistakes, so fewer wrong labels are learnt (co-training). none: every confident cell, as
+    # before. morphology raised the real cross-lab mean on three of three seeds (docs/accuracy_notes.md,
+    # twenty-ninth look).
+    self_training_agreement: str = "morphology"
     # balanced: the classifier weighs each source class inversely to its number of cells (evaluate and
     # predict; aecfe_cli/classify.py, make_classifier), so a source lab's class mix (Zheng: 59 % neutrophils)
     # is no prior for another lab. none: every cell alike (the paper). knn cannot weigh classes.
@@ -225,7 +231,7 @@ PRESETS: dict[str, dict] = {
                   "alignment": "paper", "image_bottleneck": 0, "precision": "fp32"},
         "extract": {"morphology": False},
         "evaluate": {"classifier": "random_forest", "feature_norm": "none", "max_shift": None, "self_training": 0,
-                     "class_weight": "none", "trees": 100},
+                     "self_training_agreement": "none", "class_weight": "none", "trees": 100},
     },
 }
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from .baselines import BASELINES, baseline_features, fit_projection, lab_statistics
 from .classify import (
+    agreement_columns,
     cached_plain_fit,
     check_self_training,
     dropped_column_names,
@@ -64,20 +65,23 @@ class _Method:
     """One feature space evaluated under the protocol: AE-CFE or a baseline.
 
     ``keep``: per target, the columns its classifier uses (``evaluate.max_shift``); a target not named
-    here, and the in-domain score, use every column.
+    here, and the in-domain score, use every column. ``agreement``: the columns of the second view that
+    self-training's labels must agree with (:func:`classify.fit_classifier`), or None.
     """
 
     key: str
     source: np.ndarray
     targets: dict[str, np.ndarray]
     keep: dict[str, np.ndarray] = field(default_factory=dict)
+    agreement: np.ndarray | None = None
 
 
 def evaluation_settings(cfg) -> dict:
     """:func:`run_evaluation`'s keyword arguments as an ``EvaluateConfig`` sets them (all but the seed)."""
     return {"labels_mode": cfg.labels, "classifier": cfg.classifier, "split_seed": cfg.split_seed,
             "baselines": cfg.baselines, "feature_norm": cfg.feature_norm, "max_shift": cfg.max_shift,
-            "self_training": cfg.self_training, "class_weight": cfg.class_weight, "trees": cfg.trees}
+            "self_training": cfg.self_training, "self_training_agreement": cfg.self_training_agreement,
+            "class_weight": cfg.class_weight, "trees": cfg.trees}
 
 
 def run_evaluation(
@@ -94,6 +98,7 @@ def run_evaluation(
     self_training: int = 0,
     class_weight: str = "none",
     trees: int = DEFAULT_TREES,
+    self_training_agreement: str = "none",
 ) -> dict:
     """Run the protocol, write report.json/.md, split.csv and the figures into ``out_dir``; return the report.
 
@@ -110,6 +115,8 @@ def run_evaluation(
     other targets of the command, and ``predict`` on the same cells gives the same labels. ``self_training``:
     rounds of label-free adaptation of each target's classifier to that target's cells
     (:func:`classify.fit_classifier`), for every method alike; the in-domain score stays a plain fit.
+    ``self_training_agreement``: the second view of AE-CFE's columns whose labels self-training must agree with
+    (:func:`classify.agreement_columns`); the parts and baselines have none, so they self-train as without it.
     ``class_weight``: how the classifier weighs the source's classes (:func:`classify.make_classifier`), for
     every method alike; ``trees`` the random forest's size, for every method alike.
     """
@@ -118,6 +125,7 @@ def run_evaluation(
     normalise_features(np.zeros((1, 1)), feature_norm)  # likewise for the normalisation
     stable_columns([np.zeros((1, 1))], max_shift)  # and for max_shift
     check_self_training(self_training)  # and for self_training
+    agreement = agreement_columns(normalised_column_names(source.columns, feature_norm), self_training_agreement)
     _check_target_names(source, targets)
     level, source_y, target_ys, classes_per_target = compare_classes(
         source.name, source.labels, {target.name: target.labels for target in targets}, labels_mode)
@@ -129,6 +137,7 @@ def run_evaluation(
                           for target in targets})
     normalised.keep = {name: stable_columns([normalised.source, features], max_shift)
                        for name, features in normalised.targets.items()}
+    normalised.agreement = agreement
     columns = normalised_column_names(source.columns, feature_norm)
     methods = [normalised]
     part_methods = _part_methods(normalised, columns, source, targets)
@@ -167,6 +176,7 @@ def run_evaluation(
         "feature_norm": feature_norm,
         "max_shift": max_shift,
         "self_training": self_training,
+        "self_training_agreement": self_training_agreement,
         "class_weight": class_weight,
         "trees": trees,
         "dropped_columns": {name: dropped_column_names(columns, keep) for name, keep in normalised.keep.items()},
@@ -366,7 +376,7 @@ def _evaluate_method(
         # compared classes is known from labels only.
         model = fit_classifier(classifier, seed, train_features[:, columns], train_y, target=features[:, columns],
                                rounds=self_training, plain=plain_fit(columns), class_weight=class_weight,
-                               trees=trees)
+                               trees=trees, agreement=None if method.agreement is None else method.agreement[columns])
         cross_domain[name] = score(target_ys[name][scored], model.predict(features[scored][:, columns]), compared)
     return {"in_domain": in_domain, "targets": cross_domain}
 

@@ -39,6 +39,7 @@ from sklearn.preprocessing import StandardScaler
 
 from .classify import (
     cached_plain_fit,
+    agreement_columns,
     check_self_training,
     dropped_column_names,
     fit_classifier,
@@ -80,6 +81,7 @@ class SourceClassifier:
     shift: dict  # neighbours, quantile, warn_fraction, and per measure (distance, reconstruction) its scale
     shift_columns: np.ndarray  # (D,) bool: the feature columns the shift distance is measured in
     self_training: int  # rounds of adaptation to the cells being labelled (0: the plain source fit)
+    self_training_agreement: str  # evaluate.self_training_agreement, when it adapted
 
 
 @dataclass
@@ -99,6 +101,7 @@ class CellPredictions:
 def check_settings(cfg: PredictConfig, evaluate_cfg: EvaluateConfig) -> None:
     """Fail on settings that cannot work, before any work."""
     check_self_training(evaluate_cfg.self_training)
+    agreement_columns((), evaluate_cfg.self_training_agreement)
     if cfg.reject_by not in REJECT_BY:
         raise UserError(
             f"predict.reject_by '{cfg.reject_by}'{did_you_mean(cfg.reject_by, REJECT_BY)}: "
@@ -167,9 +170,12 @@ def fit_source(
     plain = cached_plain_fit({} if plain_fits is None else plain_fits, evaluate_cfg.classifier, seed,
                              normalised[train_idx], labels[train_idx], columns, evaluate_cfg.class_weight,
                              evaluate_cfg.trees)
+    agreement = agreement_columns(normalised_column_names(source.columns, evaluate_cfg.feature_norm),
+                                  evaluate_cfg.self_training_agreement)
     model = fit_classifier(evaluate_cfg.classifier, seed, classified[train_idx], labels[train_idx],
                            target=target, rounds=evaluate_cfg.self_training, plain=plain,
-                           class_weight=evaluate_cfg.class_weight, trees=evaluate_cfg.trees)
+                           class_weight=evaluate_cfg.class_weight, trees=evaluate_cfg.trees,
+                           agreement=None if agreement is None else agreement[columns])
     shift_columns = latent_columns(source)
     scaler = StandardScaler().fit(source.features[train_idx][:, shift_columns])
     k = min(cfg.neighbours, len(train_idx))
@@ -192,6 +198,7 @@ def fit_source(
         shift={},
         shift_columns=shift_columns,
         self_training=evaluate_cfg.self_training if cells is not None else 0,
+        self_training_agreement=evaluate_cfg.self_training_agreement if cells is not None else "none",
     )
     held_out, predicted = _probabilities(fitted, classified[test_idx])
     fitted.reject = calibrate_rejection(held_out.max(axis=1), predicted == labels[test_idx], cfg.reject_by,
@@ -392,6 +399,7 @@ def run_prediction(
         "classes": fitted.classes,
         "dropped_columns": dropped_column_names(normalised_column_names(cells.columns, fitted.feature_norm), fitted.columns),
         "self_training": fitted.self_training,
+        "self_training_agreement": fitted.self_training_agreement,
         "split": fitted.split,
         "reject": {**fitted.reject, "n_rejected": n_rejected, "rejection_rate": rounded(n_rejected / len(cells.features))},
         "shift": shift_summary(fitted, predictions),

@@ -111,6 +111,9 @@ LEVERS: dict[str, dict] = {
     # The default adapts each target's classifier to that target's own cells (3 rounds of label-free
     # self-training, every method alike); taken back, as the paper has it:
     "no_self_training": {"evaluate": {"self_training": 0}},
+    # Self-training learns a target cell's label only where a forest on the morphology columns alone agrees
+    # (evaluate.self_training_agreement: morphology, the default since 2026-12-06 afternoon); taken back:
+    "no_agreement": {"evaluate": {"self_training_agreement": "none"}},
     # The default weighs each source class alike (evaluate.class_weight: balanced); taken back, as the paper:
     "no_class_weight": {"evaluate": {"class_weight": "none"}},
     # The default gives the classifier the features as extracted and standardised per lab side by side

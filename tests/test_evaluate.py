@@ -543,6 +543,74 @@ def test_self_training_adapts_each_target_classifier_to_that_targets_cells(tmp_p
     assert not (tmp_path / "bad").exists()
 
 
+def test_self_training_learns_only_the_cells_a_second_view_agrees_on():
+    from aecfe_cli.classify import self_training_cells
+
+    predicted = np.array(["a", "a", "a", "a", "b", "b"])
+    confidence = np.array([0.9, 0.8, 0.7, 0.6, 0.95, 0.5])
+    everyone = np.ones(6, bool)
+    assert self_training_cells(predicted, confidence, 0.5, everyone).tolist() == [0, 1, 4]
+    # The most confident cell of a disagrees: the class's count (half of its 4) goes to the next that agree.
+    agreed = np.array([False, True, True, True, False, True])
+    assert self_training_cells(predicted, confidence, 0.5, agreed).tolist() == [1, 2, 5]
+    assert self_training_cells(predicted, confidence, 0.5, np.zeros(6, bool)).tolist() == []
+
+
+def _colour_against_shape() -> tuple[FeatureSet, FeatureSet]:
+    """Three latent columns and one morphology column, all separating the source's two classes. In the
+    target a stain has moved every latent column onto the source's neutrophils, while every cell's shape is
+    a lymphocyte's: the latent outvotes the shape, so the forest calls every target cell a neutrophil."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["lymphocyte", "neutrophil"], 60)
+    centre = np.where(labels == "neutrophil", 4.0, 0.0)[:, None]
+    columns = ("f0", "f1", "f2", "m_shape")
+    source = centre + rng.normal(0, 0.3, (len(labels), 4))
+    target = np.concatenate([np.full((len(labels), 3), 4.0), np.zeros((len(labels), 1))], 1)
+    target += rng.normal(0, 0.3, target.shape)
+    sets = []
+    for name, features in (("lab_a", source), ("lab_b", target)):
+        ids = [f"{name}/{i}" for i in range(len(labels))]
+        sets.append(FeatureSet(name=name, features=features.astype(np.float32), instance_ids=ids, images=ids,
+                               labels=labels, columns=columns))
+    return sets[0], sets[1]
+
+
+def test_an_agreement_view_keeps_labels_it_contradicts_out_of_self_training(tmp_path):
+    from aecfe_cli.classify import agreement_columns
+
+    source, target = _colour_against_shape()
+    shape = agreement_columns(source.columns, "morphology")
+    assert shape.tolist() == [False, False, False, True]
+    assert agreement_columns(source.columns, "none") is None
+    plain = make_classifier("random_forest", 0).fit(source.features, source.labels)
+    view = make_classifier("random_forest", 0).fit(source.features[:, shape], source.labels)
+    assert set(plain.predict(target.features)) == {"neutrophil"}  # the premise: the two views disagree on
+    assert set(view.predict(target.features[:, shape])) == {"lymphocyte"}  # every target cell
+    adapted = fit_classifier("random_forest", 0, source.features, source.labels, target=target.features, rounds=2)
+    checked = fit_classifier("random_forest", 0, source.features, source.labels, target=target.features, rounds=2,
+                             agreement=shape)
+    # Without the check the forest learns its own mistake on every target cell; with it, no target cell is
+    # learnt, so the refit is the source's plain fit, tree for tree.
+    assert adapted.predict_proba(target.features)[:, 1].min() == 1.0
+    assert np.array_equal(checked.predict_proba(target.features), plain.predict_proba(target.features))
+    # A view of every column, or of none, is no second opinion: self-training as without it.
+    for no_view in (np.ones(4, bool), np.zeros(4, bool)):
+        same = fit_classifier("random_forest", 0, source.features, source.labels, target=target.features,
+                              rounds=2, agreement=no_view)
+        assert np.array_equal(same.predict_proba(target.features), adapted.predict_proba(target.features))
+    reports = {kind: run_evaluation(source, [target], tmp_path / kind, baselines=False, self_training=2,
+                                    self_training_agreement=kind) for kind in ("none", "morphology")}
+    assert reports["morphology"]["self_training_agreement"] == "morphology"
+    assert "morphology columns alone agreed" in (tmp_path / "morphology" / "report.md").read_text()
+    assert "agreed" not in (tmp_path / "none" / "report.md").read_text()
+    # Only AE-CFE's own classifier has a second view: each part alone self-trains as before.
+    assert reports["morphology"]["parts"] == reports["none"]["parts"]
+    assert reports["morphology"]["in_domain"] == reports["none"]["in_domain"]
+    with pytest.raises(UserError, match="did you mean 'morphology'"):
+        run_evaluation(source, [target], tmp_path / "typo", baselines=False, self_training_agreement="morphologie")
+    assert not (tmp_path / "typo").exists()
+
+
 def test_a_plain_fit_is_made_once_per_set_of_columns_and_fits_those_columns_only():
     from aecfe_cli.classify import cached_plain_fit
 
