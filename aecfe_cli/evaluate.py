@@ -125,7 +125,8 @@ def run_evaluation(
     normalise_features(np.zeros((1, 1)), feature_norm)  # likewise for the normalisation
     stable_columns([np.zeros((1, 1))], max_shift)  # and for max_shift
     check_self_training(self_training)  # and for self_training
-    agreement = agreement_columns(normalised_column_names(source.columns, feature_norm), self_training_agreement)
+    columns = normalised_column_names(source.columns, feature_norm)
+    agreement = agreement_columns(columns, self_training_agreement)
     _check_target_names(source, targets)
     level, source_y, target_ys, classes_per_target = compare_classes(
         source.name, source.labels, {target.name: target.labels for target in targets}, labels_mode)
@@ -138,7 +139,6 @@ def run_evaluation(
     normalised.keep = {name: stable_columns([normalised.source, features], max_shift)
                        for name, features in normalised.targets.items()}
     normalised.agreement = agreement
-    columns = normalised_column_names(source.columns, feature_norm)
     methods = [normalised]
     part_methods = _part_methods(normalised, columns, source, targets)
     baseline_methods, baselines_note = [], "skipped: not requested"

@@ -38,8 +38,8 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
 from .classify import (
-    cached_plain_fit,
     agreement_columns,
+    cached_plain_fit,
     check_self_training,
     dropped_column_names,
     fit_classifier,
