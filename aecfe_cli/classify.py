@@ -21,6 +21,7 @@ CLASS_WEIGHTS = ("none", "balanced")
 DEFAULT_TREES = 100  # the paper's random forest (method.md)
 FEATURE_NORMS = ("none", "dataset", "both")
 SELF_TRAINING_AGREEMENTS = ("none", "morphology")
+SELF_TRAINING_SIZES = ("none", "source_range")
 STANDARDISED_SUFFIX = "@dataset"  # names the standardised copy of a column under feature_norm "both"
 DIGITS = 6
 # A class scored on fewer cells than this is all but a coin: Zheng's one basophil, right or wrong, moves a
@@ -35,6 +36,9 @@ MIN_CELLS_FOR_SHIFT = 30
 # the least confident fifth lies where the source's boundaries cut through the target's clusters and is the
 # likeliest to be wrong (docs/accuracy_notes.md, sixth step, for the shares tried).
 SELF_TRAINING_SHARE = 0.8
+# The size check of self-training keeps a target cell whose sizes lie within the source's cells' from this
+# quantile to its complement: the middle 98 %, so a handful of odd source crops do not stretch the range.
+SIZE_RANGE_QUANTILE = 0.01
 
 
 def make_classifier(name: str, seed: int, class_weight: str = "none", trees: int = DEFAULT_TREES) -> BaseEstimator:
@@ -45,9 +49,7 @@ def make_classifier(name: str, seed: int, class_weight: str = "none", trees: int
     a lab's class mix is no prior for another lab's, and balanced accuracy, the score, weighs classes alike.
     ``trees``: the random forest's number of trees (the paper's 100; more lower the variance of its vote).
     """
-    if class_weight not in CLASS_WEIGHTS:
-        raise UserError(f"evaluate.class_weight '{class_weight}'{did_you_mean(class_weight, CLASS_WEIGHTS)}: "
-                        f"choose one of {', '.join(CLASS_WEIGHTS)}")
+    check_choice("evaluate.class_weight", class_weight, CLASS_WEIGHTS)
     if isinstance(trees, bool) or not isinstance(trees, int) or trees < 1:
         raise UserError(f"evaluate.trees is {trees!r}: set it to a whole number of trees, 1 or more "
                         "(--trees, or evaluate.trees in the config file)")
@@ -82,6 +84,7 @@ def fit_classifier(
     class_weight: str = "none",
     trees: int = DEFAULT_TREES,
     agreement: np.ndarray | None = None,
+    sizes: np.ndarray | None = None,
 ) -> BaseEstimator:
     """A classifier fitted on ``features`` and ``labels``, then adapted to the unlabelled ``target`` cells
     by ``rounds`` rounds of self-training (0, or no ``target``: the plain fit). ``plain``: that plain fit,
@@ -102,18 +105,27 @@ def fit_classifier(
     colour the source never showed); a second view that errs otherwise rarely makes the same one (co-training,
     Blum and Mitchell 1998), so fewer wrong labels are learnt as right. A view of no column, or of every
     column, is no second opinion, and self-training takes the cells as without it.
+
+    ``sizes``: (D,) bool, the cell-size columns of ``features`` (:func:`size_check_columns`). Self-training
+    then takes a target cell only where its sizes lie in the source's range (:func:`within_size_range`): a
+    new lab holds classes the source never showed (PBC's platelets and erythroblasts against BCCD's four
+    white-cell classes), and those cells, most of them smaller than any white cell, would be learnt under a
+    source class they resemble in colour (docs/accuracy_notes.md, thirtieth look).
     """
     check_self_training(rounds)
     model = make_classifier(name, seed, class_weight, trees).fit(features, labels) if plain is None else plain
     if target is None or len(target) == 0:
         return model
     second_opinion = None
+    in_range = np.ones(len(target), bool)
+    if rounds and sizes is not None and sizes.any():
+        in_range = within_size_range(features[:, sizes], target[:, sizes])
     if rounds and agreement is not None and 0 < np.count_nonzero(agreement) < len(agreement):
         view = make_classifier(name, seed, class_weight, trees).fit(features[:, agreement], labels)
         second_opinion = np.asarray(view.predict(target[:, agreement]))
     for round_number in range(1, rounds + 1):
         predicted, confidence = _predictions_and_confidence(model, target)
-        agreed = np.ones(len(target), bool) if second_opinion is None else predicted == second_opinion
+        agreed = in_range if second_opinion is None else in_range & (predicted == second_opinion)
         chosen = self_training_cells(predicted, confidence, SELF_TRAINING_SHARE * round_number / rounds, agreed)
         model = make_classifier(name, seed, class_weight, trees).fit(np.concatenate([features, target[chosen]]),
                                                 np.concatenate([np.asarray(labels), predicted[chosen]]))
@@ -123,7 +135,7 @@ def fit_classifier(
 def self_training_cells(predicted: np.ndarray, confidence: np.ndarray, share: float, agreed: np.ndarray) -> np.ndarray:
     """Indices of the target cells a round of self-training learns under their predicted class: per predicted
     class, its most confident ``share`` (at least one cell), of which only those ``agreed`` (a second view gave
-    the same class) are taken; the count is the class's share whether or not all agree."""
+    the same class, the sizes are in range) are taken; the count is the class's share whether or not all agree."""
     chosen = [np.zeros(0, int)]
     for cls in np.unique(predicted):
         members = np.flatnonzero(predicted == cls)
@@ -152,12 +164,55 @@ def agreement_columns(columns: Sequence[str], kind: str) -> np.ndarray | None:
     the morphology descriptors, measured on each cell's own pixels and read against its own lab (sizes as
     ratios to the lab's median cell, colours on its stain statistics), which across labs classify far better
     alone than the latent does (docs/accuracy_notes.md). None for "none", or columns without names."""
-    if kind not in SELF_TRAINING_AGREEMENTS:
-        raise UserError(f"evaluate.self_training_agreement '{kind}'{did_you_mean(kind, SELF_TRAINING_AGREEMENTS)}: "
-                        f"choose one of {', '.join(SELF_TRAINING_AGREEMENTS)}")
+    check_choice("evaluate.self_training_agreement", kind, SELF_TRAINING_AGREEMENTS)
     if kind == "none" or not len(columns):
         return None
     return morphology_columns(columns)
+
+
+def size_check_columns(columns: Sequence[str], kind: str) -> np.ndarray | None:
+    """(D,) bool over the named ``columns`` of a classifier: the cell sizes that self-training checks against
+    the source's range (:func:`fit_classifier`'s ``sizes``; ``evaluate.self_training_sizes``). None for
+    "none", or where the columns name no size (features extracted without morphology)."""
+    check_choice("evaluate.self_training_sizes", kind, SELF_TRAINING_SIZES)
+    if kind == "none" or not len(columns):
+        return None
+    sizes = size_columns(columns)
+    return sizes if sizes.any() else None
+
+
+def restrict_view(view: np.ndarray | None, columns: np.ndarray) -> np.ndarray | None:
+    """A (D,) column mask (:func:`agreement_columns`, :func:`size_check_columns`) cut to the classifier's
+    ``columns`` (D,) bool, as its features are; None stays None."""
+    return None if view is None else view[columns]
+
+
+def within_size_range(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(N,) bool: the ``target`` cells (N, K) whose every size column lies within the range of the ``source``
+    cells' (M, K), logs of sizes read against each lab's median cell (:func:`normalise_features`).
+
+    The range is the source's middle 98 % (:data:`SIZE_RANGE_QUANTILE`) about its median, set on the
+    target's median and widened, never narrowed, by as much as the target's interquartile range is wider
+    than the source's. A lab whose cells vary more in size (smear fields at varying zoom, a wider class mix)
+    keeps its ordinary cells: from Zheng's tight sizes alone, a fifth of BCCD's cells fell outside
+    (docs/accuracy_notes.md, thirtieth look). A tighter target keeps the source's range, which already holds
+    every class the source knows."""
+    low, centre, high = np.quantile(source, [SIZE_RANGE_QUANTILE, 0.5, 1 - SIZE_RANGE_QUANTILE], axis=0)
+    target_centre = np.median(target, axis=0)
+    widen = np.maximum(1.0, _interquartile_range(target) / np.maximum(_interquartile_range(source), 1e-9))
+    inside = ((target >= target_centre + (low - centre) * widen)
+              & (target <= target_centre + (high - centre) * widen))
+    return inside.all(axis=1)
+
+
+def _interquartile_range(values: np.ndarray) -> np.ndarray:
+    return np.subtract(*np.percentile(values, [75, 25], axis=0))
+
+
+def check_choice(key: str, value: str, choices: Sequence[str]) -> None:
+    """Fail with a did-you-mean hint unless ``value`` is one of ``choices`` for the setting ``key``."""
+    if value not in choices:
+        raise UserError(f"{key} '{value}'{did_you_mean(value, choices)}: choose one of {', '.join(choices)}")
 
 
 def check_self_training(rounds: int) -> None:
@@ -192,9 +247,7 @@ def normalise_features(features: np.ndarray, mode: str, columns: Sequence[str] =
     sizes in image pixels) become differences from this dataset's median, ratios to its typical cell, which
     is what a lab's magnification leaves unchanged; they are not standardised too, since their spread follows
     the lab's class mix, not its optics (twenty-sixth look)."""
-    if mode not in FEATURE_NORMS:
-        raise UserError(f"evaluate.feature_norm '{mode}'{did_you_mean(mode, FEATURE_NORMS)}: "
-                        f"choose one of {', '.join(FEATURE_NORMS)}")
+    check_choice("evaluate.feature_norm", mode, FEATURE_NORMS)
     sizes = size_columns(columns) if len(columns) else np.zeros(np.shape(features)[1], bool)
     if mode == "none" and not sizes.any():
         return features
@@ -238,7 +291,7 @@ def stable_columns(datasets: Sequence[np.ndarray], max_shift: float | None) -> n
     if max_shift is None or len(datasets) < 2:
         return np.ones(dimensions, bool)
     medians = [np.median(d, axis=0) for d in datasets]
-    spreads = [np.subtract(*np.percentile(d, [75, 25], axis=0)) for d in datasets]
+    spreads = [_interquartile_range(d) for d in datasets]
     keep = np.ones(dimensions, bool)
     for i in range(len(datasets)):
         for j in range(i + 1, len(datasets)):

@@ -112,7 +112,7 @@ def _session(options: Options, sections: Optional[dict] = None, force: bool = Fa
     """Everything a working command needs; writes the resolved config into the workdir."""
     import yaml
 
-    from .classify import agreement_columns, make_classifier
+    from .classify import agreement_columns, make_classifier, size_check_columns
     from .io import write_text
     from .pipeline import Session, resolve_device
     from .reporting import Reporter
@@ -126,6 +126,7 @@ def _session(options: Options, sections: Optional[dict] = None, force: bool = Fa
     # before any work and before config.yaml is written: the next command in the workdir would inherit it.
     make_classifier(config.evaluate.classifier, config.runtime.seed, config.evaluate.class_weight, config.evaluate.trees)
     agreement_columns((), config.evaluate.self_training_agreement)
+    size_check_columns((), config.evaluate.self_training_sizes)
     device = resolve_device(config.runtime.device)
     _set_threads(config.runtime.threads)
     workdir = Workdir(options.workdir)

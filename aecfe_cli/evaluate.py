@@ -32,7 +32,9 @@ from .classify import (
     make_classifier,
     normalise_features,
     normalised_column_names,
+    restrict_view,
     score,
+    size_check_columns,
     stable_columns,
 )
 from .errors import UserError
@@ -66,7 +68,8 @@ class _Method:
 
     ``keep``: per target, the columns its classifier uses (``evaluate.max_shift``); a target not named
     here, and the in-domain score, use every column. ``agreement``: the columns of the second view that
-    self-training's labels must agree with (:func:`classify.fit_classifier`), or None.
+    self-training's labels must agree with (:func:`classify.fit_classifier`), or None; ``sizes``: the size
+    columns self-training checks against the source's range, or None.
     """
 
     key: str
@@ -74,6 +77,7 @@ class _Method:
     targets: dict[str, np.ndarray]
     keep: dict[str, np.ndarray] = field(default_factory=dict)
     agreement: np.ndarray | None = None
+    sizes: np.ndarray | None = None
 
 
 def evaluation_settings(cfg) -> dict:
@@ -81,7 +85,7 @@ def evaluation_settings(cfg) -> dict:
     return {"labels_mode": cfg.labels, "classifier": cfg.classifier, "split_seed": cfg.split_seed,
             "baselines": cfg.baselines, "feature_norm": cfg.feature_norm, "max_shift": cfg.max_shift,
             "self_training": cfg.self_training, "self_training_agreement": cfg.self_training_agreement,
-            "class_weight": cfg.class_weight, "trees": cfg.trees}
+            "self_training_sizes": cfg.self_training_sizes, "class_weight": cfg.class_weight, "trees": cfg.trees}
 
 
 def run_evaluation(
@@ -99,6 +103,7 @@ def run_evaluation(
     class_weight: str = "none",
     trees: int = DEFAULT_TREES,
     self_training_agreement: str = "none",
+    self_training_sizes: str = "none",
 ) -> dict:
     """Run the protocol, write report.json/.md, split.csv and the figures into ``out_dir``; return the report.
 
@@ -116,7 +121,9 @@ def run_evaluation(
     rounds of label-free adaptation of each target's classifier to that target's cells
     (:func:`classify.fit_classifier`), for every method alike; the in-domain score stays a plain fit.
     ``self_training_agreement``: the second view of AE-CFE's columns whose labels self-training must agree with
-    (:func:`classify.agreement_columns`); the parts and baselines have none, so they self-train as without it.
+    (:func:`classify.agreement_columns`); ``self_training_sizes``: whether that self-training learns only target
+    cells within the source's range of sizes (:func:`classify.size_check_columns`). The parts and baselines have
+    neither, so they self-train as without them.
     ``class_weight``: how the classifier weighs the source's classes (:func:`classify.make_classifier`), for
     every method alike; ``trees`` the random forest's size, for every method alike.
     """
@@ -127,6 +134,7 @@ def run_evaluation(
     check_self_training(self_training)  # and for self_training
     columns = normalised_column_names(source.columns, feature_norm)
     agreement = agreement_columns(columns, self_training_agreement)
+    sizes = size_check_columns(columns, self_training_sizes)
     _check_target_names(source, targets)
     level, source_y, target_ys, classes_per_target = compare_classes(
         source.name, source.labels, {target.name: target.labels for target in targets}, labels_mode)
@@ -139,6 +147,7 @@ def run_evaluation(
     normalised.keep = {name: stable_columns([normalised.source, features], max_shift)
                        for name, features in normalised.targets.items()}
     normalised.agreement = agreement
+    normalised.sizes = sizes
     methods = [normalised]
     part_methods = _part_methods(normalised, columns, source, targets)
     baseline_methods, baselines_note = [], "skipped: not requested"
@@ -177,6 +186,7 @@ def run_evaluation(
         "max_shift": max_shift,
         "self_training": self_training,
         "self_training_agreement": self_training_agreement,
+        "self_training_sizes": self_training_sizes,
         "class_weight": class_weight,
         "trees": trees,
         "dropped_columns": {name: dropped_column_names(columns, keep) for name, keep in normalised.keep.items()},
@@ -376,7 +386,8 @@ def _evaluate_method(
         # compared classes is known from labels only.
         model = fit_classifier(classifier, seed, train_features[:, columns], train_y, target=features[:, columns],
                                rounds=self_training, plain=plain_fit(columns), class_weight=class_weight,
-                               trees=trees, agreement=None if method.agreement is None else method.agreement[columns])
+                               trees=trees, agreement=restrict_view(method.agreement, columns),
+                               sizes=restrict_view(method.sizes, columns))
         cross_domain[name] = score(target_ys[name][scored], model.predict(features[scored][:, columns]), compared)
     return {"in_domain": in_domain, "targets": cross_domain}
 

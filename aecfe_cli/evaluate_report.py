@@ -88,13 +88,16 @@ def _self_training_lines(report: dict) -> list[str]:
     rounds = report.get("self_training", 0)
     if not rounds:
         return []
-    agreement = ""
+    checks = ""
     if report.get("self_training_agreement", "none") != "none":
-        agreement = (f" AE-CFE's self-training learnt a target cell's label only where a forest on its "
-                     f"{report['self_training_agreement']} columns alone agreed (`evaluate.self_training_agreement`).")
+        checks = (f" AE-CFE's self-training learnt a target cell's label only where a forest on its "
+                  f"{report['self_training_agreement']} columns alone agreed (`evaluate.self_training_agreement`).")
+    if report.get("self_training_sizes", "none") != "none":
+        checks += (" AE-CFE's self-training learnt only target cells whose sizes lay within the source's range "
+                   "(`evaluate.self_training_sizes`).")
     return [f"Each target's classifier, for every method alike, was adapted to that target's own cells by {rounds} "
             f"round{'s' if rounds > 1 else ''} of self-training (`evaluate.self_training`; label-free, on all its "
-            f"cells); the in-domain score is the plain fit.{agreement}", ""]
+            f"cells); the in-domain score is the plain fit.{checks}", ""]
 
 
 def render_markdown(report: dict) -> str:

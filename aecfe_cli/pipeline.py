@@ -316,7 +316,8 @@ def prediction_fingerprint(session: Session, training: Sequence[str], inputs: di
     cfg = session.config
     settings = {"evaluate": {key: getattr(cfg.evaluate, key)
                              for key in ("classifier", "labels", "split_seed", "feature_norm", "max_shift",
-                                         "self_training", "self_training_agreement", "class_weight", "trees")},
+                                         "self_training", "self_training_agreement", "self_training_sizes", "class_weight",
+                                         "trees")},
                 "predict": dataclasses.asdict(cfg.predict), "training_datasets": list(training)}
     return fingerprint("predict", settings, session.seed, inputs)
 

@@ -45,7 +45,9 @@ from .classify import (
     fit_classifier,
     normalise_features,
     normalised_column_names,
+    restrict_view,
     rounded,
+    size_check_columns,
     stable_columns,
 )
 from .config import EvaluateConfig, PredictConfig
@@ -82,6 +84,7 @@ class SourceClassifier:
     shift_columns: np.ndarray  # (D,) bool: the feature columns the shift distance is measured in
     self_training: int  # rounds of adaptation to the cells being labelled (0: the plain source fit)
     self_training_agreement: str  # evaluate.self_training_agreement, when it adapted
+    self_training_sizes: str  # evaluate.self_training_sizes, when it adapted
 
 
 @dataclass
@@ -102,6 +105,7 @@ def check_settings(cfg: PredictConfig, evaluate_cfg: EvaluateConfig) -> None:
     """Fail on settings that cannot work, before any work."""
     check_self_training(evaluate_cfg.self_training)
     agreement_columns((), evaluate_cfg.self_training_agreement)
+    size_check_columns((), evaluate_cfg.self_training_sizes)
     if cfg.reject_by not in REJECT_BY:
         raise UserError(
             f"predict.reject_by '{cfg.reject_by}'{did_you_mean(cfg.reject_by, REJECT_BY)}: "
@@ -170,12 +174,13 @@ def fit_source(
     plain = cached_plain_fit({} if plain_fits is None else plain_fits, evaluate_cfg.classifier, seed,
                              normalised[train_idx], labels[train_idx], columns, evaluate_cfg.class_weight,
                              evaluate_cfg.trees)
-    agreement = agreement_columns(normalised_column_names(source.columns, evaluate_cfg.feature_norm),
-                                  evaluate_cfg.self_training_agreement)
+    names = normalised_column_names(source.columns, evaluate_cfg.feature_norm)
+    agreement = agreement_columns(names, evaluate_cfg.self_training_agreement)
+    sizes = size_check_columns(names, evaluate_cfg.self_training_sizes)
     model = fit_classifier(evaluate_cfg.classifier, seed, classified[train_idx], labels[train_idx],
                            target=target, rounds=evaluate_cfg.self_training, plain=plain,
                            class_weight=evaluate_cfg.class_weight, trees=evaluate_cfg.trees,
-                           agreement=None if agreement is None else agreement[columns])
+                           agreement=restrict_view(agreement, columns), sizes=restrict_view(sizes, columns))
     shift_columns = latent_columns(source)
     scaler = StandardScaler().fit(source.features[train_idx][:, shift_columns])
     k = min(cfg.neighbours, len(train_idx))
@@ -199,6 +204,7 @@ def fit_source(
         shift_columns=shift_columns,
         self_training=evaluate_cfg.self_training if cells is not None else 0,
         self_training_agreement=evaluate_cfg.self_training_agreement if cells is not None else "none",
+        self_training_sizes=evaluate_cfg.self_training_sizes if cells is not None else "none",
     )
     held_out, predicted = _probabilities(fitted, classified[test_idx])
     fitted.reject = calibrate_rejection(held_out.max(axis=1), predicted == labels[test_idx], cfg.reject_by,
@@ -400,6 +406,7 @@ def run_prediction(
         "dropped_columns": dropped_column_names(normalised_column_names(cells.columns, fitted.feature_norm), fitted.columns),
         "self_training": fitted.self_training,
         "self_training_agreement": fitted.self_training_agreement,
+        "self_training_sizes": fitted.self_training_sizes,
         "split": fitted.split,
         "reject": {**fitted.reject, "n_rejected": n_rejected, "rejection_rate": rounded(n_rejected / len(cells.features))},
         "shift": shift_summary(fitted, predictions),

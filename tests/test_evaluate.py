@@ -611,6 +611,71 @@ def test_an_agreement_view_keeps_labels_it_contradicts_out_of_self_training(tmp_
     assert not (tmp_path / "typo").exists()
 
 
+def test_the_size_range_follows_a_wider_target_and_never_narrows():
+    from aecfe_cli.classify import within_size_range
+
+    rng = np.random.default_rng(0)
+    source = rng.normal(0, 0.1, (2000, 2))  # logs of sizes against the lab's median cell
+    low, high = np.quantile(source, [0.01, 0.99], axis=0)
+    ordinary = np.zeros((1, 2))
+    tiny = np.array([[-1.5, -1.5]])  # a platelet against white cells: far smaller in both sizes
+    one_size_off = np.array([[0.0, 1.0]])
+    edge = np.stack([low * 1.5, high * 1.5])  # past the source's range, within twice it
+    tight = rng.normal(0, 0.03, (500, 2))
+    kept = within_size_range(source, np.concatenate([ordinary, tiny, one_size_off, edge, tight]))
+    # A target tighter than the source keeps the source's whole range: its ordinary cells all, no more.
+    assert kept.tolist() == [True, False, False, False, False, *[True] * 500]
+    wide = rng.normal(0, 0.2, (500, 2))  # a lab whose cells spread twice as wide: the range widens with it
+    kept = within_size_range(source, np.concatenate([edge, tiny, wide]))
+    assert kept[:3].tolist() == [True, True, False]
+    assert 0.9 < kept[3:].mean() < 1.0
+
+
+def test_a_size_check_keeps_cells_outside_the_sources_sizes_out_of_self_training(tmp_path, monkeypatch):
+    import aecfe_cli.classify as classify
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(["lymphocyte", "neutrophil"], 60)
+    columns = ("f0", "m_cell_size", "m_box_size")
+    source = np.concatenate([np.where(labels == "neutrophil", 4.0, 0.0)[:, None] + rng.normal(0, 0.3, (120, 1)),
+                             rng.normal(0, 0.1, (120, 2))], 1).astype(np.float32)
+    # The target's last 20 cells (platelets, a class the source lacks) have a lymphocyte's colour and a
+    # fifth of a white cell's size: learnt as lymphocytes, they would teach the forest a wrong lymphocyte.
+    platelets = np.concatenate([rng.normal(0, 0.3, (20, 1)), rng.normal(-1.5, 0.1, (20, 2))], 1)
+    target = np.concatenate([source, platelets]).astype(np.float32)
+    sizes = classify.size_check_columns(columns, "source_range")
+    assert sizes.tolist() == [False, True, True]
+    assert classify.size_check_columns(columns, "none") is None
+    assert classify.size_check_columns(("f0", "m_area"), "source_range") is None  # no size column, no check
+
+    offered = []  # the cells each round of self-training may learn
+    choose = classify.self_training_cells
+    monkeypatch.setattr(classify, "self_training_cells",
+                        lambda predicted, confidence, share, agreed: offered.append(agreed) or choose(
+                            predicted, confidence, share, agreed))
+    classify.fit_classifier("random_forest", 0, source, labels, target=target, rounds=2)
+    assert len(offered) == 2 and all(agreed.all() for agreed in offered)
+    offered.clear()
+    classify.fit_classifier("random_forest", 0, source, labels, target=target, rounds=2, sizes=sizes)
+    assert len(offered) == 2
+    assert all(not agreed[120:].any() and agreed[:120].mean() > 0.95 for agreed in offered)
+
+    sets = [FeatureSet(name=name, features=features, instance_ids=ids, images=ids, columns=columns,
+                       labels=np.concatenate([labels, np.repeat("platelet", len(features) - 120)]))
+            for name, features, ids in (("lab_a", source, [f"a/{i}" for i in range(120)]),
+                                        ("lab_b", target, [f"b/{i}" for i in range(140)]))]
+    offered.clear()
+    report = run_evaluation(sets[0], sets[1:], tmp_path / "checked", baselines=False, self_training=1,
+                            self_training_sizes="source_range")
+    assert report["self_training_sizes"] == "source_range"
+    assert "sizes lay within the source's range" in (tmp_path / "checked" / "report.md").read_text()
+    assert not offered[0][120:].any()  # AE-CFE's classifier, the first fitted, learnt no platelet
+    assert all(agreed.all() for agreed in offered[1:])  # its parts alone self-train without the check
+    with pytest.raises(UserError, match="did you mean 'source_range'"):
+        run_evaluation(sets[0], sets[1:], tmp_path / "typo", baselines=False, self_training_sizes="source")
+    assert not (tmp_path / "typo").exists()
+
+
 def test_a_plain_fit_is_made_once_per_set_of_columns_and_fits_those_columns_only():
     from aecfe_cli.classify import cached_plain_fit
 
