@@ -187,11 +187,12 @@ class EvaluateConfig:
     # before. morphology raised the real cross-lab mean on three of three seeds (docs/accuracy_notes.md,
     # twenty-ninth look).
     self_training_agreement: str = "morphology"
-    # Self-training takes a target cell's label only where its sizes lie within the source's range (evaluate
-    # and predict; aecfe_cli/classify.py, within_size_range): a new lab's classes that the source lacks (PBC's
-    # platelets and erythroblasts against BCCD) are mostly smaller than any white cell, and would be learnt
-    # under a source class. none: no size check (docs/accuracy_notes.md, thirtieth and thirty-first looks).
-    self_training_sizes: str = "none"
+    # Self-training takes a target cell's label only where its sizes lie within the source's range, widened to
+    # the target's own spread (evaluate and predict; aecfe_cli/classify.py, within_size_range): a new lab's
+    # classes that the source lacks (PBC's platelets and erythroblasts against BCCD) are mostly smaller than any
+    # white cell, and would be learnt under a source class. none: no size check. source_range raised the real
+    # cross-lab mean on nine draws of nine (docs/accuracy_notes.md, thirtieth and thirty-first looks).
+    self_training_sizes: str = "source_range"
     # balanced: the classifier weighs each source class inversely to its number of cells (evaluate and
     # predict; aecfe_cli/classify.py, make_classifier), so a source lab's class mix (Zheng: 59 % neutrophils)
     # is no prior for another lab. none: every cell alike (the paper). knn cannot weigh classes.

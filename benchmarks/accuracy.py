@@ -115,8 +115,9 @@ LEVERS: dict[str, dict] = {
     # (evaluate.self_training_agreement: morphology, the default since 2026-12-06 afternoon); taken back:
     "no_agreement": {"evaluate": {"self_training_agreement": "none"}},
     # Self-training learns only target cells whose sizes lie within the source's range, widened to the
-    # target's spread (evaluate.self_training_sizes: source_range; thirty-first look):
-    "size_check": {"evaluate": {"self_training_sizes": "source_range"}},
+    # target's spread (evaluate.self_training_sizes: source_range, the default since 2026-12-06 night;
+    # thirty-first look); taken back:
+    "no_size_check": {"evaluate": {"self_training_sizes": "none"}},
     # The default weighs each source class alike (evaluate.class_weight: balanced); taken back, as the paper:
     "no_class_weight": {"evaluate": {"class_weight": "none"}},
     # The default gives the classifier the features as extracted and standardised per lab side by side
