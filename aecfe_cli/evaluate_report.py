@@ -88,16 +88,16 @@ def _self_training_lines(report: dict) -> list[str]:
     rounds = report.get("self_training", 0)
     if not rounds:
         return []
-    checks = ""
+    checks = []
     if report.get("self_training_agreement", "none") != "none":
-        checks = (f" AE-CFE's self-training learnt a target cell's label only where a forest on its "
-                  f"{report['self_training_agreement']} columns alone agreed (`evaluate.self_training_agreement`).")
+        checks.append(f"where a forest on its {report['self_training_agreement']} columns alone agreed "
+                      "(`evaluate.self_training_agreement`)")
     if report.get("self_training_sizes", "none") != "none":
-        checks += (" AE-CFE's self-training learnt only target cells whose sizes lay within the source's range "
-                   "(`evaluate.self_training_sizes`).")
+        checks.append("where its sizes lay within the source's range (`evaluate.self_training_sizes`)")
+    checked = f" AE-CFE's self-training learnt a target cell's label only {' and '.join(checks)}." if checks else ""
     return [f"Each target's classifier, for every method alike, was adapted to that target's own cells by {rounds} "
             f"round{'s' if rounds > 1 else ''} of self-training (`evaluate.self_training`; label-free, on all its "
-            f"cells); the in-domain score is the plain fit.{checks}", ""]
+            f"cells); the in-domain score is the plain fit.{checked}", ""]
 
 
 def render_markdown(report: dict) -> str:

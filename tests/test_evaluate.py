@@ -668,7 +668,8 @@ def test_a_size_check_keeps_cells_outside_the_sources_sizes_out_of_self_training
     report = run_evaluation(sets[0], sets[1:], tmp_path / "checked", baselines=False, self_training=1,
                             self_training_sizes="source_range")
     assert report["self_training_sizes"] == "source_range"
-    assert "sizes lay within the source's range" in (tmp_path / "checked" / "report.md").read_text()
+    assert ("learnt a target cell's label only where its sizes lay within the source's range"
+            in (tmp_path / "checked" / "report.md").read_text())
     assert not offered[0][120:].any()  # AE-CFE's classifier, the first fitted, learnt no platelet
     assert all(agreed.all() for agreed in offered[1:])  # its parts alone self-train without the check
     with pytest.raises(UserError, match="did you mean 'source_range'"):
