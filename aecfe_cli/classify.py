@@ -209,6 +209,22 @@ def _interquartile_range(values: np.ndarray) -> np.ndarray:
     return np.subtract(*np.percentile(values, [75, 25], axis=0))
 
 
+def check_classifier_settings(
+    classifier: str, class_weight: str, trees: int, feature_norm: str, max_shift: float | None, self_training: int,
+    self_training_agreement: str, self_training_sizes: str,
+) -> None:
+    """Fail with one line naming the setting on any of ``evaluate``'s classifier settings that cannot work (a
+    misspelt choice, knn with class weights, a count below one), before any detection or training: evaluate,
+    predict and every command of the CLI check them up front, so a misspelt value costs no run and is not
+    saved into the workdir's config for the next command."""
+    make_classifier(classifier, 0, class_weight, trees)
+    check_choice("evaluate.feature_norm", feature_norm, FEATURE_NORMS)
+    _check_max_shift(max_shift)
+    check_self_training(self_training)
+    check_choice("evaluate.self_training_agreement", self_training_agreement, SELF_TRAINING_AGREEMENTS)
+    check_choice("evaluate.self_training_sizes", self_training_sizes, SELF_TRAINING_SIZES)
+
+
 def check_choice(key: str, value: str, choices: Sequence[str]) -> None:
     """Fail with a did-you-mean hint unless ``value`` is one of ``choices`` for the setting ``key``."""
     if value not in choices:
@@ -285,8 +301,7 @@ def stable_columns(datasets: Sequence[np.ndarray], max_shift: float | None) -> n
     and so does a comparison left with fewer than two datasets of ``MIN_CELLS_FOR_SHIFT`` cells or more.
     """
     dimensions = np.asarray(datasets[0]).shape[1]
-    if max_shift is not None and max_shift <= 0:
-        raise UserError(f"evaluate.max_shift is {max_shift}: use a positive number of interquartile ranges, or null")
+    _check_max_shift(max_shift)
     datasets = [d for d in datasets if len(d) >= MIN_CELLS_FOR_SHIFT]
     if max_shift is None or len(datasets) < 2:
         return np.ones(dimensions, bool)
@@ -301,6 +316,11 @@ def stable_columns(datasets: Sequence[np.ndarray], max_shift: float | None) -> n
         raise UserError(f"evaluate.max_shift {max_shift} drops every feature column between these datasets; "
                         "raise it, or set it to null to keep them all")
     return keep
+
+
+def _check_max_shift(max_shift: float | None) -> None:
+    if max_shift is not None and max_shift <= 0:
+        raise UserError(f"evaluate.max_shift is {max_shift}: use a positive number of interquartile ranges, or null")
 
 
 def dropped_column_names(columns: Sequence[str], keep: np.ndarray) -> list[str]:

@@ -112,7 +112,7 @@ def _session(options: Options, sections: Optional[dict] = None, force: bool = Fa
     """Everything a working command needs; writes the resolved config into the workdir."""
     import yaml
 
-    from .classify import agreement_columns, make_classifier, size_check_columns
+    from .evaluate import check_settings as check_evaluate_settings
     from .io import write_text
     from .pipeline import Session, resolve_device
     from .reporting import Reporter
@@ -124,9 +124,7 @@ def _session(options: Options, sections: Optional[dict] = None, force: bool = Fa
         config.runtime.strict = strict
     # A classifier that cannot be built as configured (knn with class weights, a misspelt name) fails here,
     # before any work and before config.yaml is written: the next command in the workdir would inherit it.
-    make_classifier(config.evaluate.classifier, config.runtime.seed, config.evaluate.class_weight, config.evaluate.trees)
-    agreement_columns((), config.evaluate.self_training_agreement)
-    size_check_columns((), config.evaluate.self_training_sizes)
+    check_evaluate_settings(config.evaluate)
     device = resolve_device(config.runtime.device)
     _set_threads(config.runtime.threads)
     workdir = Workdir(options.workdir)

@@ -25,11 +25,10 @@ from .baselines import BASELINES, baseline_features, fit_projection, lab_statist
 from .classify import (
     agreement_columns,
     cached_plain_fit,
-    check_self_training,
+    check_classifier_settings,
     dropped_column_names,
     DEFAULT_TREES,
     fit_classifier,
-    make_classifier,
     normalise_features,
     normalised_column_names,
     restrict_view,
@@ -88,6 +87,13 @@ def evaluation_settings(cfg) -> dict:
             "self_training_sizes": cfg.self_training_sizes, "class_weight": cfg.class_weight, "trees": cfg.trees}
 
 
+def check_settings(cfg) -> None:
+    """Fail before any work on an ``EvaluateConfig`` whose classifier settings cannot work
+    (:func:`classify.check_classifier_settings`)."""
+    check_classifier_settings(cfg.classifier, cfg.class_weight, cfg.trees, cfg.feature_norm, cfg.max_shift,
+                              cfg.self_training, cfg.self_training_agreement, cfg.self_training_sizes)
+
+
 def run_evaluation(
     source: FeatureSet,
     targets: Sequence[FeatureSet],
@@ -128,10 +134,8 @@ def run_evaluation(
     every method alike; ``trees`` the random forest's size, for every method alike.
     """
     out_dir = Path(out_dir)
-    make_classifier(classifier, seed, class_weight, trees)  # fail on a bad name or weighting before any work
-    normalise_features(np.zeros((1, 1)), feature_norm)  # likewise for the normalisation
-    stable_columns([np.zeros((1, 1))], max_shift)  # and for max_shift
-    check_self_training(self_training)  # and for self_training
+    check_classifier_settings(classifier, class_weight, trees, feature_norm, max_shift, self_training,
+                              self_training_agreement, self_training_sizes)
     columns = normalised_column_names(source.columns, feature_norm)
     agreement = agreement_columns(columns, self_training_agreement)
     sizes = size_check_columns(columns, self_training_sizes)

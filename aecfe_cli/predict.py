@@ -40,7 +40,6 @@ from sklearn.preprocessing import StandardScaler
 from .classify import (
     agreement_columns,
     cached_plain_fit,
-    check_self_training,
     dropped_column_names,
     fit_classifier,
     normalise_features,
@@ -52,6 +51,7 @@ from .classify import (
 )
 from .config import EvaluateConfig, PredictConfig
 from .errors import UserError, did_you_mean
+from .evaluate import check_settings as check_evaluate_settings
 from .feature_sets import FeatureSet, map_labels, morphology_columns, resolve_labels, stratified_split
 from .io import read_csv, write_csv, write_json
 from .labels import haematology_sorted
@@ -103,9 +103,7 @@ class CellPredictions:
 
 def check_settings(cfg: PredictConfig, evaluate_cfg: EvaluateConfig) -> None:
     """Fail on settings that cannot work, before any work."""
-    check_self_training(evaluate_cfg.self_training)
-    agreement_columns((), evaluate_cfg.self_training_agreement)
-    size_check_columns((), evaluate_cfg.self_training_sizes)
+    check_evaluate_settings(evaluate_cfg)
     if cfg.reject_by not in REJECT_BY:
         raise UserError(
             f"predict.reject_by '{cfg.reject_by}'{did_you_mean(cfg.reject_by, REJECT_BY)}: "

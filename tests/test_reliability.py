@@ -224,6 +224,24 @@ def test_a_classifier_that_cannot_be_built_as_configured_exits_2_before_any_work
     assert not (root / "aecfe-work" / "config.yaml").exists()
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("feature_norm: datset", "evaluate.feature_norm 'datset' (did you mean 'dataset'?)"),
+    ("max_shift: -1", "evaluate.max_shift is -1"),
+    ("self_training_sizes: sourcerange", "did you mean 'source_range'?"),
+])
+def test_a_misspelt_classifier_setting_in_the_config_fails_before_the_pipeline_starts(
+        tmp_path, tiny_cells, setting, message):
+    # These settings are first used by evaluate, after detection and training: a whole run would be lost.
+    root = _project(tmp_path, tiny_cells)
+    (root / "aecfe.yaml").write_text(TINY_CONFIG + f"  {setting}\n")
+    result = run_cli("run", "--data", "lab_a", "--data", "lab_b", cwd=root)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (root / "aecfe-work" / "config.yaml").exists()
+    assert not (root / "aecfe-work" / "detector").exists()
+
+
 def test_evaluating_datasets_that_share_no_class_exits_2_without_detecting(tmp_path, finished_project, tiny_cells):
     root = copy_project(finished_project[0], tmp_path)
     only = root / "only_monocytes"
