@@ -162,6 +162,10 @@ LayoutOption = typer.Option(None, "--layout", help="matek, acevedo, int20, folde
 ForceOption = typer.Option(False, "--force", help="Recompute even when up to date.")
 TreesOption = typer.Option(None, "--trees", help="Trees of the random forest (more: a steadier vote, a slower fit) "
                                                  "[default: evaluate.trees, 500].")
+ClassesOption = typer.Option(None, "--classes",
+                             help="Only these source classes are learnt, comma-separated, e.g. neutrophil,lymphocyte,"
+                                  "monocyte,eosinophil,basophil when the new lab holds those only "
+                                  "[default: evaluate.classes, all].")
 StrictOption = typer.Option(None, "--strict/--no-strict",
                             help="Fail on an unreadable image instead of skipping it (exit 2), and when more than "
                                  "detect.max_missing_fraction of the images have no detection (exit 1).")
@@ -380,6 +384,7 @@ def evaluate(
     class_weight: Optional[str] = typer.Option(None, "--class-weight",
                                                help="balanced (each source class weighs alike) or none."),
     trees: Optional[int] = TreesOption,
+    classes: Optional[str] = ClassesOption,
     baselines: Optional[bool] = typer.Option(None, "--baselines/--no-baselines", help="Score the baselines too."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json only."),
     force: bool = ForceOption,
@@ -388,12 +393,17 @@ def evaluate(
     if labels is not None and labels not in ("fine", "coarse", "auto"):
         raise UserError(f"--labels {labels}: expected fine, coarse or auto")
     overrides = {"evaluate": {"labels": labels, "classifier": classifier, "class_weight": class_weight,
-                              "trees": trees, "baselines": baselines}}
+                              "trees": trees, "baselines": baselines, "classes": _class_list(classes)}}
     session = _session(ctx.obj, overrides, force, ("evaluate",))
     if as_json:
         session.reporter.quiet = True
     report = _evaluate_pairs(session, source, target)
     _print_report(report, session.workdir.evaluate(source), as_json)
+
+
+def _class_list(classes: Optional[str]) -> Optional[list]:
+    """``--classes a,b,c`` as a list of names; None when the flag is not given."""
+    return None if classes is None else [name.strip() for name in classes.split(",") if name.strip()]
 
 
 def _evaluate_pairs(session, source: str, targets: List[str]) -> dict:
@@ -429,6 +439,7 @@ def predict(
     reject_target: Optional[float] = typer.Option(None, "--reject-target",
                                                   help="Held-out accuracy (or coverage) the reject threshold aims at."),
     trees: Optional[int] = TreesOption,
+    classes: Optional[str] = ClassesOption,
     as_json: bool = typer.Option(False, "--json", help="Print the summaries only, as JSON keyed by dataset."),
     force: bool = ForceOption,
 ):
@@ -439,7 +450,7 @@ def predict(
     from .predict_report import reject_line, render_count_rows, shift_line
 
     overrides = {"predict": {"all_cells": all_cells, "format": output_format, "reject_target": reject_target},
-                 "evaluate": {"trees": trees}}
+                 "evaluate": {"trees": trees, "classes": _class_list(classes)}}
     session = _session(ctx.obj, overrides, force, ("predict",))
     if as_json:
         session.reporter.quiet = True
@@ -469,13 +480,14 @@ def run(
     source: Optional[str] = typer.Option(None, "--source", help="[default: the first --data]"),
     target: Optional[List[str]] = typer.Option(None, "--target", help="[default: the other --data]"),
     layout: Optional[str] = LayoutOption,
+    classes: Optional[str] = ClassesOption,
     as_json: bool = typer.Option(False, "--json", help="Print report.json only."),
     force: bool = ForceOption,
 ):
     """Whole pipeline: detect, train, extract, evaluate."""
     from . import pipeline
 
-    session = _session(ctx.obj, force=force, stages=pipeline.STAGES)
+    session = _session(ctx.obj, {"evaluate": {"classes": _class_list(classes)}}, force=force, stages=pipeline.STAGES)
     if as_json:
         session.reporter.quiet = True
     with session.workdir.lock():

@@ -202,6 +202,16 @@ class EvaluateConfig:
     # 0.002-0.016 with 500) and raised the real cross-lab mean on three of three seeds, at about 100 s more
     # for the triangle's evaluation (docs/accuracy_notes.md, twenty-fourth look).
     trees: int = 500
+    # The source classes the classifier learns (evaluate and predict), named at the label level used, e.g.
+    # [neutrophil, lymphocyte, monocyte, eosinophil, basophil] when the new lab's smears hold the five mature
+    # white-cell types only: the source's other cells (PBC's immature granulocytes, erythroblasts, platelets) are
+    # left out before anything is fitted or normalised, so no new cell is called a class it cannot be. Your
+    # knowledge of the new lab, not its labels. null: every source class (the paper's protocol).
+    classes: Optional[list] = None
+
+    def __post_init__(self):
+        if self.classes is not None and not all(isinstance(name, str) and name for name in self.classes):
+            raise UserError(f"classes: {self.classes!r} is not a list of class names, e.g. [neutrophil, lymphocyte]")
 
 
 @dataclass

@@ -39,6 +39,7 @@ from .classify import (
 from .errors import UserError
 from .evaluate_report import plot_confusion, plot_embedding, render_markdown
 from .feature_sets import (
+    chosen_classes,
     FeatureSet,
     load_split,
     map_labels,
@@ -84,7 +85,8 @@ def evaluation_settings(cfg) -> dict:
     return {"labels_mode": cfg.labels, "classifier": cfg.classifier, "split_seed": cfg.split_seed,
             "baselines": cfg.baselines, "feature_norm": cfg.feature_norm, "max_shift": cfg.max_shift,
             "self_training": cfg.self_training, "self_training_agreement": cfg.self_training_agreement,
-            "self_training_sizes": cfg.self_training_sizes, "class_weight": cfg.class_weight, "trees": cfg.trees}
+            "self_training_sizes": cfg.self_training_sizes, "class_weight": cfg.class_weight, "trees": cfg.trees,
+            "classes": cfg.classes}
 
 
 def check_settings(cfg) -> None:
@@ -110,6 +112,7 @@ def run_evaluation(
     trees: int = DEFAULT_TREES,
     self_training_agreement: str = "none",
     self_training_sizes: str = "none",
+    classes: Sequence[str] | None = None,
 ) -> dict:
     """Run the protocol, write report.json/.md, split.csv and the figures into ``out_dir``; return the report.
 
@@ -132,6 +135,9 @@ def run_evaluation(
     neither, so they self-train as without them.
     ``class_weight``: how the classifier weighs the source's classes (:func:`classify.make_classifier`), for
     every method alike; ``trees`` the random forest's size, for every method alike.
+    ``classes``: the source classes to learn (``evaluate.classes``; None: all). The source's other cells are
+    left out before anything is split, normalised or fitted, for every method alike; ``classes_left_out``
+    names their classes.
     """
     out_dir = Path(out_dir)
     check_classifier_settings(classifier, class_weight, trees, feature_norm, max_shift, self_training,
@@ -141,7 +147,11 @@ def run_evaluation(
     sizes = size_check_columns(columns, self_training_sizes)
     _check_target_names(source, targets)
     level, source_y, target_ys, classes_per_target = compare_classes(
-        source.name, source.labels, {target.name: target.labels for target in targets}, labels_mode)
+        source.name, source.labels, {target.name: target.labels for target in targets}, labels_mode, classes)
+    chosen = chosen_classes(source.name, source_y, classes, level)
+    classes_left_out = sorted(set(source_y[~chosen].tolist()))
+    if classes_left_out:
+        source, source_y = source.select(chosen), source_y[chosen]
     source_classes = sorted(set(source_y.tolist()))
 
     train_idx, test_idx, split_info = _source_split(source, source_y, out_dir, split_seed)
@@ -170,6 +180,7 @@ def run_evaluation(
         "labels": level,
         "labels_requested": labels_mode,
         "classes": source_classes,
+        "classes_left_out": classes_left_out,
         "in_domain": results["aecfe"]["in_domain"],
         "targets": results["aecfe"]["targets"],
         "parts": {method.key: _method_entry(method, PARTS, results) for method in part_methods},
@@ -229,17 +240,20 @@ def _check_target_names(source: FeatureSet, targets: Sequence[FeatureSet]) -> No
 
 
 def compare_classes(
-    source_name: str, source_labels: Sequence[str], target_labels: dict[str, Sequence[str]], labels_mode: str
+    source_name: str, source_labels: Sequence[str], target_labels: dict[str, Sequence[str]], labels_mode: str,
+    classes: Sequence[str] | None = None,
 ) -> tuple[str, np.ndarray, dict[str, np.ndarray], dict[str, dict]]:
-    """The label level, the source's and each target's classes there, and per target the classes scored.
+    """The label level, the source's and each target's classes there, and per target the classes scored:
+    those of the target among the source's ``classes`` (``evaluate.classes``; None: all the source's).
 
-    Raises a UserError when the source has fewer than two classes or a target shares none with it. The
+    Raises a UserError when the source has fewer than two classes, lacks one of ``classes``, or a target
+    shares none with it. The
     pipeline calls it on the images' labels before detecting anything, so such a mistake costs no run;
     ``run_evaluation`` calls it again on the detected cells.
     """
     level, to_class = resolve_labels(source_labels, list(target_labels.values()), labels_mode)
     source_y = map_labels(np.asarray(source_labels, dtype=str), to_class)
-    source_classes = sorted(set(source_y.tolist()))
+    source_classes = sorted(set(source_y[chosen_classes(source_name, source_y, classes, level)].tolist()))
     if len(source_classes) < 2:
         raise UserError(
             f"source '{source_name}' has a single class ({', '.join(source_classes)}) at the {level} level: "

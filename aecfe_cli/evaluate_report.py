@@ -76,6 +76,14 @@ _FEATURE_NORMS = {
 }
 
 
+def _classes_left_out_lines(report: dict) -> list[str]:
+    left_out = report.get("classes_left_out")
+    if not left_out:
+        return []
+    return [f"The classifier learns only {', '.join(report['classes'])} (`evaluate.classes`), for every method "
+            f"alike: {report['source']}'s cells of {', '.join(left_out)} were left out before the split.", ""]
+
+
 def _feature_norm_lines(report: dict) -> list[str]:
     described = _FEATURE_NORMS.get(report.get("feature_norm", "none"))
     if described is None:
@@ -90,8 +98,8 @@ def _self_training_lines(report: dict) -> list[str]:
         return []
     checks = []
     if report.get("self_training_agreement", "none") != "none":
-        checks.append(f"where a forest on its {report['self_training_agreement']} columns alone agreed "
-                      "(`evaluate.self_training_agreement`)")
+        checks.append(f"where a forest on its {report['self_training_agreement']} columns alone, refitted each round "
+                      "on the cells learnt, agreed (`evaluate.self_training_agreement`)")
     if report.get("self_training_sizes", "none") != "none":
         checks.append("where its sizes lay within the source's range (`evaluate.self_training_sizes`)")
     checked = f" AE-CFE's self-training learnt a target cell's label only {' and '.join(checks)}." if checks else ""
@@ -111,6 +119,7 @@ def render_markdown(report: dict) -> str:
         f"(asked: {report['labels_requested']}), trained on {report['split']['n_train']} {source} cells; in-domain = "
         f"the held-out {report['split']['n_test']} cells, cross-domain = every target cell of a shared class.",
         "",
+        *_classes_left_out_lines(report),
         *_feature_norm_lines(report),
         *_dropped_lines(report),
         *_self_training_lines(report),

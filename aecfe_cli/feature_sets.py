@@ -55,6 +55,12 @@ class FeatureSet:
             )
 
 
+    def select(self, rows: np.ndarray) -> FeatureSet:
+        """The cells ``rows`` (bool mask or indices) of this dataset, every array cut alike."""
+        return FeatureSet(self.name, self.features[rows], self.instance_ids[rows], self.images[rows], self.labels[rows],
+                          None if self.crops is None else np.asarray(self.crops[rows]), self.columns)
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 
@@ -159,6 +165,22 @@ def resolve_labels(
             names.update(np.unique(np.asarray(labels).astype(str)))
         level = "coarse" if any(is_known(name) and not is_fine(name) for name in names) else "fine"
     return level, (coarse_of if level == "coarse" else _same_class)
+
+
+def chosen_classes(name: str, classes: np.ndarray, chosen: Sequence[str] | None, level: str) -> np.ndarray:
+    """(N,) bool: the cells of dataset ``name`` whose class (``classes``, at the label ``level``) is one of
+    ``chosen`` (``evaluate.classes``), every cell when None. A name the dataset has no cell of, or fewer than
+    two names, fails with the dataset's classes and a did-you-mean hint."""
+    if chosen is None:
+        return np.ones(len(classes), bool)
+    present = sorted(set(np.asarray(classes).tolist()))
+    for cls in chosen:
+        if cls not in present:
+            raise UserError(f"evaluate.classes names '{cls}'{did_you_mean(cls, present)}, which source '{name}' has "
+                            f"no cell of at the {level} level: choose among {', '.join(present)}")
+    if len(set(chosen)) < 2:
+        raise UserError(f"evaluate.classes names {len(set(chosen))} class: a classifier needs two or more")
+    return np.isin(classes, list(chosen))
 
 
 def _same_class(label: str) -> str:

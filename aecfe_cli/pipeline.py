@@ -198,7 +198,8 @@ def check_classes(session: Session, source: Dataset, targets: Sequence[Dataset])
     if any(t.name == source.name for t in targets):
         raise UserError(f"--target {source.name}: the source is scored in-domain already; name other datasets")
     evaluate.compare_classes(source.name, [r.label for r in source.records],
-                             {t.name: [r.label for r in t.records] for t in targets}, session.config.evaluate.labels)
+                             {t.name: [r.label for r in t.records] for t in targets}, session.config.evaluate.labels,
+                             session.config.evaluate.classes)
 
 
 def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset]) -> dict:
@@ -314,10 +315,9 @@ def _how(manifest: Optional[dict]) -> str:
 def prediction_fingerprint(session: Session, training: Sequence[str], inputs: dict) -> str:
     """predict depends on evaluate's classifier settings (it refits that classifier) and its own section."""
     cfg = session.config
-    settings = {"evaluate": {key: getattr(cfg.evaluate, key)
-                             for key in ("classifier", "labels", "split_seed", "feature_norm", "max_shift",
-                                         "self_training", "self_training_agreement", "self_training_sizes", "class_weight",
-                                         "trees")},
+    keys = ("classifier", "labels", "split_seed", "feature_norm", "max_shift", "self_training",
+            "self_training_agreement", "self_training_sizes", "class_weight", "trees", "classes")
+    settings = {"evaluate": {key: getattr(cfg.evaluate, key) for key in keys},
                 "predict": dataclasses.asdict(cfg.predict), "training_datasets": list(training)}
     return fingerprint("predict", settings, session.seed, inputs)
 
@@ -341,6 +341,7 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
         raise UserError(f"--data {', '.join(repeated)} given more than once")
     cfg = session.config
     predict.check_settings(cfg.predict, cfg.evaluate)
+    predict.chosen_source_cells(source.name, [r.label for r in source.records], cfg.evaluate)  # fails before any work
     model = current_model(session, [source, *datasets])
     training = list(model[1]["datasets"])
     source_manifest = ensure_features(session, source, model)
@@ -351,7 +352,7 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
             images = read_manifest(session.workdir.detect(dataset.name))["counts"]["images"]
             raise UserError(f"dataset '{dataset.name}': no cell was detected in any of its {images} images "
                             f"({dataset.root}); check that they are blood-cell images, or lower detect.score_threshold")
-    source_cells = source_errors = None
+    source_cells = source_errors = classes_left_out = None
     # Datasets that keep the same columns share one fitted classifier and its calibration, unless it adapts to
     # each dataset's own cells (evaluate.self_training); then they share the plain fit it adapts from.
     fits, plain_fits = {}, {}
@@ -374,7 +375,9 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
                      else state(folder, expected), "labelling")
         if source_cells is None:
             source_cells = load_feature_set(session.workdir.root, source.name)
-            source_errors = _reconstruction_errors(session, model[0], source)
+            chosen, classes_left_out = predict.chosen_source_cells(source.name, source_cells.labels, cfg.evaluate)
+            source_cells = source_cells.select(chosen)
+            source_errors = _reconstruction_errors(session, model[0], source)[chosen]
         invalidate(folder)
         started = time.perf_counter()
         cells = load_feature_set(session.workdir.root, dataset.name)
@@ -382,7 +385,8 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
         key = (columns.tobytes(), dataset.name if cfg.evaluate.self_training else "")
         if key not in fits:
             fits[key] = predict.fit_source(source_cells, source_errors, columns, cfg.evaluate, cfg.predict,
-                                           session.seed, cells=cells, plain_fits=plain_fits)
+                                           session.seed, cells=cells, plain_fits=plain_fits,
+                                           classes_left_out=classes_left_out)
         fitted = fits[key]
         summary = predict.run_prediction(fitted, cells, _reconstruction_errors(session, model[0], dataset),
                                          predict.load_boxes(session.workdir.detect(dataset.name), cells),

@@ -28,7 +28,7 @@ values (so 5 to 10 % of unseen source cells are), and a dataset is flagged when 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +52,14 @@ from .classify import (
 from .config import EvaluateConfig, PredictConfig
 from .errors import UserError, did_you_mean
 from .evaluate import check_settings as check_evaluate_settings
-from .feature_sets import FeatureSet, map_labels, morphology_columns, resolve_labels, stratified_split
+from .feature_sets import (
+    chosen_classes,
+    FeatureSet,
+    map_labels,
+    morphology_columns,
+    resolve_labels,
+    stratified_split,
+)
 from .io import read_csv, write_csv, write_json
 from .labels import haematology_sorted
 from .predict_report import differential_counts, remove_earlier_outputs, write_counts, write_geojson, write_montages
@@ -85,6 +92,7 @@ class SourceClassifier:
     self_training: int  # rounds of adaptation to the cells being labelled (0: the plain source fit)
     self_training_agreement: str  # evaluate.self_training_agreement, when it adapted
     self_training_sizes: str  # evaluate.self_training_sizes, when it adapted
+    classes_left_out: list[str]  # the source's classes outside evaluate.classes, not learnt
 
 
 @dataclass
@@ -125,6 +133,16 @@ def check_settings(cfg: PredictConfig, evaluate_cfg: EvaluateConfig) -> None:
         )
 
 
+def chosen_source_cells(name: str, labels: Sequence[str], evaluate_cfg: EvaluateConfig) -> tuple[np.ndarray, list[str]]:
+    """(N,) bool: the cells of the source ``name`` (labelled ``labels``) that predict's classifier learns, those of
+    ``evaluate.classes`` (all when null) at the label level of the source alone; and the classes left out. The
+    caller cuts the source to them before anything is fitted, as ``evaluate`` does; a class the source lacks fails."""
+    level, to_class = resolve_labels(labels, [], evaluate_cfg.labels)
+    classes = map_labels(np.asarray(labels, dtype=str), to_class)
+    chosen = chosen_classes(name, classes, evaluate_cfg.classes, level)
+    return chosen, sorted(set(classes[~chosen].tolist()))
+
+
 def classifier_columns(source: FeatureSet, cells: FeatureSet, evaluate_cfg: EvaluateConfig) -> np.ndarray:
     """(D,) bool: the columns of the classifier that labels ``cells``. Those shifted between the source and
     ``cells`` are left out, as ``evaluate`` leaves them out for a target (``evaluate.max_shift``), so a
@@ -136,6 +154,7 @@ def classifier_columns(source: FeatureSet, cells: FeatureSet, evaluate_cfg: Eval
 def fit_source(
     source: FeatureSet, reconstruction: np.ndarray, columns: np.ndarray, evaluate_cfg: EvaluateConfig,
     cfg: PredictConfig, seed: int, cells: FeatureSet | None = None, plain_fits: dict | None = None,
+    classes_left_out: Sequence[str] = (),
 ) -> SourceClassifier:
     """Fit the classifier on the source's ``columns`` (:func:`classifier_columns`) and training split, and
     calibrate rejection and shift on its held-out cells.
@@ -147,6 +166,7 @@ def fit_source(
     several datasets fits the source once per set of columns, not once per dataset.
 
     ``reconstruction``: the source cells' reconstruction errors (:func:`extract.reconstruction_errors`).
+    ``classes_left_out``: the source's classes its caller left out (:func:`chosen_source_cells`), for the summary.
 
     The label level is ``evaluate.labels`` resolved on the source alone (``auto``: fine unless some source
     cell is labelled only coarsely), the level ``evaluate`` uses against a target labelled as finely.
@@ -203,6 +223,7 @@ def fit_source(
         self_training=evaluate_cfg.self_training if cells is not None else 0,
         self_training_agreement=evaluate_cfg.self_training_agreement if cells is not None else "none",
         self_training_sizes=evaluate_cfg.self_training_sizes if cells is not None else "none",
+        classes_left_out=list(classes_left_out),
     )
     held_out, predicted = _probabilities(fitted, classified[test_idx])
     fitted.reject = calibrate_rejection(held_out.max(axis=1), predicted == labels[test_idx], cfg.reject_by,
@@ -401,6 +422,7 @@ def run_prediction(
         "seed": seed,
         "labels": fitted.level,
         "classes": fitted.classes,
+        "classes_left_out": fitted.classes_left_out,
         "dropped_columns": dropped_column_names(normalised_column_names(cells.columns, fitted.feature_norm), fitted.columns),
         "self_training": fitted.self_training,
         "self_training_agreement": fitted.self_training_agreement,

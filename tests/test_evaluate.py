@@ -601,7 +601,8 @@ def test_an_agreement_view_keeps_labels_it_contradicts_out_of_self_training(tmp_
     reports = {kind: run_evaluation(source, [target], tmp_path / kind, baselines=False, self_training=2,
                                     self_training_agreement=kind) for kind in ("none", "morphology")}
     assert reports["morphology"]["self_training_agreement"] == "morphology"
-    assert "morphology columns alone agreed" in (tmp_path / "morphology" / "report.md").read_text()
+    checked = (tmp_path / "morphology" / "report.md").read_text()
+    assert "morphology columns alone, refitted each round on the cells learnt, agreed" in checked
     assert "agreed" not in (tmp_path / "none" / "report.md").read_text()
     # Only AE-CFE's own classifier has a second view: each part alone self-trains as before.
     assert reports["morphology"]["parts"] == reports["none"]["parts"]
@@ -762,3 +763,25 @@ def test_the_forest_has_the_configured_trees_in_every_fit_and_the_report_says_so
     with pytest.raises(UserError, match="evaluate.trees is 0"):
         run_evaluation(source, [target], tmp_path / "none", baselines=False, trees=0)
     assert not (tmp_path / "none").exists()
+
+
+def test_a_source_restricted_to_the_classes_a_new_lab_holds_never_predicts_the_others(tmp_path):
+    # The new lab holds two of the source's four classes, and its stain moves some of its cells towards the others.
+    source = make_set("lab_a", FINE_FOUR, per_class=60, spread=2.0)
+    target = make_set("lab_b", ["lymphocyte_typical", "neutrophil_segmented"], per_class=60, shift=1.5, seed=1,
+                      spread=2.0)
+    every = run_evaluation(source, [target], tmp_path / "every", self_training=1)
+    assert every["targets"]["lab_b"]["predicted_outside_classes"] > 0  # the premise
+    two = ["lymphocyte_typical", "neutrophil_segmented"]
+    chosen = run_evaluation(source, [target], tmp_path / "two", self_training=1, classes=two)
+    assert chosen["classes"] == two and chosen["classes_left_out"] == ["eosinophil", "monocyte"]
+    assert chosen["in_domain"]["n"] == 24 and chosen["cells_per_class"]["lab_a"] == dict.fromkeys(two, 60)
+    assert chosen["targets"]["lab_b"]["balanced_accuracy"] > every["targets"]["lab_b"]["balanced_accuracy"]
+    for method in (chosen, *chosen["baselines"].values(), *chosen["parts"].values()):
+        assert method["targets"]["lab_b"]["predicted_outside_classes"] == 0
+    assert "`evaluate.classes`" in (tmp_path / "two" / "report.md").read_text()
+    with pytest.raises(UserError, match="names 'neutrofil_segmented' .did you mean 'neutrophil_segmented'.*lab_a"):
+        run_evaluation(source, [target], tmp_path / "typo", classes=["lymphocyte_typical", "neutrofil_segmented"])
+    with pytest.raises(UserError, match="names 1 class"):
+        run_evaluation(source, [target], tmp_path / "one", classes=["lymphocyte_typical"])
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "one").exists()

@@ -136,3 +136,25 @@ def test_bad_input_gives_one_line_and_exit_2(finished_project, tmp_path):
                     "source 'lab_b_flat' has a single class (unlabelled)")
     _one_line_error(run_cli("predict", "--source", "lab_a", "--data", "lab_b", "--all-cells", cwd=root),
                     "--all-cells: lab_b trained the autoencoder")
+
+
+def test_classes_named_for_the_new_lab_are_the_only_ones_learnt(finished_project, tmp_path):
+    root = copy_project(finished_project[0], tmp_path)
+    three = ["neutrophil_segmented", "lymphocyte_typical", "monocyte"]
+    result = run_cli("predict", "--source", "lab_a", "--data", "lab_b", "--classes", ",".join(three), "--json", cwd=root)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)["lab_b"]
+    assert summary["classes"] == three and summary["classes_left_out"] == ["basophil", "eosinophil", "myeloblast"]
+    with open(root / "aecfe-work" / "predict" / "lab_a" / "lab_b" / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["predicted_class"] for row in rows} <= set(three) and "prob_basophil" not in rows[0]
+    report = run_cli("evaluate", "--source", "lab_a", "--target", "lab_b", "--classes", ",".join(three), "--json",
+                     cwd=root)
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["classes_left_out"] == ["basophil", "eosinophil", "myeloblast"]
+    # A class the source lacks fails before any work, naming the source's classes.
+    for command in (["predict", "--source", "lab_a", "--data", "lab_b"], ["evaluate", "--source", "lab_a", "--target", "lab_b"]):
+        _one_line_error(run_cli(*command, "--classes", "monocyte,neutrophil", "--force", cwd=root),
+                        "evaluate.classes names 'neutrophil' (did you mean 'neutrophil_segmented'?)", "lab_a")
+    assert json.loads(report.stdout) == json.loads(
+        (root / "aecfe-work" / "evaluate" / "lab_a" / "report.json").read_text())  # the refused run wrote nothing
