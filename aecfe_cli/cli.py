@@ -164,8 +164,8 @@ TreesOption = typer.Option(None, "--trees", help="Trees of the random forest (mo
                                                  "[default: evaluate.trees, 500].")
 ClassesOption = typer.Option(None, "--classes",
                              help="Only these source classes are learnt, comma-separated, e.g. neutrophil,lymphocyte,"
-                                  "monocyte,eosinophil,basophil when the new lab holds those only "
-                                  "[default: evaluate.classes, all].")
+                                  "monocyte,eosinophil,basophil when the new lab holds those only; all: every "
+                                  "class [default: evaluate.classes, all].")
 StrictOption = typer.Option(None, "--strict/--no-strict",
                             help="Fail on an unreadable image instead of skipping it (exit 2), and when more than "
                                  "detect.max_missing_fraction of the images have no detection (exit 1).")
@@ -402,8 +402,11 @@ def evaluate(
 
 
 def _class_list(classes: Optional[str]) -> Optional[list]:
-    """``--classes a,b,c`` as a list of names; None when the flag is not given."""
-    return None if classes is None else [name.strip() for name in classes.split(",") if name.strip()]
+    """``--classes a,b,c`` as a list of names; ``all`` as the empty list, every class (a workdir's saved
+    config.yaml keeps an earlier command's classes: this sets them back); None when the flag is not given."""
+    if classes is None:
+        return None
+    return [] if classes.strip() == "all" else [name.strip() for name in classes.split(",") if name.strip()]
 
 
 def _evaluate_pairs(session, source: str, targets: List[str]) -> dict:

@@ -206,7 +206,7 @@ class EvaluateConfig:
     # [neutrophil, lymphocyte, monocyte, eosinophil, basophil] when the new lab's smears hold the five mature
     # white-cell types only: the source's other cells (PBC's immature granulocytes, erythroblasts, platelets) are
     # left out before anything is fitted or normalised, so no new cell is called a class it cannot be. Your
-    # knowledge of the new lab, not its labels. null: every source class (the paper's protocol).
+    # knowledge of the new lab, not its labels. null or []: every source class (the paper's protocol).
     classes: Optional[list] = None
 
     def __post_init__(self):

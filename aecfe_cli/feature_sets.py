@@ -169,9 +169,9 @@ def resolve_labels(
 
 def chosen_classes(name: str, classes: np.ndarray, chosen: Sequence[str] | None, level: str) -> np.ndarray:
     """(N,) bool: the cells of dataset ``name`` whose class (``classes``, at the label ``level``) is one of
-    ``chosen`` (``evaluate.classes``), every cell when None. A name the dataset has no cell of, or fewer than
-    two names, fails with the dataset's classes and a did-you-mean hint."""
-    if chosen is None:
+    ``chosen`` (``evaluate.classes``), every cell when None or empty. A name the dataset has no cell of, or a
+    single name, fails with the dataset's classes and a did-you-mean hint."""
+    if not chosen:
         return np.ones(len(classes), bool)
     present = sorted(set(np.asarray(classes).tolist()))
     for cls in chosen:

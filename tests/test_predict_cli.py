@@ -158,3 +158,5 @@ def test_classes_named_for_the_new_lab_are_the_only_ones_learnt(finished_project
                         "evaluate.classes names 'neutrophil' (did you mean 'neutrophil_segmented'?)", "lab_a")
     assert json.loads(report.stdout) == json.loads(
         (root / "aecfe-work" / "evaluate" / "lab_a" / "report.json").read_text())  # the refused run wrote nothing
+    every = run_cli("evaluate", "--source", "lab_a", "--target", "lab_b", "--classes", "all", "--json", cwd=root)
+    assert every.returncode == 0 and json.loads(every.stdout)["classes_left_out"] == [], every.stderr
