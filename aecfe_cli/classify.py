@@ -104,7 +104,7 @@ def fit_classifier(
     share of each predicted class above. A forest's confident mistakes on a new lab are mostly its own (a
     colour the source never showed); a second view that errs otherwise rarely makes the same one (co-training,
     Blum and Mitchell 1998), so fewer wrong labels are learnt as right. The view is refitted each round on the
-    cells the model is, so its opinion adapts to the target as the model's does rather than staying the
+    same cells as the model, so its opinion adapts to the target as the model's does rather than staying the
     source's (docs/accuracy_notes.md, thirty-third look). A view of no column, or of every column, is no second
     opinion, and self-training takes the cells as without it.
 

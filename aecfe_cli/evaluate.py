@@ -247,9 +247,8 @@ def compare_classes(
     those of the target among the source's ``classes`` (``evaluate.classes``; None: all the source's).
 
     Raises a UserError when the source has fewer than two classes, lacks one of ``classes``, or a target
-    shares none with it. The
-    pipeline calls it on the images' labels before detecting anything, so such a mistake costs no run;
-    ``run_evaluation`` calls it again on the detected cells.
+    shares none with it. The pipeline calls it on the images' labels before detecting anything, so such a
+    mistake costs no run; ``run_evaluation`` calls it again on the detected cells.
     """
     level, to_class = resolve_labels(source_labels, list(target_labels.values()), labels_mode)
     source_y = map_labels(np.asarray(source_labels, dtype=str), to_class)

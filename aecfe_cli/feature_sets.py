@@ -54,7 +54,6 @@ class FeatureSet:
                 f"re-run `aecfe extract --data {self.name} --force`"
             )
 
-
     def select(self, rows: np.ndarray) -> FeatureSet:
         """The cells ``rows`` (bool mask or indices) of this dataset, every array cut alike."""
         return FeatureSet(self.name, self.features[rows], self.instance_ids[rows], self.images[rows], self.labels[rows],

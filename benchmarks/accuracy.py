@@ -118,6 +118,10 @@ LEVERS: dict[str, dict] = {
     # target's spread (evaluate.self_training_sizes: source_range, the default since 2026-12-06 night;
     # thirty-first look); taken back:
     "no_size_check": {"evaluate": {"self_training_sizes": "none"}},
+    # The classifier learns only the five mature white-cell types, which is all that Zheng and BCCD hold
+    # (evaluate.classes; off by default: it is a user's knowledge of the new lab, not a label-free lever):
+    # PBC's immature granulocytes, erythroblasts and platelets are left out of its training.
+    "five_classes": {"evaluate": {"classes": ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]}},
     # The default weighs each source class alike (evaluate.class_weight: balanced); taken back, as the paper:
     "no_class_weight": {"evaluate": {"class_weight": "none"}},
     # The default gives the classifier the features as extracted and standardised per lab side by side
