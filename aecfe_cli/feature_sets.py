@@ -176,7 +176,8 @@ def chosen_classes(name: str, classes: np.ndarray, chosen: Sequence[str] | None,
     for cls in chosen:
         if cls not in present:
             raise UserError(f"evaluate.classes names '{cls}'{did_you_mean(cls, present)}, which source '{name}' has "
-                            f"no cell of at the {level} level: choose among {', '.join(present)}")
+                            f"no cell of at the {level} level: choose among {', '.join(present)} "
+                            "(--classes A,B,..., or --classes all for every class)")
     if len(set(chosen)) < 2:
         raise UserError(f"evaluate.classes names {len(set(chosen))} class: a classifier needs two or more")
     return np.isin(classes, list(chosen))
