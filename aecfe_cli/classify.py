@@ -99,14 +99,12 @@ def fit_classifier(
     target label is used, so ``predict`` on a new lab adapts exactly as ``evaluate`` does on a labelled one.
 
     ``agreement``: (D,) bool, a second view of the cells among the columns of ``features`` (the morphology
-    descriptors: :func:`agreement_columns`). A fit on those columns alone labels the target each round, and
-    self-training then takes a target cell only where the current model agrees with it, still at most the
+    descriptors: :func:`agreement_columns`). A plain fit on those columns alone labels the target once,
+    and self-training then takes a target cell only where the current model agrees with it, still at most the
     share of each predicted class above. A forest's confident mistakes on a new lab are mostly its own (a
     colour the source never showed); a second view that errs otherwise rarely makes the same one (co-training,
-    Blum and Mitchell 1998), so fewer wrong labels are learnt as right. The view is refitted each round on the
-    same cells as the model, so its opinion adapts to the target as the model's does rather than staying the
-    source's (docs/accuracy_notes.md, thirty-third look). A view of no column, or of every column, is no second
-    opinion, and self-training takes the cells as without it.
+    Blum and Mitchell 1998), so fewer wrong labels are learnt as right. A view of no column, or of every
+    column, is no second opinion, and self-training takes the cells as without it.
 
     ``sizes``: (D,) bool, the cell-size columns of ``features`` (:func:`size_check_columns`). Self-training
     then takes a target cell only where its sizes lie in the source's range (:func:`within_size_range`): a
@@ -118,21 +116,19 @@ def fit_classifier(
     model = make_classifier(name, seed, class_weight, trees).fit(features, labels) if plain is None else plain
     if target is None or len(target) == 0:
         return model
-    view = None
+    second_opinion = None
     in_range = np.ones(len(target), bool)
     if rounds and sizes is not None and sizes.any():
         in_range = within_size_range(features[:, sizes], target[:, sizes])
     if rounds and agreement is not None and 0 < np.count_nonzero(agreement) < len(agreement):
         view = make_classifier(name, seed, class_weight, trees).fit(features[:, agreement], labels)
+        second_opinion = np.asarray(view.predict(target[:, agreement]))
     for round_number in range(1, rounds + 1):
         predicted, confidence = _predictions_and_confidence(model, target)
-        agreed = in_range if view is None else in_range & (predicted == view.predict(target[:, agreement]))
+        agreed = in_range if second_opinion is None else in_range & (predicted == second_opinion)
         chosen = self_training_cells(predicted, confidence, SELF_TRAINING_SHARE * round_number / rounds, agreed)
-        taught = np.concatenate([features, target[chosen]])
-        taught_labels = np.concatenate([np.asarray(labels), predicted[chosen]])
-        model = make_classifier(name, seed, class_weight, trees).fit(taught, taught_labels)
-        if view is not None and round_number < rounds:  # the last round's view would label nothing more
-            view = make_classifier(name, seed, class_weight, trees).fit(taught[:, agreement], taught_labels)
+        model = make_classifier(name, seed, class_weight, trees).fit(np.concatenate([features, target[chosen]]),
+                                                np.concatenate([np.asarray(labels), predicted[chosen]]))
     return model
 
 

@@ -98,8 +98,8 @@ def _self_training_lines(report: dict) -> list[str]:
         return []
     checks = []
     if report.get("self_training_agreement", "none") != "none":
-        checks.append(f"where a forest on its {report['self_training_agreement']} columns alone, refitted each round "
-                      "on the cells learnt, agreed (`evaluate.self_training_agreement`)")
+        checks.append(f"where a forest on its {report['self_training_agreement']} columns alone agreed "
+                      "(`evaluate.self_training_agreement`)")
     if report.get("self_training_sizes", "none") != "none":
         checks.append("where its sizes lay within the source's range (`evaluate.self_training_sizes`)")
     checked = f" AE-CFE's self-training learnt a target cell's label only {' and '.join(checks)}." if checks else ""
