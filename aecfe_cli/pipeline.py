@@ -374,10 +374,9 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
         session._say(f"predict {source.name} -> {dataset.name}", "forced" if "predict" in session.force
                      else state(folder, expected), "labelling")
         if source_cells is None:
-            source_cells = load_feature_set(session.workdir.root, source.name)
-            chosen, classes_left_out = predict.chosen_source_cells(source.name, source_cells.labels, cfg.evaluate)
-            source_cells = source_cells.select(chosen)
-            source_errors = _reconstruction_errors(session, model[0], source)[chosen]
+            source_cells, source_errors, classes_left_out = predict.learnt_source(
+                load_feature_set(session.workdir.root, source.name), _reconstruction_errors(session, model[0], source),
+                cfg.evaluate)
         invalidate(folder)
         started = time.perf_counter()
         cells = load_feature_set(session.workdir.root, dataset.name)

@@ -27,6 +27,7 @@ values (so 5 to 10 % of unseen source cells are), and a dataset is flagged when 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -133,14 +134,29 @@ def check_settings(cfg: PredictConfig, evaluate_cfg: EvaluateConfig) -> None:
         )
 
 
-def chosen_source_cells(name: str, labels: Sequence[str], evaluate_cfg: EvaluateConfig) -> tuple[np.ndarray, list[str]]:
+def chosen_source_cells(
+    name: str, labels: Sequence[str], evaluate_cfg: EvaluateConfig,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(N,) bool: the cells of the source ``name`` (labelled ``labels``) that predict's classifier learns, those of
-    ``evaluate.classes`` (all when null) at the label level of the source alone; and the classes left out. The
-    caller cuts the source to them before anything is fitted, as ``evaluate`` does; a class the source lacks fails."""
+    ``evaluate.classes`` (all when null) at the label level of the whole source; every cell's class at that level;
+    and the classes left out. A class the source lacks fails."""
     level, to_class = resolve_labels(labels, [], evaluate_cfg.labels)
     classes = map_labels(np.asarray(labels, dtype=str), to_class)
     chosen = chosen_classes(name, classes, evaluate_cfg.classes, level)
-    return chosen, sorted(set(classes[~chosen].tolist()))
+    return chosen, classes, sorted(set(classes[~chosen].tolist()))
+
+
+def learnt_source(
+    source: FeatureSet, reconstruction: np.ndarray, evaluate_cfg: EvaluateConfig,
+) -> tuple[FeatureSet, np.ndarray, list[str]]:
+    """The source cut to the cells its classifier learns (:func:`chosen_source_cells`), as ``evaluate`` cuts it
+    before anything is fitted, with their reconstruction errors and the classes left out. A cut source is
+    labelled by its classes at the level of the whole source: ``auto`` resolved again on the cut cells could
+    pick another level (the only coarse-only names among the classes left out) than ``evaluate`` uses."""
+    chosen, classes, left_out = chosen_source_cells(source.name, source.labels, evaluate_cfg)
+    if not left_out:
+        return source, np.asarray(reconstruction), left_out
+    return dataclasses.replace(source.select(chosen), labels=classes[chosen]), np.asarray(reconstruction)[chosen], left_out
 
 
 def classifier_columns(source: FeatureSet, cells: FeatureSet, evaluate_cfg: EvaluateConfig) -> np.ndarray:
@@ -166,7 +182,7 @@ def fit_source(
     several datasets fits the source once per set of columns, not once per dataset.
 
     ``reconstruction``: the source cells' reconstruction errors (:func:`extract.reconstruction_errors`).
-    ``classes_left_out``: the source's classes its caller left out (:func:`chosen_source_cells`), for the summary.
+    ``classes_left_out``: the source's classes its caller left out (:func:`learnt_source`), for the summary.
 
     The label level is ``evaluate.labels`` resolved on the source alone (``auto``: fine unless some source
     cell is labelled only coarsely), the level ``evaluate`` uses against a target labelled as finely.

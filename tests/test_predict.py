@@ -280,3 +280,20 @@ def test_predict_adapts_to_the_cells_it_labels_as_evaluate_does(tmp_path: Path) 
     assert summary["trees"] == cfg.trees
     with pytest.raises(UserError, match="evaluate.self_training"):
         fit_source(source, _errors(source), columns, EvaluateConfig(self_training=-1), PredictConfig(), seed=0)
+
+
+def test_a_source_cut_to_the_named_classes_keeps_the_label_level_evaluate_uses(tmp_path) -> None:
+    from aecfe_cli.predict import learnt_source
+
+    # Only the immature granulocytes are labelled coarsely: the whole source resolves to the coarse level, the
+    # named classes are coarse, and cut to them the source must stay coarse, as evaluate has it.
+    source = make_set("src", [*FINE_FOUR, "ig"], per_class=30)
+    target = make_set("tgt", FINE_FOUR, per_class=20, shift=0.5, seed=1)
+    cfg = EvaluateConfig(classes=["neutrophil", "lymphocyte", "monocyte"], self_training=0)
+    cut, errors, left_out = learnt_source(source, _errors(source), cfg)
+    assert left_out == ["eosinophil", "ig"] and len(cut.features) == len(errors) == 90
+    fitted = fit_source(cut, errors, classifier_columns(cut, target, cfg), cfg, PredictConfig(), seed=0,
+                        classes_left_out=left_out)
+    report = run_evaluation(source, [target], tmp_path, seed=0, baselines=False, classes=cfg.classes, self_training=0)
+    assert fitted.level == report["labels"] == "coarse"
+    assert sorted(fitted.classes) == report["classes"] == ["lymphocyte", "monocyte", "neutrophil"]
