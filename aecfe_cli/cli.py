@@ -122,8 +122,8 @@ def _session(options: Options, sections: Optional[dict] = None, force: bool = Fa
     config, _ = _workdir_config(options, reporter, sections)
     if strict is not None:
         config.runtime.strict = strict
-    # A classifier that cannot be built as configured (knn with class weights, a misspelt name) fails here,
-    # before any work and before config.yaml is written: the next command in the workdir would inherit it.
+    # Classifier settings that cannot work (a misspelt choice, knn with class weights) fail here, before any
+    # work and before config.yaml is written: the next command in the workdir would inherit them.
     check_evaluate_settings(config.evaluate)
     device = resolve_device(config.runtime.device)
     _set_threads(config.runtime.threads)
