@@ -28,18 +28,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .config import ALIGNMENTS, FEATURE_SCALINGS, IMAGE_LOSSES, IMAGE_SIZES
 from .errors import StageError, UserError
 from .io import atomic_path
 from .precision import autocast
 
 CHECKPOINT_FORMAT = "aecfe-autoencoder/1"
 FEATURE_SIZE = 14  # side of the RoIAlign feature map the encoder expects
-IMAGE_SIZES = (32, 64, 128)
 ANCHOR_DOMAIN = 0  # the first dataset; every other domain is aligned to it
 LOSS_TERMS = ("feature", "image", "align", "views", "total")
-FEATURE_SCALINGS = ("sample", "channel")  # the paper's per-sample min-max, or per-channel standardisation
-IMAGE_LOSSES = ("ssim", "ssim_l1")
-ALIGNMENTS = ("paper", "normalised")
 VIEW_TEMPERATURE = 0.2  # of the view-consistency term's cosine similarities (SimCLR's range)
 
 # (out_channels, kernel, stride) of the paper's layers; the last layer of each part is added separately

@@ -109,11 +109,9 @@ def _config(options: Options, sections: Optional[dict] = None, fallback: Optiona
 
 
 def _session(options: Options, sections: Optional[dict] = None, force: bool = False, stages=(), strict=None):
-    """Everything a working command needs; writes the resolved config into the workdir."""
-    import yaml
-
+    """Everything a working command needs. The command saves its config into the workdir
+    (``Session.save_config``) once its inputs passed its own checks."""
     from .evaluate import check_settings as check_evaluate_settings
-    from .io import write_text
     from .pipeline import Session, resolve_device
     from .reporting import Reporter
     from .workdir import Workdir
@@ -123,13 +121,12 @@ def _session(options: Options, sections: Optional[dict] = None, force: bool = Fa
     if strict is not None:
         config.runtime.strict = strict
     # Classifier settings that cannot work (a misspelt choice, knn with class weights) fail here, before any
-    # work and before config.yaml is written: the next command in the workdir would inherit them.
+    # work (every other section's choices were checked as the config was read).
     check_evaluate_settings(config.evaluate)
     device = resolve_device(config.runtime.device)
     _set_threads(config.runtime.threads)
     workdir = Workdir(options.workdir)
     workdir.prepare()
-    write_text(workdir.root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     return Session(workdir, config, device, reporter,
                    force=frozenset(stages) if force else frozenset(), strict=config.runtime.strict)
 
@@ -283,6 +280,7 @@ def detect(
         raise UserError("--shard splits one dataset: pass a single --data")
     with session.workdir.lock(shared=shard_range != (0, 1)):
         resolved = [session.dataset(d, layout) for d in data]
+        session.save_config()
         rows = []
         for dataset in resolved:
             manifest = pipeline.ensure_detections(session, dataset, shard_range, detector_datasets=resolved)
@@ -321,6 +319,8 @@ def train(
     lock = session.workdir.lock() if distributed_rank == 0 else _no_lock()
     with lock:
         resolved = [session.dataset(d, layout) for d in data]
+        if distributed_rank == 0:
+            session.save_config()
         result = pipeline.ensure_model(session, resolved, require_resume=resume)
     if result is None:
         return
@@ -363,6 +363,7 @@ def extract(
         if not names:
             raise UserError(f"{session.workdir.root}: no detected dataset; pass --data NAME|PATH")
         resolved = [session.dataset(d, layout) for d in names]
+        session.save_config()
         model = pipeline.current_model(session, resolved)
         rows = []
         for dataset in resolved:
@@ -413,7 +414,10 @@ def _evaluate_pairs(session, source: str, targets: List[str]) -> dict:
     from . import pipeline
 
     with session.workdir.lock():
-        return pipeline.ensure_report(session, session.dataset(source), [session.dataset(t) for t in targets])
+        source_set, target_sets = session.dataset(source), [session.dataset(t) for t in targets]
+        pipeline.check_classes(session, source_set, target_sets)
+        session.save_config()
+        return pipeline.ensure_report(session, source_set, target_sets)
 
 
 def _print_report(report: dict, folder: Path, as_json: bool) -> None:
@@ -458,8 +462,10 @@ def predict(
     if as_json:
         session.reporter.quiet = True
     with session.workdir.lock():
-        summaries = pipeline.ensure_predictions(session, session.dataset(source),
-                                                [session.dataset(d, layout) for d in data])
+        source_set, data_sets = session.dataset(source), [session.dataset(d, layout) for d in data]
+        pipeline.check_predictions(session, source_set, data_sets)
+        session.save_config()
+        summaries = pipeline.ensure_predictions(session, source_set, data_sets)
     for summary in summaries:
         if summary["shift"]["warning"]:
             typer.echo(f"warning: {shift_line(summary)}", err=True)
@@ -505,6 +511,7 @@ def run(
         if not targets:
             raise UserError("no target: pass two --data or a --target")
         pipeline.check_classes(session, source_set, targets)
+        session.save_config()
         pipeline.ensure_model(session, resolved)
         report = pipeline.ensure_report(session, source_set, targets)
     _print_report(report, session.workdir.evaluate(source_set.name), as_json)
@@ -527,6 +534,7 @@ def demo(
         options.workdir = Path(DEMO_WORKDIR)
     session = _session(options, demo_stage.DEMO_SETTINGS, force, pipeline.STAGES)
     with session.workdir.lock():
+        session.save_config()
         reports = demo_stage.run_demo(session, per_class)
     rows = []
     for report in reports:

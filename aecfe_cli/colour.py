@@ -84,7 +84,6 @@ def _rotate_hue(pixels: np.ndarray, angle: float, saturation: float) -> np.ndarr
 # The reference: rounded stained-pixel statistics of 40 images of the PBC sample (CellaVision, MGG).
 # Any fixed target would do: what matters is that every dataset is mapped onto the same one.
 REFERENCE_LAB = np.array([[62.0, 20.0, -6.0], [16.5, 11.0, 19.0]], np.float32)  # rows: mean, std of L, a, b
-STAIN_NORMS = ("none", "dataset", "image")
 _D65_WHITE = np.array([0.95047, 1.0, 1.08883], np.float32)
 _RGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
                         [0.2126729, 0.7151522, 0.0721750],
@@ -159,7 +158,7 @@ def normalise_stain(image: np.ndarray, statistics: np.ndarray, reference: np.nda
 
 
 def stain_normalised(image: np.ndarray, mode: str, dataset_statistics: np.ndarray | None) -> np.ndarray:
-    """``image`` under a ``STAIN_NORMS`` mode: as it is, by its dataset's statistics, or by its own."""
+    """``image`` under a ``config.STAIN_NORMS`` mode: as it is, by its dataset's statistics, or by its own."""
     if mode == "none":
         return image
     if mode == "image":

@@ -36,10 +36,26 @@ class DatasetConfig:
         self.class_map = {str(k): str(v) for k, v in self.class_map.items()}
 
 
-# The networks' precisions (detector and autoencoder); precision.autocast_dtype resolves them, this module
-# checks them when the config is read (it stays free of torch so that `aecfe --help` is instant).
-PRECISIONS = ("auto", "fp32", "bf16")
+# Every choice a stage offers is named here and checked when the config is read or a flag sets it, so a
+# misspelt value fails before any work (and before the workdir's config.yaml keeps it for the next command),
+# not when its stage is reached after an hour of detection. The stage modules take their choices from here;
+# this module stays free of torch so that `aecfe --help` is instant.
+PRECISIONS = ("auto", "fp32", "bf16")  # of the networks; precision.autocast_dtype resolves them
 CROP_SHAPES = ("box", "square")
+BACKBONES = ("resnet18_fpn", "resnet34_fpn", "resnet50_fpn", "resnet101_fpn")
+STAIN_NORMS = ("none", "dataset", "image")
+IMAGE_SIZES = (32, 64, 128)
+FEATURE_SCALINGS = ("sample", "channel")  # the paper's per-sample min-max, or per-channel standardisation
+IMAGE_LOSSES = ("ssim", "ssim_l1")
+ALIGNMENTS = ("paper", "normalised")
+REJECT_BY = ("accuracy", "coverage", "none")
+PREDICT_FORMATS = ("csv", "geojson")
+
+
+def _check_choice(key: str, value, choices: tuple) -> None:
+    if value not in choices:
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""  # 48 is no misspelt 64
+        raise UserError(f"{key} '{value}'{hint}: choose one of {', '.join(map(str, choices))}")
 
 
 def _check_precision(value: str, key: str = "precision") -> None:
@@ -109,6 +125,11 @@ class DetectConfig:
         if self.crop_shape not in CROP_SHAPES:
             raise UserError(f"crop_shape: '{self.crop_shape}'{did_you_mean(self.crop_shape, CROP_SHAPES)}: "
                             f"choose one of {', '.join(CROP_SHAPES)}")
+        _check_choice("backbone", self.backbone, BACKBONES)
+        _check_choice("stain_norm", self.stain_norm, STAIN_NORMS)
+        if not 32 <= self.min_size <= self.max_size:
+            raise UserError(f"min_size: the detector's input size needs 32 <= min_size <= max_size, got "
+                            f"{self.min_size} and {self.max_size}")
 
 
 @dataclass
@@ -140,6 +161,13 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_precision(self.precision)
+        _check_choice("image_size", self.image_size, IMAGE_SIZES)
+        _check_choice("feature_scaling", self.feature_scaling, FEATURE_SCALINGS)
+        _check_choice("image_loss", self.image_loss, IMAGE_LOSSES)
+        _check_choice("alignment", self.alignment, ALIGNMENTS)
+        if not self.width > 0 or self.latent_dim < 1:
+            raise UserError(f"width: expected a positive width and a latent_dim of 1 or more, got {self.width} "
+                            f"and {self.latent_dim}")
         if self.image_bottleneck < 0:
             raise UserError(f"image_bottleneck: expected 0 (none) or a channel count, got {self.image_bottleneck}")
         if self.view_weight < 0:
@@ -226,6 +254,16 @@ class PredictConfig:
     montage_cells: int = 24  # example cells per class montage
     all_cells: bool = False  # detect every cell of a smear field in the --data datasets (not the source)
     format: str = "csv"  # csv | geojson (also one GeoJSON per image, for QuPath)
+
+    def __post_init__(self):
+        _check_choice("reject_by", self.reject_by, REJECT_BY)
+        _check_choice("format", self.format, PREDICT_FORMATS)
+        for key in ("reject_target", "shift_quantile", "shift_warn_fraction"):
+            if not 0 < getattr(self, key) <= 1:
+                raise UserError(f"{key} is {getattr(self, key)}: use a fraction in (0, 1], e.g. 0.9")
+        for key in ("neighbours", "montage_cells"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key} is {getattr(self, key)}: use 1 or more")
 
 
 @dataclass
@@ -392,9 +430,10 @@ def apply_overrides(config: Config, section: str, **values: Any) -> None:
     """Set flag values (None = flag not given) on a section, with the same type checks as YAML."""
     target = getattr(config, section)
     hints = typing.get_type_hints(type(target))
-    for key, value in values.items():
-        if value is not None:
-            setattr(target, key, _coerce(value, hints[key], f"--{key.replace('_', '-')}"))
+    given = {key: _coerce(value, hints[key], f"--{key.replace('_', '-')}")
+             for key, value in values.items() if value is not None}
+    if given:  # rebuilt, so that the section's own checks see the flags too
+        setattr(config, section, _build(type(target), {**dataclasses.asdict(target), **given}, section))
 
 
 def default_config_path() -> Optional[Path]:

@@ -30,11 +30,11 @@ from PIL import Image
 from torch import nn
 
 from .colour import white_balance_pixels
+from .config import BACKBONES
 from .errors import StageError, UserError
 from .io import atomic_path
 from .precision import autocast, place
 
-BACKBONES = ("resnet18_fpn", "resnet34_fpn", "resnet50_fpn", "resnet101_fpn")
 CHECKPOINT_FORMAT = "aecfe-detector/1"
 NUM_CLASSES = 2  # background, white cell
 FEATURE_SHAPE = (256, 14, 14)

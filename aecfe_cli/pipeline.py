@@ -64,6 +64,16 @@ class Session:
         self.workdir.register(dataset.spec())
         return dataset
 
+    def save_config(self) -> None:
+        """Write the resolved config into the workdir, where the next command without a config of its own
+        takes its settings from. Commands call it once their inputs passed every check made before work, so
+        a refused setting (a class the source lacks) is not handed on to the next command."""
+        import yaml
+
+        from .io import write_text
+
+        write_text(self.workdir.root / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+
     def _say(self, what: str, status: str, action: str) -> None:
         reason = {"missing": "not computed yet", "stale": "out of date"}.get(status, "forced")
         self.reporter.info(f"{what}: {reason}, {action}")
@@ -322,6 +332,21 @@ def prediction_fingerprint(session: Session, training: Sequence[str], inputs: di
     return fingerprint("predict", settings, session.seed, inputs)
 
 
+def check_predictions(session: Session, source: Dataset, datasets: Sequence[Dataset]) -> None:
+    """Fail before any detection or training when the settings or the source's labels rule predict out."""
+    from . import predict
+
+    names = [d.name for d in datasets]
+    if source.name in names:
+        raise UserError(f"--data {source.name} is the source: its held-out cells are scored by "
+                        f"`aecfe evaluate`; name other datasets")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserError(f"--data {', '.join(repeated)} given more than once")
+    predict.check_settings(session.config.predict, session.config.evaluate)
+    predict.chosen_source_cells(source.name, [r.label for r in source.records], session.config.evaluate)
+
+
 def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dataset]) -> list[dict]:
     """Label every dataset's cells with the classifier trained on the source; one summary per dataset.
 
@@ -332,16 +357,9 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
     from . import predict
     from .feature_sets import load_feature_set
 
+    check_predictions(session, source, datasets)
     names = [d.name for d in datasets]
-    if source.name in names:
-        raise UserError(f"--data {source.name} is the source: its held-out cells are scored by "
-                        f"`aecfe evaluate`; name other datasets")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise UserError(f"--data {', '.join(repeated)} given more than once")
     cfg = session.config
-    predict.check_settings(cfg.predict, cfg.evaluate)
-    predict.chosen_source_cells(source.name, [r.label for r in source.records], cfg.evaluate)  # fails before any work
     model = current_model(session, [source, *datasets])
     training = list(model[1]["datasets"])
     source_manifest = ensure_features(session, source, model)

@@ -51,7 +51,7 @@ from .classify import (
     stable_columns,
 )
 from .config import EvaluateConfig, PredictConfig
-from .errors import UserError, did_you_mean
+from .errors import UserError
 from .evaluate import check_settings as check_evaluate_settings
 from .feature_sets import (
     chosen_classes,
@@ -65,8 +65,6 @@ from .io import read_csv, write_csv, write_json
 from .labels import haematology_sorted
 from .predict_report import differential_counts, remove_earlier_outputs, write_counts, write_geojson, write_montages
 
-REJECT_BY = ("accuracy", "coverage", "none")
-FORMATS = ("csv", "geojson")
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
 
@@ -79,7 +77,6 @@ class SourceClassifier:
     class_weight: str  # evaluate.class_weight
     trees: int  # evaluate.trees
     level: str
-    to_class: Callable[[str], str]
     classes: list[str]  # haematology order; the probability columns follow it
     model: BaseEstimator  # fitted on the features as evaluate.feature_norm normalises them, ``columns`` of them
     feature_norm: str
@@ -111,22 +108,9 @@ class CellPredictions:
 
 
 def check_settings(cfg: PredictConfig, evaluate_cfg: EvaluateConfig) -> None:
-    """Fail on settings that cannot work, before any work."""
+    """Fail on settings that cannot work, before any work: the classifier's, and one predict cannot use (the
+    predict section's own choices are checked when the config is read, config.PredictConfig)."""
     check_evaluate_settings(evaluate_cfg)
-    if cfg.reject_by not in REJECT_BY:
-        raise UserError(
-            f"predict.reject_by '{cfg.reject_by}'{did_you_mean(cfg.reject_by, REJECT_BY)}: "
-            f"choose one of {', '.join(REJECT_BY)}"
-        )
-    if cfg.format not in FORMATS:
-        raise UserError(f"--format {cfg.format}{did_you_mean(cfg.format, FORMATS)}: choose one of {', '.join(FORMATS)}")
-    for key in ("reject_target", "shift_quantile", "shift_warn_fraction"):
-        value = getattr(cfg, key)
-        if not 0 < value <= 1:
-            raise UserError(f"predict.{key} is {value}: use a fraction in (0, 1], e.g. 0.9")
-    for key in ("neighbours", "montage_cells"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"predict.{key} is {getattr(cfg, key)}: use 1 or more")
     if evaluate_cfg.classifier == "linear_svm":
         raise UserError(
             "evaluate.classifier linear_svm gives no class probabilities, which predict needs for its confidence "
@@ -225,7 +209,6 @@ def fit_source(
         class_weight=evaluate_cfg.class_weight,
         trees=evaluate_cfg.trees,
         level=level,
-        to_class=to_class,
         classes=classes,
         model=model,
         feature_norm=evaluate_cfg.feature_norm,

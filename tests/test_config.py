@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,26 @@ def test_wrong_type_names_the_key():
         config_from_dict({"detect": {"crop_shape": "sqare"}}, "cfg.yaml")
     with pytest.raises(UserError, match=r"cfg.yaml: train.view_weight: expected 0 \(off\) or a positive weight"):
         config_from_dict({"train": {"view_weight": -0.5}}, "cfg.yaml")
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("detect", {"backbone": "resnet_18_fpn"}, "detect.backbone 'resnet_18_fpn' (did you mean 'resnet18_fpn'?)"),
+    ("detect", {"stain_norm": "lab"}, "detect.stain_norm 'lab': choose one of none, dataset, image"),
+    ("detect", {"min_size": 512, "max_size": 256}, "detect.min_size: the detector's input size needs"),
+    ("train", {"image_size": 48}, "train.image_size '48': choose one of 32, 64, 128"),
+    ("train", {"alignment": "normalized"}, "train.alignment 'normalized' (did you mean 'normalised'?)"),
+    ("train", {"width": 0.0}, "train.width: expected a positive width"),
+    ("predict", {"format": "json"}, "predict.format 'json'"),
+    ("predict", {"reject_target": 1.5}, "predict.reject_target is 1.5"),
+])
+def test_a_value_no_stage_accepts_fails_when_read_and_when_a_flag_sets_it(section, values, message):
+    # Checked here, not when its stage is reached: detection may have run for an hour by then.
+    with pytest.raises(UserError, match="cfg.yaml: " + re.escape(message)):
+        config_from_dict({section: values}, "cfg.yaml")
+    config = Config()
+    with pytest.raises(UserError, match=re.escape(message)):
+        apply_overrides(config, section, **values)
+    assert config == Config()  # the refused flags left the config as it was
 
 
 def test_precedence_default_yaml_flag(tmp_path):

@@ -203,9 +203,9 @@ def test_a_rerun_with_fewer_classes_leaves_no_montage_of_the_earlier_one(tmp_pat
     "settings, fragment",
     [
         ({"reject_by": "acuracy"}, "did you mean 'accuracy'"),
-        ({"reject_target": 1.5}, "predict.reject_target is 1.5"),
-        ({"shift_quantile": 0.0}, "predict.shift_quantile"),
-        ({"neighbours": 0}, "predict.neighbours"),
+        ({"reject_target": 1.5}, "reject_target is 1.5"),
+        ({"shift_quantile": 0.0}, "shift_quantile"),
+        ({"neighbours": 0}, "neighbours"),
         ({"format": "json"}, "choose one of csv, geojson"),
     ],
 )

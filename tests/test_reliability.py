@@ -242,6 +242,29 @@ def test_a_misspelt_classifier_setting_in_the_config_fails_before_the_pipeline_s
     assert not (root / "aecfe-work" / "detector").exists()
 
 
+def test_a_refused_setting_is_not_handed_on_to_the_next_command_in_the_workdir(tmp_path, finished_project):
+    root = copy_project(finished_project[0], tmp_path)
+    (root / "aecfe.yaml").unlink()  # the commands take their settings from the workdir's config.yaml
+    saved = root / "aecfe-work" / "config.yaml"
+    before = saved.read_bytes()
+    refused = [
+        (("evaluate", "--source", "lab_a", "--target", "lab_b", "--classes", "monocyte,neutrophil"),
+         "evaluate.classes names 'neutrophil'"),  # checked against the source's labels
+        (("predict", "--source", "lab_a", "--data", "lab_b", "--classes", "monocyte,neutrophil"),
+         "evaluate.classes names 'neutrophil'"),
+        (("predict", "--source", "lab_a", "--data", "lab_b", "--format", "xml"), "predict.format 'xml'"),
+        (("train", "--data", "lab_a", "--data", "lab_b", "--image-size", "48"), "train.image_size '48'"),
+    ]
+    for command, message in refused:
+        result = run_cli(*command, cwd=root)
+        assert result.returncode == 2 and message in result.stderr, (command, result.stderr)
+        assert saved.read_bytes() == before, command
+    # So the next command without those flags runs with the run's own settings: every stage is reused.
+    result = run_cli("evaluate", "--source", "lab_a", "--target", "lab_b", cwd=root)
+    assert result.returncode == 0 and "up to date, reusing" in result.stderr, result.stderr
+    assert "detecting" not in result.stderr and "training" not in result.stderr
+
+
 def test_evaluating_datasets_that_share_no_class_exits_2_without_detecting(tmp_path, finished_project, tiny_cells):
     root = copy_project(finished_project[0], tmp_path)
     only = root / "only_monocytes"

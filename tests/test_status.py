@@ -81,11 +81,15 @@ def test_a_command_without_a_config_keeps_the_settings_of_the_command_that_last_
     work = tmp_path / "w"
     work.mkdir()
     (work / "config.yaml").write_text("train:\n  epochs: 7\nruntime:\n  seed: 3\n")
+    for image in ("a/monocyte/1.png", "a/lymphocyte/2.png", "b/monocyte/3.png"):  # labelled, but unreadable
+        (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / image).write_text("not an image")
 
     def settings_after_a_command(*flags):
-        # The dataset is unknown, so the command stops (exit 2) after resolving and saving its settings.
-        result = run_cli("--workdir", "w", *flags, "evaluate", "--source", "nosuch", "--target", "other", cwd=tmp_path)
-        assert result.returncode == 2 and "unknown dataset 'nosuch'" in result.stderr
+        # The command passes its checks and saves its settings, then stops (exit 2) at the first stage: no
+        # image can be read to train a detector on.
+        result = run_cli("--workdir", "w", *flags, "evaluate", "--source", "a", "--target", "b", cwd=tmp_path)
+        assert result.returncode == 2 and "no training images for the detector" in result.stderr, result.stderr
         saved = yaml.safe_load((work / "config.yaml").read_text())
         return saved["train"]["epochs"], saved["runtime"]["seed"]
 
