@@ -97,11 +97,16 @@ def main_options(
     ctx.obj = Options(workdir, config, device, seed, quiet, debug, preset)
 
 
-def _config(options: Options, sections: Optional[dict] = None, fallback: Optional[Path] = None):
-    """Defaults < YAML (--config, else ./aecfe.yaml, else ``fallback``) < flags; returns the resolved Config."""
-    from .config import apply_overrides, default_config_path, load_config
+def _config(options: Options, sections: Optional[dict] = None):
+    """Defaults < YAML (--config, else ./aecfe.yaml) < flags; returns the resolved Config."""
+    from .config import default_config_path, load_config
 
-    config = load_config(options.config or default_config_path() or fallback, options.preset)
+    return _with_flags(load_config(options.config or default_config_path(), options.preset), options, sections)
+
+
+def _with_flags(config, options: Options, sections: Optional[dict] = None):
+    from .config import apply_overrides
+
     apply_overrides(config, "runtime", device=options.device, seed=options.seed)
     for section, values in (sections or {}).items():
         apply_overrides(config, section, **values)
@@ -585,17 +590,18 @@ def _workdir_config(options: Options, reporter, sections: Optional[dict] = None)
     workdir's own config.yaml (the settings of the command that last wrote there, so a command after
     `aecfe demo` in its workdir reuses the demo's detector and model instead of retraining both with the
     built-in defaults), else the built-in defaults; flags and ``sections`` on top."""
-    from .config import default_config_path
+    from .config import default_config_path, load_config
 
     chosen = options.config or default_config_path()
     saved = options.workdir / "config.yaml"
     if chosen is not None or not saved.is_file():
         return _config(options, sections), str(chosen or "built-in defaults")
     try:
-        return _config(options, sections, fallback=saved), str(saved)
+        config = load_config(saved, options.preset)
     except UserError as exc:  # written by another aecfe version, say
         reporter.warn(f"{exc}; using the built-in defaults instead")
         return _config(options, sections), "built-in defaults"
+    return _with_flags(config, options, sections), str(saved)  # a refused flag is the user's, not the file's
 
 
 def main() -> None:

@@ -258,6 +258,7 @@ def test_a_refused_setting_is_not_handed_on_to_the_next_command_in_the_workdir(t
     for command, message in refused:
         result = run_cli(*command, cwd=root)
         assert result.returncode == 2 and message in result.stderr, (command, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # the flag's error, no word on the file
         assert saved.read_bytes() == before, command
     # So the next command without those flags runs with the run's own settings: every stage is reused.
     result = run_cli("evaluate", "--source", "lab_a", "--target", "lab_b", cwd=root)
