@@ -122,9 +122,7 @@ class DetectConfig:
                             f"{self.pretrain_steps} and {self.pretrain_batch_size}")
         if self.views < 0:
             raise UserError(f"views: expected 0 (none) or a number of augmented views per cell, got {self.views}")
-        if self.crop_shape not in CROP_SHAPES:
-            raise UserError(f"crop_shape: '{self.crop_shape}'{did_you_mean(self.crop_shape, CROP_SHAPES)}: "
-                            f"choose one of {', '.join(CROP_SHAPES)}")
+        _check_choice("crop_shape", self.crop_shape, CROP_SHAPES)
         _check_choice("backbone", self.backbone, BACKBONES)
         _check_choice("stain_norm", self.stain_norm, STAIN_NORMS)
         if not 32 <= self.min_size <= self.max_size:

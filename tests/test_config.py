@@ -50,7 +50,7 @@ def test_wrong_type_names_the_key():
         config_from_dict({"detect": {"pretrain_steps": 10, "pretrain_batch_size": 1}}, "cfg.yaml")
     with pytest.raises(UserError, match=r"cfg.yaml: detect.views: expected 0 \(none\) or a number"):
         config_from_dict({"detect": {"views": -1}}, "cfg.yaml")
-    with pytest.raises(UserError, match=r"cfg.yaml: detect.crop_shape: 'sqare' \(did you mean 'square'\?\): choose"):
+    with pytest.raises(UserError, match=r"cfg.yaml: detect.crop_shape 'sqare' \(did you mean 'square'\?\): choose"):
         config_from_dict({"detect": {"crop_shape": "sqare"}}, "cfg.yaml")
     with pytest.raises(UserError, match=r"cfg.yaml: train.view_weight: expected 0 \(off\) or a positive weight"):
         config_from_dict({"train": {"view_weight": -0.5}}, "cfg.yaml")
