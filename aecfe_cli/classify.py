@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from .errors import UserError, did_you_mean
-from .feature_sets import morphology_columns, size_columns
+from .feature_sets import FeatureSet, morphology_columns, size_columns
 
 CLASSIFIERS = ("random_forest", "logistic_regression", "knn", "linear_svm")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -277,6 +277,20 @@ def normalise_features(features: np.ndarray, mode: str, columns: Sequence[str] =
     if mode == "dataset":
         return standardised.astype(np.float32)
     return np.concatenate([features, standardised[:, ~sizes]], axis=1).astype(np.float32)
+
+
+def normalised_features(cells: FeatureSet, mode: str) -> np.ndarray:
+    """:func:`normalise_features` of ``cells``, each dataset they come from read against its own statistics:
+    the cells of a source pooled from several labs are normalised lab by lab, as each target is."""
+    return cells.per_dataset(lambda rows: normalise_features(cells.features[rows], mode, cells.columns))
+
+
+def kept_columns(source: FeatureSet, source_features: np.ndarray, target_features: np.ndarray,
+                 max_shift: float | None) -> np.ndarray:
+    """:func:`stable_columns` between the source's normalised features (``source_features``, rows as ``source``)
+    and a target's: a source pooled from several labs takes part lab by lab, so a column that moves between
+    two of its labs is left out as one that moves between the source and the target."""
+    return stable_columns([*(source_features[rows] for rows in source.dataset_rows()), target_features], max_shift)
 
 
 def normalised_column_names(columns: Sequence[str], mode: str) -> tuple[str, ...]:

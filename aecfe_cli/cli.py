@@ -15,6 +15,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
+from .command_settings import Options, open_session, resolve_config, workdir_config
 from .errors import StageError, UserError
 
 app = typer.Typer(
@@ -26,22 +27,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-DEFAULT_WORKDIR = "aecfe-work"
 DEMO_WORKDIR = "aecfe-demo"
-
-
-class Options:
-    """Global options, shared by every command through the Typer context."""
-
-    def __init__(self, workdir, config, device, seed, quiet, debug, preset=None):
-        self.workdir_given = workdir is not None
-        self.workdir = Path(workdir or DEFAULT_WORKDIR)
-        self.config = config
-        self.device = device
-        self.seed = seed
-        self.quiet = quiet
-        self.debug = debug
-        self.preset = preset
 
 
 def _fail(message: str, code: int) -> None:
@@ -97,55 +83,6 @@ def main_options(
     ctx.obj = Options(workdir, config, device, seed, quiet, debug, preset)
 
 
-def _config(options: Options, sections: Optional[dict] = None):
-    """Defaults < YAML (--config, else ./aecfe.yaml) < flags; returns the resolved Config."""
-    from .config import default_config_path, load_config
-
-    return _with_flags(load_config(options.config or default_config_path(), options.preset), options, sections)
-
-
-def _with_flags(config, options: Options, sections: Optional[dict] = None):
-    from .config import apply_overrides
-
-    apply_overrides(config, "runtime", device=options.device, seed=options.seed)
-    for section, values in (sections or {}).items():
-        apply_overrides(config, section, **values)
-    return config
-
-
-def _session(options: Options, sections: Optional[dict] = None, force: bool = False, stages=(), strict=None):
-    """Everything a working command needs. The command saves its config into the workdir
-    (``Session.save_config``) once its inputs passed its own checks."""
-    from .evaluate import check_settings as check_evaluate_settings
-    from .pipeline import Session, resolve_device
-    from .reporting import Reporter
-    from .workdir import Workdir
-
-    reporter = Reporter(quiet=options.quiet)
-    config, _ = _workdir_config(options, reporter, sections)
-    if strict is not None:
-        config.runtime.strict = strict
-    # Classifier settings that cannot work (a misspelt choice, knn with class weights) fail here, before any
-    # work (every other section's choices were checked as the config was read).
-    check_evaluate_settings(config.evaluate)
-    device = resolve_device(config.runtime.device)
-    _set_threads(config.runtime.threads)
-    workdir = Workdir(options.workdir)
-    workdir.prepare()
-    return Session(workdir, config, device, reporter,
-                   force=frozenset(stages) if force else frozenset(), strict=config.runtime.strict)
-
-
-def _set_threads(threads: int) -> None:
-    """``threads`` > 0, else OMP_NUM_THREADS when the environment sets it (as torch itself would: a job
-    scheduler or parallel test runner sharing the cores says so there), else every core."""
-    import torch
-
-    from_environment = os.environ.get("OMP_NUM_THREADS", "")
-    torch.set_num_threads(threads or (int(from_environment) if from_environment.isdigit() else 0)
-                          or os.cpu_count() or 1)
-
-
 def _print_table(title: str, columns: List[str], rows) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -187,7 +124,7 @@ def datasets(
     from .workdir import Workdir
 
     options: Options = ctx.obj
-    config = _config(options)
+    config = resolve_config(options)
     known = Workdir(options.workdir).known_datasets() if options.workdir.is_dir() else {}
     if not data:
         rows = []
@@ -279,7 +216,7 @@ def detect(
                             "annotations": str(annotations) if annotations else None,
                             "annotation_masks": str(annotation_masks) if annotation_masks else None,
                             "backbone": backbone, "all_cells": all_cells}}
-    session = _session(ctx.obj, overrides, force, ("detector", "detect"), strict)
+    session = open_session(ctx.obj, overrides, force, ("detector", "detect"), strict)
     shard_range = detect_stage.parse_shard(shard)
     if shard_range != (0, 1) and len(data) > 1:
         raise UserError("--shard splits one dataset: pass a single --data")
@@ -317,7 +254,7 @@ def train(
 
     overrides = {"train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "image_size": image_size,
                            "width": width, "align_weight": align_weight}}
-    session = _session(ctx.obj, overrides, force, ("train",))
+    session = open_session(ctx.obj, overrides, force, ("train",))
     distributed_rank = int(os.environ.get("RANK", "0"))
     if distributed_rank != 0:
         session.reporter.quiet = True  # under torchrun, rank 0 speaks for all
@@ -362,7 +299,7 @@ def extract(
     """Encode detected cells into feature files (default: every dataset detected in the workdir)."""
     from . import pipeline
 
-    session = _session(ctx.obj, force=force, stages=("extract",))
+    session = open_session(ctx.obj, force=force, stages=("extract",))
     with session.workdir.lock():
         names = data or session.workdir.detected()
         if not names:
@@ -382,7 +319,8 @@ def extract(
 @handles_errors
 def evaluate(
     ctx: typer.Context,
-    source: str = typer.Option(..., "--source", help="Dataset the classifier is trained on."),
+    source: List[str] = typer.Option(..., "--source", help="Labelled dataset(s) the classifier is trained on "
+                                     "(repeatable: several are pooled into one source)."),
     target: List[str] = typer.Option(..., "--target", help="Dataset(s) it is scored on (repeatable)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="fine, coarse or auto."),
     classifier: Optional[str] = typer.Option(None, "--classifier",
@@ -400,11 +338,11 @@ def evaluate(
         raise UserError(f"--labels {labels}: expected fine, coarse or auto")
     overrides = {"evaluate": {"labels": labels, "classifier": classifier, "class_weight": class_weight,
                               "trees": trees, "baselines": baselines, "classes": _class_list(classes)}}
-    session = _session(ctx.obj, overrides, force, ("evaluate",))
+    session = open_session(ctx.obj, overrides, force, ("evaluate",))
     if as_json:
         session.reporter.quiet = True
     report = _evaluate_pairs(session, source, target)
-    _print_report(report, session.workdir.evaluate(source), as_json)
+    _print_report(report, session.workdir.evaluate(report["source"]), as_json)
 
 
 def _class_list(classes: Optional[str]) -> Optional[list]:
@@ -415,14 +353,14 @@ def _class_list(classes: Optional[str]) -> Optional[list]:
     return [] if classes.strip() == "all" else [name.strip() for name in classes.split(",") if name.strip()]
 
 
-def _evaluate_pairs(session, source: str, targets: List[str]) -> dict:
+def _evaluate_pairs(session, sources: List[str], targets: List[str]) -> dict:
     from . import pipeline
 
     with session.workdir.lock():
-        source_set, target_sets = session.dataset(source), [session.dataset(t) for t in targets]
-        pipeline.check_classes(session, source_set, target_sets)
+        source_sets, target_sets = [session.dataset(s) for s in sources], [session.dataset(t) for t in targets]
+        pipeline.check_classes(session, source_sets, target_sets)
         session.save_config()
-        return pipeline.ensure_report(session, source_set, target_sets)
+        return pipeline.ensure_report(session, source_sets, target_sets)
 
 
 def _print_report(report: dict, folder: Path, as_json: bool) -> None:
@@ -442,7 +380,8 @@ def _print_report(report: dict, folder: Path, as_json: bool) -> None:
 @handles_errors
 def predict(
     ctx: typer.Context,
-    source: str = typer.Option(..., "--source", help="Labelled dataset the classifier is trained on."),
+    source: List[str] = typer.Option(..., "--source", help="Labelled dataset(s) the classifier is trained on "
+                                     "(repeatable: several are pooled into one source)."),
     data: List[str] = typer.Option(..., "--data", help="Dataset(s) to label, labelled or not (repeatable)."),
     layout: Optional[str] = LayoutOption,
     all_cells: Optional[bool] = typer.Option(None, "--all-cells/--central-cell",
@@ -463,14 +402,14 @@ def predict(
 
     overrides = {"predict": {"all_cells": all_cells, "format": output_format, "reject_target": reject_target},
                  "evaluate": {"trees": trees, "classes": _class_list(classes)}}
-    session = _session(ctx.obj, overrides, force, ("predict",))
+    session = open_session(ctx.obj, overrides, force, ("predict",))
     if as_json:
         session.reporter.quiet = True
     with session.workdir.lock():
-        source_set, data_sets = session.dataset(source), [session.dataset(d, layout) for d in data]
-        pipeline.check_predictions(session, source_set, data_sets)
+        source_sets, data_sets = [session.dataset(s) for s in source], [session.dataset(d, layout) for d in data]
+        pipeline.check_predictions(session, source_sets, data_sets)
         session.save_config()
-        summaries = pipeline.ensure_predictions(session, source_set, data_sets)
+        summaries = pipeline.ensure_predictions(session, source_sets, data_sets)
     for summary in summaries:
         if summary["shift"]["warning"]:
             typer.echo(f"warning: {shift_line(summary)}", err=True)
@@ -491,7 +430,7 @@ def predict(
 def run(
     ctx: typer.Context,
     data: List[str] = typer.Option(..., "--data", help="Datasets to train on (first = anchor)."),
-    source: Optional[str] = typer.Option(None, "--source", help="[default: the first --data]"),
+    source: Optional[List[str]] = typer.Option(None, "--source", help="[default: the first --data] (repeatable)"),
     target: Optional[List[str]] = typer.Option(None, "--target", help="[default: the other --data]"),
     layout: Optional[str] = LayoutOption,
     classes: Optional[str] = ClassesOption,
@@ -501,7 +440,7 @@ def run(
     """Whole pipeline: detect, train, extract, evaluate."""
     from . import pipeline
 
-    session = _session(ctx.obj, {"evaluate": {"classes": _class_list(classes)}}, force=force, stages=pipeline.STAGES)
+    session = open_session(ctx.obj, {"evaluate": {"classes": _class_list(classes)}}, force=force, stages=pipeline.STAGES)
     if as_json:
         session.reporter.quiet = True
     with session.workdir.lock():
@@ -511,15 +450,16 @@ def run(
         def named(name: str):  # a dataset of --data is not listed again: it may hold many images
             return by_name.get(name) or session.dataset(name)
 
-        source_set = named(source) if source else resolved[0]
-        targets = [named(t) for t in target] if target else [d for d in resolved if d.name != source_set.name]
+        source_sets = [named(s) for s in source] if source else resolved[:1]
+        sources = {s.name for s in source_sets}
+        targets = [named(t) for t in target] if target else [d for d in resolved if d.name not in sources]
         if not targets:
-            raise UserError("no target: pass two --data or a --target")
-        pipeline.check_classes(session, source_set, targets)
+            raise UserError("no target: pass a --data that is not a --source, or a --target")
+        pipeline.check_classes(session, source_sets, targets)
         session.save_config()
         pipeline.ensure_model(session, resolved)
-        report = pipeline.ensure_report(session, source_set, targets)
-    _print_report(report, session.workdir.evaluate(source_set.name), as_json)
+        report = pipeline.ensure_report(session, source_sets, targets)
+    _print_report(report, session.workdir.evaluate(report["source"]), as_json)
 
 
 @app.command()
@@ -537,7 +477,7 @@ def demo(
     options: Options = ctx.obj
     if not options.workdir_given:
         options.workdir = Path(DEMO_WORKDIR)
-    session = _session(options, demo_stage.DEMO_SETTINGS, force, pipeline.STAGES)
+    session = open_session(options, demo_stage.DEMO_SETTINGS, force, pipeline.STAGES)
     with session.workdir.lock():
         session.save_config()
         reports = demo_stage.run_demo(session, per_class)
@@ -572,7 +512,7 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
     if not (options.workdir / "datasets.json").is_file():
         raise UserError(f"{options.workdir}: no aecfe work here yet; run a command first or pass --workdir")
     reporter = Reporter(quiet=options.quiet)
-    config, judged_by = _workdir_config(options, reporter)
+    config, judged_by = workdir_config(options, reporter)
     # A Session only to share the stages' fingerprint code: status never prepares, locks or registers.
     session = pipeline.Session(Workdir(options.workdir), config, torch.device("cpu"), reporter)
     rows = pipeline.status_rows(session)
@@ -583,25 +523,6 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
     table = [(stage, dataset, state, "; ".join([*changed, detail] if detail else changed))
              for stage, dataset, state, changed, detail in rows]
     _print_table(f"status of {options.workdir} (settings: {judged_by})", ["stage", "dataset", "state", "detail"], table)
-
-
-def _workdir_config(options: Options, reporter, sections: Optional[dict] = None) -> tuple:
-    """The settings of a command, and where they came from: --config FILE, else ./aecfe.yaml, else the
-    workdir's own config.yaml (the settings of the command that last wrote there, so a command after
-    `aecfe demo` in its workdir reuses the demo's detector and model instead of retraining both with the
-    built-in defaults), else the built-in defaults; flags and ``sections`` on top."""
-    from .config import default_config_path, load_config
-
-    chosen = options.config or default_config_path()
-    saved = options.workdir / "config.yaml"
-    if chosen is not None or not saved.is_file():
-        return _config(options, sections), str(chosen or "built-in defaults")
-    try:
-        config = load_config(saved, options.preset)
-    except UserError as exc:  # written by another aecfe version, say
-        reporter.warn(f"{exc}; using the built-in defaults instead")
-        return _config(options, sections), "built-in defaults"
-    return _with_flags(config, options, sections), str(saved)  # a refused flag is the user's, not the file's
 
 
 def main() -> None:

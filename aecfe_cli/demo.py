@@ -37,4 +37,4 @@ def run_demo(session: Session, per_class: int) -> list[dict]:
     folders = demo_data(session.workdir.root, per_class, session.seed)
     datasets = [session.dataset(str(folder)) for folder in folders]
     ensure_model(session, datasets)
-    return [ensure_report(session, source, [target]) for source in datasets for target in datasets if target is not source]
+    return [ensure_report(session, [source], [target]) for source in datasets for target in datasets if target is not source]

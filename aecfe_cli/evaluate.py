@@ -29,16 +29,17 @@ from .classify import (
     dropped_column_names,
     DEFAULT_TREES,
     fit_classifier,
-    normalise_features,
+    kept_columns,
     normalised_column_names,
+    normalised_features,
     restrict_view,
     score,
     size_check_columns,
-    stable_columns,
 )
 from .errors import UserError
 from .evaluate_report import plot_confusion, plot_embedding, render_markdown
 from .feature_sets import (
+    check_same_columns,
     chosen_classes,
     FeatureSet,
     load_split,
@@ -155,10 +156,9 @@ def run_evaluation(
     source_classes = sorted(set(source_y.tolist()))
 
     train_idx, test_idx, split_info = _source_split(source, source_y, out_dir, split_seed)
-    normalised = _Method("aecfe", normalise_features(source.features, feature_norm, source.columns),
-                         {target.name: normalise_features(target.features, feature_norm, target.columns)
-                          for target in targets})
-    normalised.keep = {name: stable_columns([normalised.source, features], max_shift)
+    normalised = _Method("aecfe", normalised_features(source, feature_norm),
+                         {target.name: normalised_features(target, feature_norm) for target in targets})
+    normalised.keep = {name: kept_columns(source, normalised.source, features, max_shift)
                        for name, features in normalised.targets.items()}
     normalised.agreement = agreement
     normalised.sizes = sizes
@@ -226,10 +226,9 @@ def confusion_filename(target_name: str) -> str:
 
 def _check_target_names(source: FeatureSet, targets: Sequence[FeatureSet]) -> None:
     names = [target.name for target in targets]
-    if source.name in names:
+    for name in sorted(set(names) & {source.name, *source.datasets()}):
         raise UserError(
-            f"target '{source.name}' is the source: its held-out 20 % is already the in-domain score; "
-            "pick another --target"
+            f"target '{name}' is the source: its held-out 20 % is already the in-domain score; pick another --target"
         )
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -295,7 +294,7 @@ def _source_split(
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Reuse ``split.csv`` while it covers exactly the source's cells, else draw and save a new one."""
     split_path = out_dir / SPLIT_FILE
-    drawn = stratified_split(source_y, split_seed)
+    drawn = stratified_split(source.strata(source_y), split_seed)
     saved = load_split(split_path, source.instance_ids)
     train_idx, test_idx = drawn if saved is None else saved
     if len(train_idx) == 0 or len(test_idx) == 0:
@@ -332,10 +331,7 @@ def _part_methods(
     """The latent and the morphology columns of ``features`` (named ``columns``) as methods of their own,
     when it holds both; each keeps, per target, the columns ``features`` keeps. A part every column of which
     is left out for some target is not scored."""
-    for target in targets:
-        if target.columns != source.columns:
-            raise UserError(f"datasets '{source.name}' and '{target.name}' were extracted with different feature "
-                            f"columns (extract.morphology?): re-run `aecfe extract --force`")
+    check_same_columns(source, targets)
     morphology = morphology_columns(columns)
     if not columns or morphology.all() or not morphology.any():
         return []
@@ -356,9 +352,16 @@ def _baseline_methods(
         return [], f"skipped: no crops.npy for {', '.join(lacking)} (run `aecfe detect --data NAME`)"
     methods = []
     for kind in BASELINES:
-        # Stain normalisation maps every dataset, the source included, onto the source's colour statistics.
-        reference = lab_statistics(source.crops) if kind == "stain_normalized_histogram" else None
-        source_descriptors = baseline_features(source.crops, kind, reference=reference, statistics=reference)
+        # Stain normalisation maps every dataset, the source included, onto the source's colour statistics:
+        # a pooled source's first dataset's, onto which its other datasets are mapped too.
+        parts = source.dataset_rows()
+        reference = lab_statistics(source.crops[parts[0]]) if kind == "stain_normalized_histogram" else None
+
+        def describe(rows: np.ndarray) -> np.ndarray:
+            own = reference if np.array_equal(rows, parts[0]) else None  # None: computed from the rows' crops
+            return baseline_features(source.crops[rows], kind, reference=reference, statistics=own)
+
+        source_descriptors = source.per_dataset(describe)
         target_descriptors = {
             target.name: baseline_features(target.crops, kind, reference=reference) for target in targets
         }

@@ -19,6 +19,7 @@ from .morphology import SIZES
 
 LABEL_MODES = ("fine", "coarse", "auto")
 ID_COLUMNS = ("instance_id", "image", "dataset", "label")  # features.csv: these, then the feature columns
+POOL_SEPARATOR = "+"  # joins the names of the datasets pooled into one source
 MORPHOLOGY_PREFIX = "m_"  # features.csv names morphology columns m_<descriptor>; the latent's are f0, f1, ...
 
 
@@ -33,6 +34,7 @@ class FeatureSet:
     labels: np.ndarray  # (N,) str, the most specific vocabulary name the dataset gives
     crops: np.ndarray | None = None  # (N, 3, S, S) uint8, a memmap is fine
     columns: tuple[str, ...] = ()  # names of the D feature columns (features.csv header), when known
+    origins: np.ndarray | None = None  # (N,) str, the dataset of each cell when pooled (:func:`pool`); else None
 
     def __post_init__(self) -> None:
         self.features = np.asarray(self.features, dtype=np.float32)
@@ -40,11 +42,15 @@ class FeatureSet:
         self.images = np.asarray(self.images).astype(str)
         self.labels = np.asarray(self.labels).astype(str)
         n_cells = len(self.features)
+        if self.origins is not None:
+            self.origins = np.asarray(self.origins).astype(str)
         if self.features.ndim != 2:
             raise UserError(
                 f"dataset '{self.name}': features must be a 2-D (cells, dimensions) array, got {self.features.shape}"
             )
         lengths = {"instance_ids": len(self.instance_ids), "images": len(self.images), "labels": len(self.labels)}
+        if self.origins is not None:
+            lengths["origins"] = len(self.origins)
         if self.crops is not None:
             lengths["crops"] = len(self.crops)
         wrong = {key: value for key, value in lengths.items() if value != n_cells}
@@ -57,7 +63,69 @@ class FeatureSet:
     def select(self, rows: np.ndarray) -> FeatureSet:
         """The cells ``rows`` (bool mask or indices) of this dataset, every array cut alike."""
         return FeatureSet(self.name, self.features[rows], self.instance_ids[rows], self.images[rows], self.labels[rows],
-                          None if self.crops is None else np.asarray(self.crops[rows]), self.columns)
+                          None if self.crops is None else np.asarray(self.crops[rows]), self.columns,
+                          None if self.origins is None else self.origins[rows])
+
+    def datasets(self) -> np.ndarray:
+        """(N,) str: the dataset each cell comes from."""
+        return np.full(len(self.features), self.name) if self.origins is None else self.origins
+
+    def dataset_rows(self) -> list[np.ndarray]:
+        """The row indices of each dataset the cells come from, in the order the datasets first appear: one
+        entry holding every row, unless the cells were pooled from several datasets (:func:`pool`)."""
+        origins = self.datasets()
+        names, first = np.unique(origins, return_index=True)
+        return [np.flatnonzero(origins == name) for name in names[np.argsort(first)]]
+
+    def strata(self, classes: np.ndarray) -> np.ndarray:
+        """(N,) str: what the source's split is stratified by, each cell's class (``classes``) and, for cells
+        pooled from several datasets, its dataset too, so each lab gives its share of every class to the
+        held-out cells."""
+        if len(self.dataset_rows()) < 2:
+            return np.asarray(classes).astype(str)
+        return np.char.add(np.char.add(self.datasets(), "/"), np.asarray(classes).astype(str))
+
+    def per_dataset(self, describe: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """``describe(rows)`` of each dataset's rows (:meth:`dataset_rows`), assembled in row order: what reads a
+        lab against its own statistics (feature and stain normalisation) reads each lab of a pooled source so."""
+        pieces = [(rows, np.asarray(describe(rows))) for rows in self.dataset_rows()]
+        assembled = np.empty((len(self.features), *pieces[0][1].shape[1:]), pieces[0][1].dtype)
+        for rows, piece in pieces:
+            assembled[rows] = piece
+        return assembled
+
+
+def check_same_columns(first: FeatureSet, others: Sequence[FeatureSet]) -> None:
+    """Fail unless every one of ``others`` has ``first``'s feature columns: one classifier reads them all."""
+    for other in others:
+        if other.columns != first.columns:
+            raise UserError(f"datasets '{first.name}' and '{other.name}' were extracted with different feature "
+                            f"columns (extract.morphology?): re-run `aecfe extract --force`")
+
+
+def pooled_name(names: Sequence[str]) -> str:
+    """The name of a source pooled from the datasets ``names`` (``pbc+zheng``): its evaluate and predict folders."""
+    return POOL_SEPARATOR.join(names)
+
+
+def pool(sets: Sequence[FeatureSet]) -> FeatureSet:
+    """The cells of several labelled datasets as one source (``--source A --source B``); each cell keeps its
+    dataset in ``origins``, and its instance id is prefixed with it (``A/<id>``), since two datasets may use
+    the same ids. One dataset is returned as it is."""
+    if len(sets) == 1:
+        return sets[0]
+    check_same_columns(sets[0], sets[1:])
+    crops = None if any(s.crops is None for s in sets) else np.concatenate([np.asarray(s.crops) for s in sets])
+    return FeatureSet(
+        name=pooled_name([s.name for s in sets]),
+        features=np.concatenate([s.features for s in sets]),
+        instance_ids=np.concatenate([np.char.add(f"{s.name}/", s.instance_ids) for s in sets]),
+        images=np.concatenate([s.images for s in sets]),
+        labels=np.concatenate([s.labels for s in sets]),
+        crops=crops,
+        columns=sets[0].columns,
+        origins=np.concatenate([s.datasets() for s in sets]),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- loading

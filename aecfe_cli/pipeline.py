@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from . import datasets as ds_mod
@@ -22,6 +23,7 @@ from . import detect, extract, train
 from .config import Config
 from .datasets import Dataset
 from .errors import StageError, UserError
+from .feature_sets import FeatureSet, load_feature_set, pool, pooled_name
 from .io import read_json
 from .reporting import Reporter
 from .workdir import Workdir, fingerprint, invalidate, output_digest, read_manifest, state, what_changed, write_manifest
@@ -200,35 +202,53 @@ def evaluation_fingerprint(session: Session, targets: Sequence[str], inputs: dic
                        session.seed, inputs)
 
 
-def check_classes(session: Session, source: Dataset, targets: Sequence[Dataset]) -> None:
+def check_sources(sources: Sequence[Dataset], others: Sequence[Dataset], flag: str) -> None:
+    """Fail when a dataset is named twice as a source, or is both a source and one of ``others`` (the
+    datasets given with ``flag``): a source's held-out cells are scored in-domain already."""
+    names = [source.name for source in sources]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserError(f"--source {', '.join(repeated)} given more than once")
+    for other in others:
+        if other.name in names:
+            raise UserError(f"{flag} {other.name} is the source: its held-out cells are scored in-domain by "
+                            "`aecfe evaluate`; name other datasets")
+
+
+def check_classes(session: Session, sources: Sequence[Dataset], targets: Sequence[Dataset]) -> None:
     """Fail before any detection or training when the images' labels already rule out the evaluation:
-    a source with a single class, a target sharing none with it, or a target that is the source."""
+    a source with a single class, a target sharing none with it, or a target that is a source."""
     from . import evaluate
 
-    if any(t.name == source.name for t in targets):
-        raise UserError(f"--target {source.name}: the source is scored in-domain already; name other datasets")
-    evaluate.compare_classes(source.name, [r.label for r in source.records],
+    check_sources(sources, targets, "--target")
+    evaluate.compare_classes(pooled_name([s.name for s in sources]), [r.label for s in sources for r in s.records],
                              {t.name: [r.label for r in t.records] for t in targets}, session.config.evaluate.labels,
                              session.config.evaluate.classes)
 
 
-def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset]) -> dict:
-    from . import evaluate
-    from .feature_sets import load_feature_set
+def load_source(session: Session, sources: Sequence[Dataset]) -> FeatureSet:
+    """The extracted cells of the source datasets, pooled into one source when there are several."""
+    return pool([load_feature_set(session.workdir.root, source.name) for source in sources])
 
-    check_classes(session, source, targets)
-    model = current_model(session, [source, *targets])
-    manifests = {d.name: ensure_features(session, d, model) for d in [source, *targets]}
+
+def ensure_report(session: Session, sources: Sequence[Dataset], targets: Sequence[Dataset]) -> dict:
+    """Score the classifier trained on ``sources`` (several: pooled into one source) on every target."""
+    from . import evaluate
+
+    check_classes(session, sources, targets)
+    model = current_model(session, [*sources, *targets])
+    manifests = {d.name: ensure_features(session, d, model) for d in [*sources, *targets]}
     inputs = _evaluation_inputs(session.workdir, list(manifests))
-    folder = session.workdir.evaluate(source.name)
+    name = pooled_name([s.name for s in sources])
+    folder = session.workdir.evaluate(name)
     expected = evaluation_fingerprint(session, [t.name for t in targets], inputs)
     if state(folder, expected) == "done" and "evaluate" not in session.force:
-        session.reporter.info(f"evaluate {source.name}: up to date, reusing")
+        session.reporter.info(f"evaluate {name}: up to date, reusing")
         return read_json(folder / "report.json")
     cfg = session.config.evaluate
     started = time.perf_counter()
     report = evaluate.run_evaluation(
-        load_feature_set(session.workdir.root, source.name),
+        load_source(session, sources),
         [load_feature_set(session.workdir.root, t.name) for t in targets],
         folder,
         seed=session.seed,
@@ -238,9 +258,10 @@ def ensure_report(session: Session, source: Dataset, targets: Sequence[Dataset])
     outputs = ["report.json", files["report"], files["split"], files["embedding"], *files["confusion"].values()]
     write_manifest(folder, "evaluate", fingerprint_value=expected, config=dataclasses.asdict(cfg), seed=session.seed,
                    device="cpu", inputs=inputs, outputs=outputs,
-                   counts={"source": manifests[source.name]["counts"]["cells"],
+                   counts={"source": sum(manifests[s.name]["counts"]["cells"] for s in sources),
                            "targets": {t.name: manifests[t.name]["counts"]["cells"] for t in targets}},
-                   timings={"seconds": round(time.perf_counter() - started, 2)})
+                   timings={"seconds": round(time.perf_counter() - started, 2)},
+                   extra={"sources": [s.name for s in sources]})
     return report
 
 
@@ -297,7 +318,7 @@ def status_rows(session: Session) -> list[tuple[str, str, str, list[str], str]]:
         if manifest is None:
             continue
         targets = list(manifest["counts"]["targets"])
-        names = [folder.name, *targets]
+        names = [*manifest.get("sources", [folder.name]), *targets]
         on_disk = all(read_manifest(wd.extract(n)) and read_manifest(wd.detect(n)) for n in names)
         expected = evaluation_fingerprint(session, targets, _evaluation_inputs(wd, names)) if on_disk else None
         add("evaluate", folder.name, folder, expected, [f"extract {n}" for n in names], "targets: " + ", ".join(targets))
@@ -332,37 +353,37 @@ def prediction_fingerprint(session: Session, training: Sequence[str], inputs: di
     return fingerprint("predict", settings, session.seed, inputs)
 
 
-def check_predictions(session: Session, source: Dataset, datasets: Sequence[Dataset]) -> None:
-    """Fail before any detection or training when the settings or the source's labels rule predict out."""
+def check_predictions(session: Session, sources: Sequence[Dataset], datasets: Sequence[Dataset]) -> None:
+    """Fail before any detection or training when the settings or the sources' labels rule predict out."""
     from . import predict
 
+    check_sources(sources, datasets, "--data")
     names = [d.name for d in datasets]
-    if source.name in names:
-        raise UserError(f"--data {source.name} is the source: its held-out cells are scored by "
-                        f"`aecfe evaluate`; name other datasets")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise UserError(f"--data {', '.join(repeated)} given more than once")
     predict.check_settings(session.config.predict, session.config.evaluate)
-    predict.chosen_source_cells(source.name, [r.label for r in source.records], session.config.evaluate)
+    predict.chosen_source_cells(pooled_name([s.name for s in sources]),
+                                [r.label for s in sources for r in s.records], session.config.evaluate)
 
 
-def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dataset]) -> list[dict]:
-    """Label every dataset's cells with the classifier trained on the source; one summary per dataset.
+def ensure_predictions(session: Session, sources: Sequence[Dataset], datasets: Sequence[Dataset]) -> list[dict]:
+    """Label every dataset's cells with the classifier trained on the sources (several: pooled into one
+    source); one summary per dataset.
 
     The datasets are detected and encoded with the detector and autoencoder in the workdir (trained first,
-    on the source and the datasets, when there is none); a dataset the autoencoder was not trained on is
-    said so, and its shift figures tell how far it lies from the source.
+    on the sources and the datasets, when there is none); a dataset the autoencoder was not trained on is
+    said so, and its shift figures tell how far it lies from the sources.
     """
     from . import predict
-    from .feature_sets import load_feature_set
 
-    check_predictions(session, source, datasets)
+    check_predictions(session, sources, datasets)
     names = [d.name for d in datasets]
     cfg = session.config
-    model = current_model(session, [source, *datasets])
+    model = current_model(session, [*sources, *datasets])
     training = list(model[1]["datasets"])
-    source_manifest = ensure_features(session, source, model)
+    source_digest = "+".join(output_digest(ensure_features(session, source, model)) for source in sources)
+    source_name = pooled_name([s.name for s in sources])
     detecting = _detecting_all_cells(session, training, names) if cfg.predict.all_cells else session
     features_manifests = {dataset.name: ensure_features(detecting, dataset, model) for dataset in datasets}
     for dataset in datasets:  # every dataset is checked before any is labelled
@@ -381,19 +402,20 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
         if dataset.name not in training:
             session.reporter.info(f"{dataset.name}: not among the datasets the autoencoder was trained on "
                                   f"({', '.join(training)}); encoded with that model, see its shift figures")
-        inputs = {"source": output_digest(source_manifest), "features": output_digest(features_manifest),
+        inputs = {"source": source_digest, "features": output_digest(features_manifest),
                   "detections": output_digest(detect_manifest)}
-        folder = session.workdir.predict(source.name, dataset.name)
+        folder = session.workdir.predict(source_name, dataset.name)
         expected = prediction_fingerprint(session, training, inputs)
         if state(folder, expected) == "done" and "predict" not in session.force:
-            session.reporter.info(f"predict {source.name} -> {dataset.name}: up to date, reusing")
+            session.reporter.info(f"predict {source_name} -> {dataset.name}: up to date, reusing")
             summaries.append(read_json(folder / "summary.json"))
             continue
-        session._say(f"predict {source.name} -> {dataset.name}", "forced" if "predict" in session.force
+        session._say(f"predict {source_name} -> {dataset.name}", "forced" if "predict" in session.force
                      else state(folder, expected), "labelling")
         if source_cells is None:
             source_cells, source_errors, classes_left_out = predict.learnt_source(
-                load_feature_set(session.workdir.root, source.name), _reconstruction_errors(session, model[0], source),
+                load_source(session, sources),
+                np.concatenate([_reconstruction_errors(session, model[0], source) for source in sources]),
                 cfg.evaluate)
         invalidate(folder)
         started = time.perf_counter()
@@ -416,7 +438,7 @@ def ensure_predictions(session: Session, source: Dataset, datasets: Sequence[Dat
                        counts={"cells": summary["counts"]["cells"], "rejected": summary["counts"]["rejected"],
                                "images": len(summary["images"])},
                        timings={"seconds": round(time.perf_counter() - started, 2)},
-                       extra={"source": source.name, "dataset": dataset.name})
+                       extra={"source": source_name, "sources": [s.name for s in sources], "dataset": dataset.name})
         summaries.append(summary)
     return summaries
 

@@ -43,12 +43,12 @@ from .classify import (
     cached_plain_fit,
     dropped_column_names,
     fit_classifier,
-    normalise_features,
+    kept_columns,
     normalised_column_names,
+    normalised_features,
     restrict_view,
     rounded,
     size_check_columns,
-    stable_columns,
 )
 from .config import EvaluateConfig, PredictConfig
 from .errors import UserError
@@ -147,8 +147,8 @@ def classifier_columns(source: FeatureSet, cells: FeatureSet, evaluate_cfg: Eval
     """(D,) bool: the columns of the classifier that labels ``cells``. Those shifted between the source and
     ``cells`` are left out, as ``evaluate`` leaves them out for a target (``evaluate.max_shift``), so a
     labelled copy of ``cells`` scored by ``evaluate`` gets the same labels."""
-    return stable_columns([normalise_features(d.features, evaluate_cfg.feature_norm, d.columns)
-                           for d in (source, cells)], evaluate_cfg.max_shift)
+    return kept_columns(source, normalised_features(source, evaluate_cfg.feature_norm),
+                        normalised_features(cells, evaluate_cfg.feature_norm), evaluate_cfg.max_shift)
 
 
 def fit_source(
@@ -182,13 +182,13 @@ def fit_source(
             f"source '{source.name}' has a single class ({', '.join(classes)}) at the {level} level: predict needs a "
             "labelled source with two or more classes (class folders, or a csv layout with a label column)"
         )
-    train_idx, test_idx = stratified_split(labels, evaluate_cfg.split_seed)
+    train_idx, test_idx = stratified_split(source.strata(labels), evaluate_cfg.split_seed)
     if len(test_idx) == 0:
         raise UserError(f"source '{source.name}': no class has two cells, so none can be held out to calibrate on")
-    normalised = normalise_features(source.features, evaluate_cfg.feature_norm, source.columns)
+    normalised = normalised_features(source, evaluate_cfg.feature_norm)
     classified = normalised[:, columns]
     target = (None if cells is None
-              else normalise_features(cells.features, evaluate_cfg.feature_norm, cells.columns)[:, columns])
+              else normalised_features(cells, evaluate_cfg.feature_norm)[:, columns])
     plain = cached_plain_fit({} if plain_fits is None else plain_fits, evaluate_cfg.classifier, seed,
                              normalised[train_idx], labels[train_idx], columns, evaluate_cfg.class_weight,
                              evaluate_cfg.trees)
@@ -309,7 +309,7 @@ def classify(fitted: SourceClassifier, cells: FeatureSet, reconstruction: np.nda
     """Label ``cells``; ``reconstruction`` holds their reconstruction errors, row for row."""
     # evaluate.feature_norm "dataset" standardises a dataset by its own statistics: all of these cells.
     probabilities, predicted = _probabilities(
-        fitted, normalise_features(cells.features, fitted.feature_norm, cells.columns)[:, fitted.columns])
+        fitted, normalised_features(cells, fitted.feature_norm)[:, fitted.columns])
     ranked = np.sort(probabilities, axis=1)
     confidence = ranked[:, -1]
     distance = _distances(fitted, cells.features)

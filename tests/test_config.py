@@ -128,17 +128,17 @@ def test_threads_follow_the_setting_then_omp_num_threads_then_every_core(monkeyp
     explicit runtime.threads still wins."""
     import torch
 
-    from aecfe_cli.cli import _set_threads
+    from aecfe_cli.command_settings import set_threads
 
     before = torch.get_num_threads()
     try:
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        _set_threads(0)
+        set_threads(0)
         assert torch.get_num_threads() == 1
-        _set_threads(2)
+        set_threads(2)
         assert torch.get_num_threads() == 2
         monkeypatch.delenv("OMP_NUM_THREADS")
-        _set_threads(0)
+        set_threads(0)
         assert torch.get_num_threads() == (os.cpu_count() or 1)
     finally:
         torch.set_num_threads(before)
