@@ -58,11 +58,6 @@ def _check_choice(key: str, value, choices: tuple) -> None:
         raise UserError(f"{key} '{value}'{hint}: choose one of {', '.join(map(str, choices))}")
 
 
-def _check_precision(value: str, key: str = "precision") -> None:
-    if value not in PRECISIONS:
-        raise UserError(f"{key}: '{value}' is not one of {', '.join(PRECISIONS)}")
-
-
 @dataclass
 class DetectConfig:
     backbone: str = "resnet18_fpn"  # resnet18_fpn (CPU default) | resnet34_fpn | resnet50_fpn | resnet101_fpn
@@ -115,8 +110,8 @@ class DetectConfig:
     def __post_init__(self):
         if not 0 <= self.max_missing_fraction <= 1:
             raise UserError(f"max_missing_fraction: expected a fraction from 0 to 1, got {self.max_missing_fraction}")
-        _check_precision(self.train_precision, "train_precision")
-        _check_precision(self.precision)
+        _check_choice("train_precision", self.train_precision, PRECISIONS)
+        _check_choice("precision", self.precision, PRECISIONS)
         if self.pretrain_steps < 0 or self.pretrain_batch_size < 2:
             raise UserError(f"pretrain_steps: expected 0 (none) or more, with pretrain_batch_size 2 or more; got "
                             f"{self.pretrain_steps} and {self.pretrain_batch_size}")
@@ -158,7 +153,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bfloat16 where the CPU or GPU has it natively) | fp32 | bf16
 
     def __post_init__(self):
-        _check_precision(self.precision)
+        _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("image_size", self.image_size, IMAGE_SIZES)
         _check_choice("feature_scaling", self.feature_scaling, FEATURE_SCALINGS)
         _check_choice("image_loss", self.image_loss, IMAGE_LOSSES)
