@@ -4,8 +4,9 @@ Reads finished workdirs of ``benchmarks/accuracy.py`` (real suite: datasets ``pb
 detected and extracted) and runs the evaluation stage alone on their stored features, with the default
 evaluate settings and the given classifier seeds: for every lab, each other lab as the source, then both
 other labs pooled. Each target's score depends on its source alone, so one single-source run serves both of
-its targets. Writes ``pooled_sources.json`` and ``pooled_sources.md`` into ``--out``; a workdir that lacks a
-lab's features is skipped with a line saying so.
+its targets. Writes ``pooled_sources.json`` and ``pooled_sources.md`` into ``--out``; draws already there for
+other workdirs or seeds are kept (a rerun replaces its own), so seeds can be added run by run. A workdir that
+lacks a lab's features is skipped with a line saying so.
 
     python benchmarks/pooled_sources.py --workdir RUN0/work --workdir RUN1/work [--classifier-seeds 0] --out docs
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from aecfe_cli.config import EvaluateConfig  # noqa: E402
 from aecfe_cli.evaluate import evaluation_settings, run_evaluation  # noqa: E402
 from aecfe_cli.feature_sets import load_feature_set, pool  # noqa: E402
-from aecfe_cli.io import write_json, write_text  # noqa: E402
+from aecfe_cli.io import read_json, write_json, write_text  # noqa: E402
 from machine import machine_info  # noqa: E402
 
 LABS = ("pbc", "zheng", "bccd")
@@ -47,7 +48,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")  # scikit-learn's per-fit warnings would flood the log
     seeds = [int(seed) for seed in args.classifier_seeds.split(",")]
     settings = evaluation_settings(EvaluateConfig())
-    draws = []
+    out_file = args.out / "pooled_sources.json"
+    draws = read_json(out_file)["draws"] if out_file.is_file() else []
+    measured = 0
     for workdir in args.workdir:
         missing = [lab for lab in LABS if not (workdir / "extract" / lab / "features.npy").is_file()]
         if missing:
@@ -55,16 +58,21 @@ def main() -> None:
             continue
         labs = {lab: load_feature_set(workdir, lab) for lab in LABS}
         for seed in seeds:
-            draws.append(_draw(str(workdir), labs, seed, settings))
-            print(_draw_line(draws[-1]), flush=True)
-    if not draws:
-        print("no finished workdir: nothing measured")
-        return
+            draw = _draw(str(workdir), labs, seed, settings)
+            draws = [d for d in draws if (d["workdir"], d["classifier_seed"]) != (draw["workdir"], seed)] + [draw]
+            draws.sort(key=lambda d: (d["classifier_seed"], d["workdir"]))
+            measured += 1
+            print(_draw_line(draw), flush=True)
+            _write(args.out, draws, settings)  # after every draw: a stopped run keeps what it measured
+    print(f"{measured} draws measured; {args.out / 'pooled_sources.md'} holds {len(draws)}" if measured
+          else "no finished workdir: nothing measured")
+
+
+def _write(out: Path, draws: list[dict], settings: dict) -> None:
     result = {"machine": machine_info(), "settings": settings, "draws": draws, "summary": _summary(draws)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "pooled_sources.json", result)
-    write_text(args.out / "pooled_sources.md", _markdown(result))
-    print(f"wrote {args.out / 'pooled_sources.md'}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "pooled_sources.json", result)
+    write_text(out / "pooled_sources.md", _markdown(result))
 
 
 def _draw(workdir: str, labs: dict, seed: int, settings: dict) -> dict:
