@@ -206,13 +206,17 @@ def check_sources(sources: Sequence[Dataset], others: Sequence[Dataset], flag: s
     """Fail when a dataset is named twice as a source, or is both a source and one of ``others`` (the
     datasets given with ``flag``): a source's held-out cells are scored in-domain already."""
     names = [source.name for source in sources]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise UserError(f"--source {', '.join(repeated)} given more than once")
+    _check_unique(names, "--source")
     for other in others:
         if other.name in names:
-            raise UserError(f"{flag} {other.name} is the source: its held-out cells are scored in-domain by "
-                            "`aecfe evaluate`; name other datasets")
+            raise UserError(f"{flag} {other.name} is the source: its held-out 20 % is scored in-domain already; "
+                            "name other datasets")
+
+
+def _check_unique(names: Sequence[str], flag: str) -> None:
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserError(f"{flag} {', '.join(repeated)} given more than once")
 
 
 def check_classes(session: Session, sources: Sequence[Dataset], targets: Sequence[Dataset]) -> None:
@@ -358,10 +362,7 @@ def check_predictions(session: Session, sources: Sequence[Dataset], datasets: Se
     from . import predict
 
     check_sources(sources, datasets, "--data")
-    names = [d.name for d in datasets]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise UserError(f"--data {', '.join(repeated)} given more than once")
+    _check_unique([d.name for d in datasets], "--data")
     predict.check_settings(session.config.predict, session.config.evaluate)
     predict.chosen_source_cells(pooled_name([s.name for s in sources]),
                                 [r.label for s in sources for r in s.records], session.config.evaluate)
