@@ -13,7 +13,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from .errors import UserError, did_you_mean
+from .errors import UserError, check_choice, did_you_mean
 from .feature_sets import FeatureSet, morphology_columns, size_columns
 
 CLASSIFIERS = ("random_forest", "logistic_regression", "knn", "linear_svm")
@@ -223,12 +223,6 @@ def check_classifier_settings(
     check_self_training(self_training)
     check_choice("evaluate.self_training_agreement", self_training_agreement, SELF_TRAINING_AGREEMENTS)
     check_choice("evaluate.self_training_sizes", self_training_sizes, SELF_TRAINING_SIZES)
-
-
-def check_choice(key: str, value: str, choices: Sequence[str]) -> None:
-    """Fail with a did-you-mean hint unless ``value`` is one of ``choices`` for the setting ``key``."""
-    if value not in choices:
-        raise UserError(f"{key} '{value}'{did_you_mean(value, choices)}: choose one of {', '.join(choices)}")
 
 
 def check_self_training(rounds: int) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import UserError, did_you_mean
+from .errors import UserError, check_choice
 
 
 @dataclass
@@ -50,12 +50,6 @@ IMAGE_LOSSES = ("ssim", "ssim_l1")
 ALIGNMENTS = ("paper", "normalised")
 REJECT_BY = ("accuracy", "coverage", "none")
 PREDICT_FORMATS = ("csv", "geojson")
-
-
-def _check_choice(key: str, value, choices: tuple) -> None:
-    if value not in choices:
-        hint = did_you_mean(value, choices) if isinstance(value, str) else ""  # 48 is no misspelt 64
-        raise UserError(f"{key} '{value}'{hint}: choose one of {', '.join(map(str, choices))}")
 
 
 @dataclass
@@ -110,16 +104,16 @@ class DetectConfig:
     def __post_init__(self):
         if not 0 <= self.max_missing_fraction <= 1:
             raise UserError(f"max_missing_fraction: expected a fraction from 0 to 1, got {self.max_missing_fraction}")
-        _check_choice("train_precision", self.train_precision, PRECISIONS)
-        _check_choice("precision", self.precision, PRECISIONS)
+        check_choice("train_precision", self.train_precision, PRECISIONS)
+        check_choice("precision", self.precision, PRECISIONS)
         if self.pretrain_steps < 0 or self.pretrain_batch_size < 2:
             raise UserError(f"pretrain_steps: expected 0 (none) or more, with pretrain_batch_size 2 or more; got "
                             f"{self.pretrain_steps} and {self.pretrain_batch_size}")
         if self.views < 0:
             raise UserError(f"views: expected 0 (none) or a number of augmented views per cell, got {self.views}")
-        _check_choice("crop_shape", self.crop_shape, CROP_SHAPES)
-        _check_choice("backbone", self.backbone, BACKBONES)
-        _check_choice("stain_norm", self.stain_norm, STAIN_NORMS)
+        check_choice("crop_shape", self.crop_shape, CROP_SHAPES)
+        check_choice("backbone", self.backbone, BACKBONES)
+        check_choice("stain_norm", self.stain_norm, STAIN_NORMS)
         if not 32 <= self.min_size <= self.max_size:
             raise UserError(f"min_size: the detector's input size needs 32 <= min_size <= max_size, got "
                             f"{self.min_size} and {self.max_size}")
@@ -153,11 +147,11 @@ class TrainConfig:
     precision: str = "auto"  # auto (bfloat16 where the CPU or GPU has it natively) | fp32 | bf16
 
     def __post_init__(self):
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("image_size", self.image_size, IMAGE_SIZES)
-        _check_choice("feature_scaling", self.feature_scaling, FEATURE_SCALINGS)
-        _check_choice("image_loss", self.image_loss, IMAGE_LOSSES)
-        _check_choice("alignment", self.alignment, ALIGNMENTS)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("image_size", self.image_size, IMAGE_SIZES)
+        check_choice("feature_scaling", self.feature_scaling, FEATURE_SCALINGS)
+        check_choice("image_loss", self.image_loss, IMAGE_LOSSES)
+        check_choice("alignment", self.alignment, ALIGNMENTS)
         if not self.width > 0 or self.latent_dim < 1:
             raise UserError(f"width: expected a positive width and a latent_dim of 1 or more, got {self.width} "
                             f"and {self.latent_dim}")
@@ -249,8 +243,8 @@ class PredictConfig:
     format: str = "csv"  # csv | geojson (also one GeoJSON per image, for QuPath)
 
     def __post_init__(self):
-        _check_choice("reject_by", self.reject_by, REJECT_BY)
-        _check_choice("format", self.format, PREDICT_FORMATS)
+        check_choice("reject_by", self.reject_by, REJECT_BY)
+        check_choice("format", self.format, PREDICT_FORMATS)
         for key in ("reject_target", "shift_quantile", "shift_warn_fraction"):
             if not 0 < getattr(self, key) <= 1:
                 raise UserError(f"{key} is {getattr(self, key)}: use a fraction in (0, 1], e.g. 0.9")

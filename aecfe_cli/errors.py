@@ -18,3 +18,11 @@ def did_you_mean(name: str, choices) -> str:
 
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.4)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_choice(key: str, value, choices) -> None:
+    """Fail with one line naming the setting ``key`` unless ``value`` is one of ``choices``, with a did-you-mean
+    hint for a misspelt name (a number has none: 48 is no misspelt 64)."""
+    if value not in choices:
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise UserError(f"{key} '{value}'{hint}: choose one of {', '.join(map(str, choices))}")
