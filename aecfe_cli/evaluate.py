@@ -350,15 +350,16 @@ def _baseline_methods(
     lacking = [dataset.name for dataset in (source, *targets) if dataset.crops is None]
     if lacking:
         return [], f"skipped: no crops.npy for {', '.join(lacking)} (run `aecfe detect --data NAME`)"
+    # Stain normalisation maps every dataset, the source included, onto the source's colour statistics: a
+    # pooled source's first dataset's, onto which its other datasets are mapped too.
+    first = source.dataset_rows()[0]
+    source_statistics = lab_statistics(source.crops[first])
     methods = []
     for kind in BASELINES:
-        # Stain normalisation maps every dataset, the source included, onto the source's colour statistics:
-        # a pooled source's first dataset's, onto which its other datasets are mapped too.
-        parts = source.dataset_rows()
-        reference = lab_statistics(source.crops[parts[0]]) if kind == "stain_normalized_histogram" else None
+        reference = source_statistics if kind == "stain_normalized_histogram" else None
 
         def describe(rows: np.ndarray) -> np.ndarray:
-            own = reference if np.array_equal(rows, parts[0]) else None  # None: computed from the rows' crops
+            own = reference if np.array_equal(rows, first) else None  # None: computed from the rows' crops
             return baseline_features(source.crops[rows], kind, reference=reference, statistics=own)
 
         source_descriptors = source.per_dataset(describe)
