@@ -276,7 +276,7 @@ def normalise_features(features: np.ndarray, mode: str, columns: Sequence[str] =
 def normalised_features(cells: FeatureSet, mode: str) -> np.ndarray:
     """:func:`normalise_features` of ``cells``, each dataset they come from read against its own statistics:
     the cells of a source pooled from several labs are normalised lab by lab, as each target is."""
-    return cells.per_dataset(lambda rows: normalise_features(cells.features[rows], mode, cells.columns))
+    return cells.per_dataset(lambda rows: normalise_features(cells.rows_of(cells.features, rows), mode, cells.columns))
 
 
 def kept_columns(source: FeatureSet, source_features: np.ndarray, target_features: np.ndarray,

@@ -353,14 +353,14 @@ def _baseline_methods(
     # Stain normalisation maps every dataset, the source included, onto the source's colour statistics: a
     # pooled source's first dataset's, onto which its other datasets are mapped too.
     first = source.dataset_rows()[0]
-    source_statistics = lab_statistics(source.crops[first])
+    source_statistics = lab_statistics(source.rows_of(source.crops, first))
     methods = []
     for kind in BASELINES:
         reference = source_statistics if kind == "stain_normalized_histogram" else None
 
         def describe(rows: np.ndarray) -> np.ndarray:
             own = reference if np.array_equal(rows, first) else None  # None: computed from the rows' crops
-            return baseline_features(source.crops[rows], kind, reference=reference, statistics=own)
+            return baseline_features(source.rows_of(source.crops, rows), kind, reference=reference, statistics=own)
 
         source_descriptors = source.per_dataset(describe)
         target_descriptors = {

@@ -85,6 +85,12 @@ class FeatureSet:
             return np.asarray(classes).astype(str)
         return np.char.add(np.char.add(self.datasets(), "/"), np.asarray(classes).astype(str))
 
+    @staticmethod
+    def rows_of(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``array[rows]`` for rows of :meth:`dataset_rows`; the array itself when they are all of its rows (the
+        one dataset of a set not pooled), so the crops of a memmap stay on disk rather than copied into memory."""
+        return array if len(rows) == len(array) else array[rows]
+
     def per_dataset(self, describe: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """``describe(rows)`` of each dataset's rows (:meth:`dataset_rows`), assembled in row order: what reads a
         lab against its own statistics (feature and stain normalisation) reads each lab of a pooled source so."""
