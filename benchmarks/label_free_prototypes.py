@@ -22,6 +22,11 @@ harness's, so an idea is compared with the ``none`` row of the same invocation, 
 * ``whitened``: each lab ZCA-whitened with its own mean and (Ledoit-Wolf) covariance; ``both_whitened`` the
   features as extracted and whitened, side by side (``both`` with the correlations removed as well).
 * ``coral``: the source mapped onto the target's mean and covariance (CORAL), the target as extracted.
+* ``ranked``: each column of each lab replaced by its cells' quantile ranks within the lab (quantile
+  normalisation: any monotone distortion a stain or a camera puts on a descriptor is undone, not only an
+  affine one as ``dataset`` undoes); ``both_ranked`` the features as extracted and ranked, side by side, and
+  ``all_ranked`` the default's two copies with the ranked one beside them. Sizes stay ratios to the lab's
+  median cell.
 * ``achromatic``: the morphology's hue columns left out (CIELAB a and b and their spreads, the stain's
   channel shares and their contrasts); lightness, optical density, shape and nuclear structure kept.
 * ``mean:A+B``: the class probabilities of the forests of ideas A and B averaged (a hedge between two
@@ -291,6 +296,14 @@ def normalise(idea: str, source_x: np.ndarray, source_y: np.ndarray, target_x: n
         return source_x, target_x
     if kind in ("dataset", "both"):
         return normalise_features(source_x, kind, names), normalise_features(target_x, kind, names)
+    if kind in ("ranked", "both_ranked", "all_ranked"):
+        sizes = size_columns(names)
+        ranked = [within_lab_ranks(x, sizes) for x in (source_x, target_x)]
+        if kind == "ranked":
+            return tuple(ranked)
+        base = "both" if kind == "all_ranked" else "none"
+        return tuple(np.concatenate([normalise_features(x, base, names), r[:, ~sizes]], axis=1)
+                     for x, r in zip((source_x, target_x), ranked))
     if kind in ("whitened", "both_whitened", "coral"):
         # The sizes as every feature_norm gives them (ratios to the lab's median cell, not standardised);
         # the other columns aligned by their means and covariances.
@@ -528,6 +541,22 @@ def coral(source_x: np.ndarray, target_x: np.ndarray) -> np.ndarray:
     """CORAL (Sun, Feng and Saenko 2016): the source whitened, then coloured with the target's covariance and
     moved to its mean, so a forest trained on it splits where the target's cells lie."""
     return whitened(source_x) @ covariance_power(target_x, 0.5) + target_x.mean(axis=0)
+
+
+def within_lab_ranks(x: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Each column's quantile ranks in (0, 1) among the lab's own cells (ties share their mean rank); the
+    ``sizes`` columns as ratios to the lab's median cell instead, as every feature_norm gives them."""
+    order = np.argsort(x, axis=0, kind="stable")
+    ranks = np.empty_like(x, dtype=np.float64)
+    for column in range(x.shape[1]):
+        values = x[order[:, column], column]
+        # mean position of each run of equal values, so a tie does not depend on the cells' order
+        starts = np.r_[0, np.flatnonzero(np.diff(values)) + 1]
+        ends = np.r_[starts[1:], len(values)]
+        positions = np.repeat((starts + ends - 1) / 2.0, ends - starts)
+        ranks[order[:, column], column] = (positions + 0.5) / len(values)
+    ranks[:, sizes] = x[:, sizes] - np.median(x[:, sizes], axis=0)
+    return ranks
 
 
 def standardise(x: np.ndarray, mean: np.ndarray, spread: np.ndarray) -> np.ndarray:
