@@ -109,9 +109,10 @@ def check_same_columns(first: FeatureSet, others: Sequence[FeatureSet]) -> None:
                             f"columns (extract.morphology?): re-run `aecfe extract --force`")
 
 
-def pooled_name(names: Sequence[str]) -> str:
-    """The name of a source pooled from the datasets ``names`` (``pbc+zheng``): its evaluate and predict folders."""
-    return POOL_SEPARATOR.join(names)
+def pooled_name(parts: Sequence) -> str:
+    """The name of a source pooled from ``parts``, datasets or their feature sets (``pbc+zheng``): its evaluate
+    and predict folders."""
+    return POOL_SEPARATOR.join(part.name for part in parts)
 
 
 def pool(sets: Sequence[FeatureSet]) -> FeatureSet:
@@ -123,7 +124,7 @@ def pool(sets: Sequence[FeatureSet]) -> FeatureSet:
     check_same_columns(sets[0], sets[1:])
     crops = None if any(s.crops is None for s in sets) else np.concatenate([np.asarray(s.crops) for s in sets])
     return FeatureSet(
-        name=pooled_name([s.name for s in sets]),
+        name=pooled_name(sets),
         features=np.concatenate([s.features for s in sets]),
         instance_ids=np.concatenate([np.char.add(f"{s.name}/", s.instance_ids) for s in sets]),
         images=np.concatenate([s.images for s in sets]),

@@ -225,7 +225,7 @@ def check_classes(session: Session, sources: Sequence[Dataset], targets: Sequenc
     from . import evaluate
 
     check_sources(sources, targets, "--target")
-    evaluate.compare_classes(pooled_name([s.name for s in sources]), [r.label for s in sources for r in s.records],
+    evaluate.compare_classes(pooled_name(sources), [r.label for s in sources for r in s.records],
                              {t.name: [r.label for r in t.records] for t in targets}, session.config.evaluate.labels,
                              session.config.evaluate.classes)
 
@@ -243,7 +243,7 @@ def ensure_report(session: Session, sources: Sequence[Dataset], targets: Sequenc
     model = current_model(session, [*sources, *targets])
     manifests = {d.name: ensure_features(session, d, model) for d in [*sources, *targets]}
     inputs = _evaluation_inputs(session.workdir, list(manifests))
-    name = pooled_name([s.name for s in sources])
+    name = pooled_name(sources)
     folder = session.workdir.evaluate(name)
     expected = evaluation_fingerprint(session, [t.name for t in targets], inputs)
     if state(folder, expected) == "done" and "evaluate" not in session.force:
@@ -364,7 +364,7 @@ def check_predictions(session: Session, sources: Sequence[Dataset], datasets: Se
     check_sources(sources, datasets, "--data")
     _check_unique([d.name for d in datasets], "--data")
     predict.check_settings(session.config.predict, session.config.evaluate)
-    predict.chosen_source_cells(pooled_name([s.name for s in sources]),
+    predict.chosen_source_cells(pooled_name(sources),
                                 [r.label for s in sources for r in s.records], session.config.evaluate)
 
 
@@ -384,7 +384,7 @@ def ensure_predictions(session: Session, sources: Sequence[Dataset], datasets: S
     model = current_model(session, [*sources, *datasets])
     training = list(model[1]["datasets"])
     source_digest = "+".join(output_digest(ensure_features(session, source, model)) for source in sources)
-    source_name = pooled_name([s.name for s in sources])
+    source_name = pooled_name(sources)
     detecting = _detecting_all_cells(session, training, names) if cfg.predict.all_cells else session
     features_manifests = {dataset.name: ensure_features(detecting, dataset, model) for dataset in datasets}
     for dataset in datasets:  # every dataset is checked before any is labelled
