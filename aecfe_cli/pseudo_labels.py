@@ -131,8 +131,7 @@ def segment_cells(image: np.ndarray) -> list[_Candidate]:
         if pieces > 1:
             sizes = ndimage.sum(cell, cell_labels, range(1, pieces + 1))
             cell = cell_labels == int(np.argmax(sizes)) + 1
-        plausible = solidity(cell) >= MIN_SOLIDITY and cell.sum() <= MAX_CELL_TO_NUCLEUS * nucleus.sum()
-        candidates.append(_Candidate(cell, nucleus & cell, plausible))
+        candidates.append(_Candidate(cell, nucleus & cell, plausible_cell(cell, nucleus)))
     return candidates
 
 
@@ -221,6 +220,11 @@ def solid_part(cell: np.ndarray, nucleus: np.ndarray) -> np.ndarray:
         if part_solidity > best_solidity:
             best, best_solidity = part, part_solidity
     return best
+
+
+def plausible_cell(cell: np.ndarray, nucleus: np.ndarray) -> bool:
+    """A whole white cell, as far as its mask can tell: solid, and not many times larger than its nucleus."""
+    return solidity(cell) >= MIN_SOLIDITY and cell.sum() <= MAX_CELL_TO_NUCLEUS * nucleus.sum()
 
 
 def solidity(mask: np.ndarray) -> float:

@@ -6,6 +6,9 @@ times its nucleus), since an unlabelled real cell would teach "background". If i
 dropped more often, the detector sees fewer of them. This counts, per lab and class, the images kept and
 why the others were dropped (the first reason that applies, in this order: no nucleus found, more than
 one candidate of which one is implausible, a candidate not solid, a candidate many times its nucleus).
+The last column counts the dropped images that every candidate cut to its solid part
+(``pseudo_labels.solid_part``, what ``extract.cut_red_cells`` does to the morphology's mask) would make
+plausible: what the detector's training would gain if it cut its pseudo-masks the same way.
 
     python benchmarks/pseudo_mask_tally.py [--scratch /tmp/aecfe-accuracy] [--out docs/pseudo_masks.md]
 
@@ -27,29 +30,33 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from accuracy import DATA, machine_description, prepare_labs  # noqa: E402
 from aecfe_cli.images import UnreadableImage, load_rgb  # noqa: E402
-from aecfe_cli.pseudo_labels import MAX_CELL_TO_NUCLEUS, MIN_SOLIDITY, segment_cells, solidity  # noqa: E402
+from aecfe_cli.pseudo_labels import MAX_CELL_TO_NUCLEUS, MIN_SOLIDITY, plausible_cell, segment_cells, solid_part, solidity  # noqa: E402
 
 OUTCOMES = ("kept", "unreadable", "no nucleus", "several, one implausible", "not solid", "too large")
+RESCUED = "kept if cut to the solid part"
 
 
-def outcome(path: str) -> str:
-    """What ``pseudo_labels.pseudo_samples`` does with one image, and why."""
+def outcome(path: str) -> tuple[str, bool]:
+    """What ``pseudo_labels.pseudo_samples`` does with one image, and why; and whether a dropped image would be
+    kept with every candidate cut to its solid part."""
     try:
         image = load_rgb(Path(path))
     except UnreadableImage:
-        return "unreadable"
+        return "unreadable", False
     candidates = segment_cells(image)
     if not candidates:
-        return "no nucleus"
+        return "no nucleus", False
     if all(c.plausible for c in candidates):
-        return "kept"
+        return "kept", False
+    rescued = all(plausible_cell(solid_part(c.mask, c.nucleus), c.nucleus) for c in candidates)
     if len(candidates) > 1:
-        return "several, one implausible"
+        return "several, one implausible", rescued
     cell = candidates[0]
     if solidity(cell.mask) < MIN_SOLIDITY:
-        return "not solid"
+        return "not solid", rescued
     assert cell.mask.sum() > MAX_CELL_TO_NUCLEUS * cell.nucleus.sum()
-    return "too large"
+    return "too large", rescued
+
 
 
 def main() -> int:
@@ -70,15 +77,19 @@ def main() -> int:
             rows = list(csv.DictReader(handle))
         tally: dict[str, Counter] = defaultdict(Counter)
         for row in rows:
-            tally[row["label"]][outcome(row["path"])] += 1
+            reason, rescued = outcome(row["path"])
+            tally[row["label"]][reason] += 1
+            tally[row["label"]][RESCUED] += rescued
         total = sum(tally.values(), Counter())
         lines += [f"## {name} ({len(rows)} images)", "",
-                  "| class | images | kept | " + " | ".join(OUTCOMES[1:]) + " |",
-                  "|---|---|---|" + "---|" * (len(OUTCOMES) - 1)]
+                  "| class | images | kept | " + " | ".join(OUTCOMES[1:]) + f" | {RESCUED} |",
+                  "|---|---|---|" + "---|" * len(OUTCOMES)]
         for label, counts in sorted(tally.items()) + [("all", total)]:
-            images = sum(counts.values())
+            images = sum(counts[o] for o in OUTCOMES)
+            cut = counts["kept"] + counts[RESCUED]
             lines.append(f"| {label} | {images} | {counts['kept']} ({counts['kept'] / images:.0%}) | "
-                         + " | ".join(str(counts[o]) for o in OUTCOMES[1:]) + " |")
+                         + " | ".join(str(counts[o]) for o in OUTCOMES[1:])
+                         + f" | {counts[RESCUED]} (kept then {cut / images:.0%}) |")
         lines.append("")
         print("\n".join(lines[-len(tally) - 5:]), flush=True)
     temporary = args.out.with_suffix(".md.tmp")

@@ -77,4 +77,22 @@ def test_pseudo_mask_tally_says_why_an_image_is_dropped(tmp_path):
     Image.fromarray(drawn_cell(side=96).transpose(1, 2, 0)).save(cell)
     Image.fromarray(np.full((96, 96, 3), (235, 228, 215), np.uint8)).save(slide)
     broken.write_text("not an image")
-    assert [pseudo_mask_tally.outcome(str(p)) for p in (cell, slide, broken)] == ["kept", "no nucleus", "unreadable"]
+    assert [pseudo_mask_tally.outcome(str(p)) for p in (cell, slide, broken)] == [
+        ("kept", False), ("no nucleus", False), ("unreadable", False)]
+
+
+def test_pseudo_mask_tally_counts_a_cell_that_cutting_off_red_cells_would_keep(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import pseudo_mask_tally
+    from aecfe_cli.pseudo_labels import _Candidate
+
+    rows, cols = np.mgrid[:96, :96]
+    body, nucleus = ((rows - 48) ** 2 + (cols - 48) ** 2 <= r**2 for r in (20, 9))
+    leaked = body | ((rows - 48) ** 2 + (cols - 77) ** 2 <= 11**2)  # flooded into a touching red cell
+    path = tmp_path / "field.png"
+    Image.fromarray(np.full((96, 96, 3), 200, np.uint8)).save(path)
+    speck = (rows - 48) ** 2 + (cols - 48) ** 2 <= 3**2  # the cut body is many times this "nucleus": still no cell
+    for core, expected in ((nucleus, ("not solid", True)), (speck, ("not solid", False))):
+        monkeypatch.setattr(pseudo_mask_tally, "segment_cells", lambda image: [_Candidate(leaked, core, False)])
+        assert pseudo_mask_tally.outcome(str(path)) == expected
