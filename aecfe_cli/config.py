@@ -70,6 +70,11 @@ class DetectConfig:
     all_cells: bool = False  # keep every cell of a smear field instead of the central one
     chunk_images: int = 256  # images per resumable shard written to disk
     train_images: int = 1000  # images (split evenly over the datasets) a label-free detector learns from
+    # A label-free detector's training drops an image when a cell's pseudo-mask is not plausible, mostly one
+    # flooded into touching red cells, and irregular classes most (BCCD's monocytes: 35 % kept;
+    # docs/pseudo_masks.md). True cuts such a mask to its solid part first (pseudo_labels.solid_part, as
+    # extract.cut_red_cells does for the morphology), keeping those images: BCCD 90 % instead of 62 %.
+    pseudo_mask_cut: bool = False
     train_epochs: int = 1  # passes over the training images, unless train_steps asks for more
     # The least number of optimisation steps, whatever the dataset size: a lab with fifty images repeats
     # them as fresh augmented views until the budget is spent (one epoch of 48 images is 12 steps, too few

@@ -33,8 +33,8 @@ INSTANCE_COLUMNS = ("instance_id", "image", "dataset", "label", "x0", "y0", "x1"
 FEATURE_SHAPE = (256, 14, 14)
 VIEWS_FILE = "roi_views.npy"  # (N, detect.views, 256, 14, 14): RoI features of colour-augmented views
 # Keys that decide how the detector is built and trained; the rest only affect detection.
-DETECTOR_KEYS = ("backbone", "min_size", "max_size", "train_images", "train_epochs", "train_steps", "train_batch_size",
-                 "train_lr", "stain_norm", "train_precision", "pretrain_steps", "pretrain_batch_size")
+DETECTOR_KEYS = ("backbone", "min_size", "max_size", "train_images", "pseudo_mask_cut", "train_epochs", "train_steps",
+                 "train_batch_size", "train_lr", "stain_norm", "train_precision", "pretrain_steps", "pretrain_batch_size")
 DETECTION_KEYS = ("score_threshold", "crop_size", "crop_shape", "all_cells", "chunk_images", "stain_norm", "precision", "views")
 # Images a dataset's stain statistics are measured on: evenly spaced over the dataset, so every process
 # of a sharded run measures the same ones; 64 images hold millions of pixels, plenty for 6 numbers.
@@ -97,7 +97,7 @@ def obtain_detector(
             reporter.info(f"detector: making pseudo-masks from {count} images (stain segmentation, no labels)")
             samples = []
             for dataset, paths in zip(datasets, per_dataset):
-                found = pseudo_labels.pseudo_samples(paths)
+                found = pseudo_labels.pseudo_samples(paths, cut=cfg.pseudo_mask_cut)
                 _set_stain(found, stain_statistics([r.path for r in dataset.records], cfg.stain_norm))
                 samples += found
             how = {"how": "pseudo_masks", "trained_on": [d.name for d in datasets], "images": count}

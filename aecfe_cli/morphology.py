@@ -45,7 +45,7 @@ from scipy import ndimage
 
 from . import colour
 from .masks import resize_mask
-from .pseudo_labels import segment_cells, solid_part, solidity
+from .pseudo_labels import segment_cells, solid_candidate, solidity
 
 _SHAPE = ("elongation", "circularity", "solidity", "lobes", "thickness")
 _COLOUR = ("L", "a", "b", "L_spread", "a_spread", "b_spread", "density", "density_red", "density_green",
@@ -132,7 +132,7 @@ def central_cell(crop: np.ndarray, cut_red_cells: bool = False) -> tuple[np.ndar
         return math.hypot(cols.mean() - width / 2, rows.mean() - height / 2)
 
     chosen = min(candidates, key=distance_to_centre)
-    cell = solid_part(chosen.mask, chosen.nucleus) if cut_red_cells and not chosen.plausible else chosen.mask
+    cell = solid_candidate(chosen).mask if cut_red_cells else chosen.mask
     nucleus = chosen.nucleus & cell
     if cell.shape != (height, width):  # segmented at a reduced working size
         return resize_mask(cell, (height, width)), resize_mask(nucleus, (height, width))

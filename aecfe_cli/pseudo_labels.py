@@ -62,17 +62,18 @@ def pseudo_instances(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([mask_box(m) for m in stacked]).astype(np.float32), stacked
 
 
-def pseudo_samples(image_paths: Sequence[Path]) -> list[TrainSample]:
+def pseudo_samples(image_paths: Sequence[Path], cut: bool = False) -> list[TrainSample]:
     """Pseudo-instances of each image as training samples. An image is dropped when no cell is found,
     when any candidate is implausible (an unlabelled real cell would teach "background"), or when it
-    cannot be read."""
+    cannot be read. ``cut``: an implausible candidate is first cut to its solid part (:func:`solid_part`),
+    and the image kept when that part is a plausible cell (``detect.pseudo_mask_cut``)."""
     samples = []
     for path in image_paths:
         try:
             image = load_rgb(Path(path))
         except UnreadableImage:
             continue
-        candidates = segment_cells(image)
+        candidates = [solid_candidate(c) if cut else c for c in segment_cells(image)]
         if not candidates or not all(c.plausible for c in candidates):
             continue
         masks = np.stack([resize_mask(c.mask, image.shape[:2]) for c in candidates])
@@ -81,6 +82,14 @@ def pseudo_samples(image_paths: Sequence[Path]) -> list[TrainSample]:
         boxes = np.stack([mask_box(m) for m in masks]).astype(np.float32)
         samples.append(TrainSample(Path(path), boxes, masks))
     return samples
+
+
+def solid_candidate(candidate: _Candidate) -> _Candidate:
+    """``candidate`` with an implausible mask cut to its solid part (:func:`solid_part`), judged again."""
+    if candidate.plausible:
+        return candidate
+    cell = solid_part(candidate.mask, candidate.nucleus)
+    return _Candidate(cell, candidate.nucleus & cell, plausible_cell(cell, candidate.nucleus))
 
 
 def segment_cells(image: np.ndarray) -> list[_Candidate]:

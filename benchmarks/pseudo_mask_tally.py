@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from accuracy import DATA, machine_description, prepare_labs  # noqa: E402
 from aecfe_cli.images import UnreadableImage, load_rgb  # noqa: E402
-from aecfe_cli.pseudo_labels import MAX_CELL_TO_NUCLEUS, MIN_SOLIDITY, plausible_cell, segment_cells, solid_part, solidity  # noqa: E402
+from aecfe_cli.pseudo_labels import MAX_CELL_TO_NUCLEUS, MIN_SOLIDITY, segment_cells, solid_candidate, solidity  # noqa: E402
 
 OUTCOMES = ("kept", "unreadable", "no nucleus", "several, one implausible", "not solid", "too large")
 RESCUED = "kept if cut to the solid part"
@@ -48,7 +48,7 @@ def outcome(path: str) -> tuple[str, bool]:
         return "no nucleus", False
     if all(c.plausible for c in candidates):
         return "kept", False
-    rescued = all(plausible_cell(solid_part(c.mask, c.nucleus), c.nucleus) for c in candidates)
+    rescued = all(solid_candidate(c).plausible for c in candidates)
     if len(candidates) > 1:
         return "several, one implausible", rescued
     cell = candidates[0]

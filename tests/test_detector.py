@@ -441,6 +441,27 @@ def test_pseudo_samples_keep_images_with_cells_and_drop_empty_ones(tmp_path):
     assert found[0].boxes.shape == (1, 4) and found[0].masks.shape == (1, 160, 160)
 
 
+def test_pseudo_mask_cut_keeps_an_image_whose_cell_flooded_into_a_red_cell(tmp_path, monkeypatch):
+    rows, cols = np.mgrid[:96, :96]
+    body, nucleus = ((rows - 48) ** 2 + (cols - 48) ** 2 <= r**2 for r in (20, 9))
+    red_cells = ((rows - 48) ** 2 + (cols - 77) ** 2 <= 11**2) | ((rows - 20) ** 2 + (cols - 40) ** 2 <= 10**2)
+    leaked = body | red_cells  # the flooding took in two touching red cells
+    Image.fromarray(np.full((96, 96, 3), 200, np.uint8)).save(tmp_path / "field.png")
+    monkeypatch.setattr(pseudo_labels, "segment_cells",
+                        lambda image: [pseudo_labels._Candidate(leaked, nucleus, pseudo_labels.plausible_cell(leaked, nucleus))])
+    assert pseudo_labels.pseudo_samples([tmp_path / "field.png"]) == []  # dropped, as by default
+    (kept,) = pseudo_labels.pseudo_samples([tmp_path / "field.png"], cut=True)
+    assert kept.masks.shape == (1, 96, 96) and mask_iou(kept.masks[0], body) > 0.9
+    assert np.allclose(kept.boxes[0], [28, 28, 69, 69], atol=2)  # the white cell's box, without the red cell
+
+
+def test_pseudo_mask_cut_is_part_of_the_detector_it_trains():
+    from aecfe_cli.config import DetectConfig
+    from aecfe_cli.detect import detector_fingerprint
+
+    assert detector_fingerprint(DetectConfig(pseudo_mask_cut=True), 0) != detector_fingerprint(DetectConfig(), 0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Annotation readers
 
