@@ -56,7 +56,10 @@ def detector_fingerprint(cfg: DetectConfig, seed: int) -> str:
     if cfg.annotations:
         inputs["annotations"] = str(Path(cfg.annotations).resolve())
         inputs["annotation_masks"] = str(cfg.annotation_masks)
-    return fingerprint("detector", _section(cfg, DETECTOR_KEYS), seed, inputs)
+    settings = _section(cfg, DETECTOR_KEYS)
+    if not cfg.pseudo_mask_cut:  # named only when on, so that detectors trained before the key stay current
+        del settings["pseudo_mask_cut"]
+    return fingerprint("detector", settings, seed, inputs)
 
 
 def detections_fingerprint(dataset: Dataset, detector_manifest: dict, cfg: DetectConfig) -> str:

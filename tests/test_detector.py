@@ -455,11 +455,14 @@ def test_pseudo_mask_cut_keeps_an_image_whose_cell_flooded_into_a_red_cell(tmp_p
     assert np.allclose(kept.boxes[0], [28, 28, 69, 69], atol=2)  # the white cell's box, without the red cell
 
 
-def test_pseudo_mask_cut_is_part_of_the_detector_it_trains():
+def test_pseudo_mask_cut_retrains_the_detector_and_leaves_detectors_made_before_it_current():
     from aecfe_cli.config import DetectConfig
-    from aecfe_cli.detect import detector_fingerprint
+    from aecfe_cli.detect import DETECTOR_KEYS, _section, detector_fingerprint
+    from aecfe_cli.workdir import fingerprint
 
     assert detector_fingerprint(DetectConfig(pseudo_mask_cut=True), 0) != detector_fingerprint(DetectConfig(), 0)
+    before_the_key = {k: v for k, v in _section(DetectConfig(), DETECTOR_KEYS).items() if k != "pseudo_mask_cut"}
+    assert detector_fingerprint(DetectConfig(), 0) == fingerprint("detector", before_the_key, 0, {})
 
 
 # ---------------------------------------------------------------------------------------------------
