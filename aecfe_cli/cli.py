@@ -228,10 +228,11 @@ def detect(
             manifest = pipeline.ensure_detections(session, dataset, shard_range, detector_datasets=resolved)
             if manifest:
                 c = manifest["counts"]
-                rows.append((dataset.name, c["images"], c["cells"], c["no_detection"], c["unreadable"],
-                             manifest["timings"].get("images_per_second") or "-"))
+                rows.append((dataset.name, c["images"], c["cells"], c.get("segmented", 0), c["no_detection"],
+                             c["unreadable"], manifest["timings"].get("images_per_second") or "-"))
     if rows:
-        _print_table("detect", ["dataset", "images", "cells", "no detection", "unreadable", "images/s"], rows)
+        _print_table("detect", ["dataset", "images", "cells", "of them segmented", "no detection", "unreadable",
+                                "images/s"], rows)
 
 
 @app.command()

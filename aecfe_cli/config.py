@@ -58,6 +58,11 @@ class DetectConfig:
     min_size: int = 256  # detector input size; the paper works at 900-1024 px
     max_size: int = 256
     score_threshold: float = 0.7  # the paper keeps detections at score >= 0.7
+    # True: an image of a single-cell dataset in which the detector found no cell gets the segmented cell
+    # nearest its centre instead, where the stain segmentation finds a plausible one (cut to its solid part
+    # where it flooded into red cells), with its RoI feature taken at that box; instances.csv's found_by
+    # says "segmentation". False (the paper): the image is listed under no_detection.
+    segment_missed: bool = False
     # Above this share of a dataset's readable images without a detection, detect warns (--strict: fails):
     # a detector that learnt too little from a small dataset otherwise drops most images silently.
     max_missing_fraction: float = 0.05

@@ -29,13 +29,15 @@ from .io import npy_writer, read_json, read_npy, sha256_file, write_csv, write_j
 from .reporting import Reporter
 from .workdir import fingerprint, invalidate, output_digest, read_manifest, state, write_manifest
 
-INSTANCE_COLUMNS = ("instance_id", "image", "dataset", "label", "x0", "y0", "x1", "y1", "score", "mask_area")
+# found_by: "detector", or "segmentation" for a cell detect.segment_missed found where the detector found none.
+INSTANCE_COLUMNS = ("instance_id", "image", "dataset", "label", "x0", "y0", "x1", "y1", "score", "mask_area", "found_by")
 FEATURE_SHAPE = (256, 14, 14)
 VIEWS_FILE = "roi_views.npy"  # (N, detect.views, 256, 14, 14): RoI features of colour-augmented views
 # Keys that decide how the detector is built and trained; the rest only affect detection.
 DETECTOR_KEYS = ("backbone", "min_size", "max_size", "train_images", "pseudo_mask_cut", "train_epochs", "train_steps",
                  "train_batch_size", "train_lr", "stain_norm", "train_precision", "pretrain_steps", "pretrain_batch_size")
-DETECTION_KEYS = ("score_threshold", "crop_size", "crop_shape", "all_cells", "chunk_images", "stain_norm", "precision", "views")
+DETECTION_KEYS = ("score_threshold", "segment_missed", "crop_size", "crop_shape", "all_cells", "chunk_images", "stain_norm",
+                  "precision", "views")
 # Images a dataset's stain statistics are measured on: evenly spaced over the dataset, so every process
 # of a sharded run measures the same ones; 64 images hold millions of pixels, plenty for 6 numbers.
 STAIN_SAMPLE_IMAGES = 64
@@ -56,15 +58,12 @@ def detector_fingerprint(cfg: DetectConfig, seed: int) -> str:
     if cfg.annotations:
         inputs["annotations"] = str(Path(cfg.annotations).resolve())
         inputs["annotation_masks"] = str(cfg.annotation_masks)
-    settings = _section(cfg, DETECTOR_KEYS)
-    if not cfg.pseudo_mask_cut:  # named only when on, so that detectors trained before the key stay current
-        del settings["pseudo_mask_cut"]
-    return fingerprint("detector", settings, seed, inputs)
+    return fingerprint("detector", _section(cfg, DETECTOR_KEYS), seed, inputs, added_later={"pseudo_mask_cut": False})
 
 
 def detections_fingerprint(dataset: Dataset, detector_manifest: dict, cfg: DetectConfig) -> str:
     inputs = {"images": dataset.fingerprint(), "detector": output_digest(detector_manifest)}
-    return fingerprint("detect", _section(cfg, DETECTION_KEYS), None, inputs)
+    return fingerprint("detect", _section(cfg, DETECTION_KEYS), None, inputs, added_later={"segment_missed": False})
 
 
 def obtain_detector(
@@ -298,13 +297,15 @@ def _detect_chunk(dataset, k, model, cfg, stain, autocast_dtype, parts, device, 
                 unreadable.append(str(exc))
         results = net.detect(model, images, device, score_threshold=cfg.score_threshold, central_only=not cfg.all_cells,
                              autocast_dtype=autocast_dtype) if images else []
+        if cfg.segment_missed and not cfg.all_cells:
+            results = _segment_missed(model, images, results, autocast_dtype, device)
         for record, image, kept in zip(batch, images, results):
             if not kept:
                 missed.append(record.rel)
             for index, det in enumerate(kept):
                 x0, y0, x1, y1 = (round(float(v), 1) for v in det.box)
                 rows.append([f"{dataset.name}/{record.rel}#{index}", record.rel, dataset.name, record.label,
-                             x0, y0, x1, y1, round(float(det.score), 4), int(det.mask.sum())])
+                             x0, y0, x1, y1, round(float(det.score), 4), int(det.mask.sum()), det.found_by])
                 features.append(det.roi_feature.astype(np.float16))
                 crops.append(net.crop_cell(image, det.box, size=cfg.crop_size, shape=cfg.crop_shape))
         if cfg.views:
@@ -318,6 +319,26 @@ def _detect_chunk(dataset, k, model, cfg, stain, autocast_dtype, parts, device, 
               np.stack(crops) if crops else np.zeros((0, 3, cfg.crop_size, cfg.crop_size), np.uint8))
     # The JSON goes last: a chunk with its JSON present is complete.
     write_json(parts / f"part_{k:05d}.json", {"rows": rows, "unreadable": unreadable, "no_detection": missed})
+
+
+def _segment_missed(model, images: list[np.ndarray], results: list, autocast_dtype, device) -> list:
+    """``results`` with each image the detector found no cell in given the segmented cell nearest its
+    centre, where that one is plausible (``pseudo_labels.central_instance``): its box and mask, score 0,
+    and the RoI feature taken at its box from the same network, as for any detection. The label-free
+    detector misses the cells its pseudo-masks taught it least (BCCD's neutrophils and monocytes), which
+    the segmentation, cut to the cell's solid part, still finds."""
+    found = {i: pseudo_labels.central_instance(images[i]) for i, kept in enumerate(results) if not kept}
+    found = {i: instance for i, instance in found.items() if instance is not None}
+    if not found:
+        return results
+    order = sorted(found)
+    features = net.roi_features_at(model, [images[i] for i in order], [found[i][0][None] for i in order], device,
+                                   autocast_dtype)
+    results = list(results)
+    for i, feature in zip(order, features):
+        box, mask = found[i]
+        results[i] = [net.Detection(box, 0.0, mask, feature, found_by="segmentation")]
+    return results
 
 
 def _view_features(model, rels: list[str], images: list[np.ndarray], results: list, count: int, autocast_dtype,
@@ -360,7 +381,9 @@ def _merge(dataset, parts, folder, expected, cfg, stain, autocast_dtype, device,
     write_csv(folder / "instances.csv", INSTANCE_COLUMNS, [row for m in metas for row in m["rows"]])
     unreadable = [u for m in metas for u in m["unreadable"]]
     missed = [u for m in metas for u in m["no_detection"]]
-    counts = {"images": len(dataset.records), "cells": total, "no_detection": len(missed), "unreadable": len(unreadable)}
+    segmented = sum(row[-1] == "segmentation" for m in metas for row in m["rows"])
+    counts = {"images": len(dataset.records), "cells": total, "segmented": segmented, "no_detection": len(missed),
+              "unreadable": len(unreadable)}
     warning = coverage_warning(dataset.name, counts, cfg.max_missing_fraction, folder)
     manifest = write_manifest(
         folder,

@@ -350,6 +350,7 @@ class Detection:
     score: float
     mask: np.ndarray  # (H, W) bool at the original image size
     roi_feature: np.ndarray  # (256, 14, 14) float32: mask-branch RoIAlign of FPN P2-P5 on the final box
+    found_by: str = "detector"  # or "segmentation": a stand-in for a missed cell (detect.segment_missed)
 
 
 def detect(model, images: Sequence[np.ndarray], device, score_threshold: float = 0.5,

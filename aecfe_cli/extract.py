@@ -35,10 +35,10 @@ def _inputs(detect_manifest: dict, train_manifest: dict) -> dict[str, str]:
 def extraction_fingerprint(detect_manifest: dict, train_manifest: dict, cfg: ExtractConfig) -> str:
     # The batch size changes speed, not values, so it does not make features stale; a new version of the
     # morphology descriptors does.
-    settings = {"morphology": morphology.VERSION if cfg.morphology else False}
-    if cfg.morphology and cfg.cut_red_cells:  # named only when on, so that features made without it stay current
-        settings["cut_red_cells"] = True
-    return fingerprint("extract", settings, None, _inputs(detect_manifest, train_manifest))
+    settings = {"morphology": morphology.VERSION if cfg.morphology else False,
+                "cut_red_cells": cfg.morphology and cfg.cut_red_cells}
+    return fingerprint("extract", settings, None, _inputs(detect_manifest, train_manifest),
+                       added_later={"cut_red_cells": False})
 
 
 def run_extraction(

@@ -45,7 +45,7 @@ from scipy import ndimage
 
 from . import colour
 from .masks import resize_mask
-from .pseudo_labels import segment_cells, solid_candidate, solidity
+from .pseudo_labels import central_candidate, segment_cells, solid_candidate, solidity
 
 _SHAPE = ("elongation", "circularity", "solidity", "lobes", "thickness")
 _COLOUR = ("L", "a", "b", "L_spread", "a_spread", "b_spread", "density", "density_red", "density_green",
@@ -123,15 +123,9 @@ def central_cell(crop: np.ndarray, cut_red_cells: bool = False) -> tuple[np.ndar
     whole crop (with no nucleus) when the segmentation finds none. With ``cut_red_cells`` a cell that is not
     plausible (mostly flooded into touching red cells) is cut to its solid part (``pseudo_labels.solid_part``)."""
     height, width = crop.shape[:2]
-    candidates = segment_cells(crop)
-    if not candidates:
+    chosen = central_candidate(segment_cells(crop))
+    if chosen is None:
         return np.ones((height, width), bool), np.zeros((height, width), bool)
-
-    def distance_to_centre(candidate) -> float:
-        rows, cols = np.nonzero(candidate.mask)
-        return math.hypot(cols.mean() - width / 2, rows.mean() - height / 2)
-
-    chosen = min(candidates, key=distance_to_centre)
     cell = solid_candidate(chosen).mask if cut_red_cells else chosen.mask
     nucleus = chosen.nucleus & cell
     if cell.shape != (height, width):  # segmented at a reduced working size

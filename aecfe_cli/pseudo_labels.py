@@ -1,7 +1,8 @@
 """Label-free training data for the detector: a classical stain segmentation of white cells.
 
 ``pseudo_instances`` and ``pseudo_samples`` turn unlabelled single-cell images into training masks;
-``mask_from_box`` gives a whole-cell mask to a box-only annotation.
+``central_instance`` stands in for a detection the detector missed; ``mask_from_box`` gives a whole-cell
+mask to a box-only annotation.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -90,6 +91,31 @@ def solid_candidate(candidate: _Candidate) -> _Candidate:
         return candidate
     cell = solid_part(candidate.mask, candidate.nucleus)
     return _Candidate(cell, candidate.nucleus & cell, plausible_cell(cell, candidate.nucleus))
+
+
+def central_candidate(candidates: Sequence[_Candidate]) -> Optional[_Candidate]:
+    """The candidate whose mask's centroid lies nearest the centre of the (working-resolution) image; None
+    when there is none. Single-cell datasets hold one white cell, centred by the acquisition system."""
+    def distance_to_centre(candidate: _Candidate) -> float:
+        rows, cols = np.nonzero(candidate.mask)
+        height, width = candidate.mask.shape
+        return math.hypot(cols.mean() - width / 2, rows.mean() - height / 2) if len(rows) else math.inf
+
+    return min(candidates, key=distance_to_centre, default=None)
+
+
+def central_instance(image: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """``(box (4,) float32, mask (H, W) bool)`` at the image's size of the segmented cell nearest its
+    centre, cut to its solid part where it flooded into red cells (:func:`solid_candidate`); None when that
+    cell is not plausible. What ``detect.segment_missed`` gives an image the detector found no cell in."""
+    chosen = central_candidate(segment_cells(image))
+    if chosen is None:
+        return None
+    chosen = solid_candidate(chosen)
+    mask = resize_mask(chosen.mask, image.shape[:2])
+    if not chosen.plausible or not mask.any():
+        return None
+    return mask_box(mask).astype(np.float32), mask
 
 
 def segment_cells(image: np.ndarray) -> list[_Candidate]:

@@ -118,7 +118,13 @@ class Workdir:
 _MADE_WITH: dict[str, dict] = {}
 
 
-def fingerprint(stage: str, config: dict, seed: Optional[int], inputs: dict[str, str]) -> str:
+def fingerprint(stage: str, config: dict, seed: Optional[int], inputs: dict[str, str],
+                added_later: Optional[dict] = None) -> str:
+    """Digest of what a stage's output was made from. ``added_later`` maps settings added after workdirs
+    already held this stage to the value those workdirs were made with: while a setting holds that value
+    it is left out, so the earlier outputs stay current; any other value names it and makes them stale."""
+    config = {key: value for key, value in config.items()
+              if not (added_later and key in added_later and value == added_later[key])}
     payload = json.dumps(
         {"stage": stage, "version": __version__, "config": config, "seed": seed, "inputs": inputs},
         sort_keys=True,

@@ -104,6 +104,8 @@ LEVERS: dict[str, dict] = {
     # for its training instead of dropped, so it sees BCCD's neutrophils and monocytes as often as the rest
     # (docs/pseudo_masks.md), the cells BCCD's detectors miss most (accuracy notes, status of 2026-12-07).
     "cut_pseudo_masks": {"detect": {"pseudo_mask_cut": True}},
+    # The segmented central cell for an image the detector found none in (BCCD's neutrophils and monocytes).
+    "segment_missed": {"detect": {"segment_missed": True}},
     # The two speed settings of the default, each taken back alone: what does the time budget cost?
     "no_bottleneck": {"train": {"image_bottleneck": 0}},
     "fp32": {"train": {"precision": "fp32"}},

@@ -1,7 +1,10 @@
-"""A detector that finds few cells is said, not silent: a warning after detection, an error with --strict."""
+"""A detector that finds few cells is said, not silent: a warning after detection, an error with --strict;
+detect.segment_missed gives the images it missed their segmented central cell."""
 
+import csv
 import json
 
+import numpy as np
 import pytest
 
 from aecfe_cli.config import config_from_dict
@@ -51,3 +54,32 @@ def test_poor_coverage_warns_goes_into_the_manifest_and_strict_fails(tiny_projec
     assert strict.returncode == 1 and "Traceback" not in strict.stderr
     errors = [line for line in strict.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "no cell found" in errors[0] and "--strict" in errors[0]
+
+
+@pytest.mark.slow
+def test_segment_missed_gives_the_images_the_detector_missed_their_central_cell(tiny_project):
+    # A detector trained for 2 steps keeps almost nothing at the usual score threshold.
+    config = tiny_project / "aecfe.yaml"
+    config.write_text(config.read_text().replace("score_threshold: 0.0", "score_threshold: 0.7"))
+    assert run_cli("detect", "--data", "lab_a", cwd=tiny_project).returncode == 0
+    work = tiny_project / "aecfe-work"
+    detector = json.loads((work / "detector" / "manifest.json").read_text())
+    before = json.loads((work / "detect" / "lab_a" / "manifest.json").read_text())["counts"]
+    config.write_text(config.read_text().replace("score_threshold: 0.7", "score_threshold: 0.7\n  segment_missed: true"))
+    result = run_cli("detect", "--data", "lab_a", cwd=tiny_project)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((work / "detector" / "manifest.json").read_text()) == detector  # detections alone are redone
+    manifest = json.loads((work / "detect" / "lab_a" / "manifest.json").read_text())
+    counts = manifest["counts"]
+    with open(work / "detect" / "lab_a" / "instances.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    segmented = [row for row in rows if row["found_by"] == "segmentation"]
+    # Synthetic cells are plain to segment: nearly every missed image gets its cell; the detector's own stay.
+    assert counts["segmented"] == len(segmented) >= 0.8 * before["no_detection"] > 0
+    assert counts["no_detection"] == before["no_detection"] - len(segmented)
+    assert counts["cells"] == len(rows) == before["cells"] + len(segmented)
+    assert len(np.load(work / "detect" / "lab_a" / "roi_features.npy", mmap_mode="r")) == len(rows)
+    for row in segmented:  # the synthetic cell sits at the centre of its 64-px image
+        x0, y0, x1, y1 = (float(row[k]) for k in ("x0", "y0", "x1", "y1"))
+        assert x0 < 32 < x1 and y0 < 32 < y1 and 10 < x1 - x0 < 60 and float(row["score"]) == 0.0
+    assert "of them segmented" in result.stdout

@@ -455,14 +455,49 @@ def test_pseudo_mask_cut_keeps_an_image_whose_cell_flooded_into_a_red_cell(tmp_p
     assert np.allclose(kept.boxes[0], [28, 28, 69, 69], atol=2)  # the white cell's box, without the red cell
 
 
-def test_pseudo_mask_cut_retrains_the_detector_and_leaves_detectors_made_before_it_current():
-    from aecfe_cli.config import DetectConfig
-    from aecfe_cli.detect import DETECTOR_KEYS, _section, detector_fingerprint
-    from aecfe_cli.workdir import fingerprint
+def test_central_instance_stands_in_with_the_central_cell_cut_off_the_red_cells_it_flooded_into(monkeypatch):
+    rows, cols = np.mgrid[:96, :96]
+    body, nucleus = ((rows - 48) ** 2 + (cols - 48) ** 2 <= r**2 for r in (20, 9))
+    red_cells = ((rows - 48) ** 2 + (cols - 77) ** 2 <= 11**2) | ((rows - 20) ** 2 + (cols - 40) ** 2 <= 10**2)
+    leaked = body | red_cells  # the flooding took in two touching red cells
+    corner, corner_nucleus = ((rows - 84) ** 2 + (cols - 10) ** 2 <= r**2 for r in (9, 5))
+    image = np.full((96, 96, 3), 200, np.uint8)
+    candidates = [pseudo_labels._Candidate(corner, corner_nucleus, True),
+                  pseudo_labels._Candidate(leaked, nucleus, pseudo_labels.plausible_cell(leaked, nucleus))]
+    monkeypatch.setattr(pseudo_labels, "segment_cells", lambda image: candidates)
+    box, mask = pseudo_labels.central_instance(image)
+    assert mask.shape == (96, 96) and mask_iou(mask, body) > 0.9
+    assert np.allclose(box, [28, 28, 69, 69], atol=2)  # the central white cell's box, without the red cell
+    # A central "cell" that stays implausible (far larger than its nucleus) stands in for nothing.
+    candidates[1] = pseudo_labels._Candidate(body, (rows - 48) ** 2 + (cols - 48) ** 2 <= 3**2, False)
+    assert pseudo_labels.central_instance(image) is None
+    monkeypatch.setattr(pseudo_labels, "segment_cells", lambda image: [])
+    assert pseudo_labels.central_instance(image) is None
 
+
+def test_settings_added_later_leave_what_was_made_before_them_current():
+    from aecfe_cli.config import DetectConfig, ExtractConfig
+    from aecfe_cli.datasets import Dataset
+    from aecfe_cli.detect import DETECTION_KEYS, DETECTOR_KEYS, _section, detections_fingerprint, detector_fingerprint
+    from aecfe_cli.extract import extraction_fingerprint
+    from aecfe_cli.workdir import fingerprint, output_digest
+
+    def without(section: dict, key: str) -> dict:
+        return {k: v for k, v in section.items() if k != key}
+
+    # Each later setting, at the value earlier outputs were made with, is left out; any other value names it.
     assert detector_fingerprint(DetectConfig(pseudo_mask_cut=True), 0) != detector_fingerprint(DetectConfig(), 0)
-    before_the_key = {k: v for k, v in _section(DetectConfig(), DETECTOR_KEYS).items() if k != "pseudo_mask_cut"}
-    assert detector_fingerprint(DetectConfig(), 0) == fingerprint("detector", before_the_key, 0, {})
+    assert detector_fingerprint(DetectConfig(), 0) == fingerprint(
+        "detector", without(_section(DetectConfig(), DETECTOR_KEYS), "pseudo_mask_cut"), 0, {})
+    dataset = Dataset(name="lab", layout="folder", root=Path("."), records=[])
+    made_by = {"outputs": {"model.pt": {"sha256": "0"}}}
+    assert (detections_fingerprint(dataset, made_by, DetectConfig(segment_missed=True))
+            != detections_fingerprint(dataset, made_by, DetectConfig()))
+    assert detections_fingerprint(dataset, made_by, DetectConfig()) == fingerprint(
+        "detect", without(_section(DetectConfig(), DETECTION_KEYS), "segment_missed"), None,
+        {"images": dataset.fingerprint(), "detector": output_digest(made_by)})
+    assert (extraction_fingerprint(made_by, made_by, ExtractConfig(cut_red_cells=True))
+            != extraction_fingerprint(made_by, made_by, ExtractConfig()))
 
 
 # ---------------------------------------------------------------------------------------------------
