@@ -126,8 +126,9 @@ def central_cell(crop: np.ndarray, cut_red_cells: bool = False) -> tuple[np.ndar
     chosen = central_candidate(segment_cells(crop))
     if chosen is None:
         return np.ones((height, width), bool), np.zeros((height, width), bool)
-    cell = solid_candidate(chosen).mask if cut_red_cells else chosen.mask
-    nucleus = chosen.nucleus & cell
+    if cut_red_cells:
+        chosen = solid_candidate(chosen)
+    cell, nucleus = chosen.mask, chosen.nucleus  # a candidate's nucleus lies within its cell
     if cell.shape != (height, width):  # segmented at a reduced working size
         return resize_mask(cell, (height, width)), resize_mask(nucleus, (height, width))
     return cell, nucleus
