@@ -343,10 +343,11 @@ def load_boxes(detect_dir: Path, cells: FeatureSet) -> list[dict]:
 
 def write_predictions(path: Path, fitted: SourceClassifier, cells: FeatureSet, boxes: list[dict],
                       predictions: CellPredictions) -> None:
-    """predictions.csv: ids, box, label as given, prediction, confidence, margin, probabilities, reject, shift."""
+    """predictions.csv: ids, box, label as given, prediction, confidence, margin, probabilities, reject, shift,
+    and whether the detector or the segmentation found the cell (detect.segment_missed)."""
     header = ["instance_id", "image", "dataset", "label", *BOX_COLUMNS, "detection_score", "predicted_class",
               "confidence", "margin", *(f"prob_{cls}" for cls in fitted.classes), "rejected", "shift_distance",
-              "reconstruction_error", "beyond_training"]
+              "reconstruction_error", "beyond_training", "found_by"]
 
     def rows():
         for i, box in enumerate(boxes):
@@ -355,7 +356,7 @@ def write_predictions(path: Path, fitted: SourceClassifier, cells: FeatureSet, b
                    f"{predictions.confidence[i]:.4f}", f"{predictions.margin[i]:.4f}",
                    *(f"{p:.4f}" for p in predictions.probabilities[i]), bool(predictions.rejected[i]),
                    f"{predictions.distance[i]:.4f}", f"{predictions.reconstruction[i]:.6f}",
-                   bool(predictions.beyond[i])]
+                   bool(predictions.beyond[i]), box.get("found_by", "detector")]  # detections made before the column
 
     write_csv(path, header, rows())
 

@@ -27,7 +27,9 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _boxes(cells: FeatureSet) -> list[dict]:
-    return [{"x0": "1.0", "y0": "2.0", "x1": "11.0", "y1": "12.0", "score": "0.9"} for _ in cells.instance_ids]
+    """Detector boxes, every tenth the segmentation's stand-in for a missed cell (detect.segment_missed)."""
+    return [{"x0": "1.0", "y0": "2.0", "x1": "11.0", "y1": "12.0", "score": "0.0" if i % 10 == 0 else "0.9",
+             "found_by": "segmentation" if i % 10 == 0 else "detector"} for i in range(len(cells.instance_ids))]
 
 
 def _errors(cells: FeatureSet, level: float = 1.0) -> np.ndarray:
@@ -151,6 +153,7 @@ def test_run_prediction_writes_the_table_the_counts_the_montages_and_the_summary
         beyond = (float(row["shift_distance"]) > summary["shift"]["distance"]["threshold"]
                   or float(row["reconstruction_error"]) > summary["shift"]["reconstruction"]["threshold"])
         assert row["beyond_training"] == str(beyond)
+    assert [row["found_by"] for row in rows] == [b["found_by"] for b in _boxes(cells)]
 
     counts = _rows(tmp_path / "counts.csv")
     dataset_row = counts[-1]
