@@ -61,7 +61,8 @@ class DetectConfig:
     # True: an image of a single-cell dataset in which the detector found no cell gets the segmented cell
     # nearest its centre instead, where the stain segmentation finds a plausible one (cut to its solid part
     # where it flooded into red cells), with its RoI feature taken at that box; instances.csv's found_by
-    # says "segmentation". False (the paper): the image is listed under no_detection.
+    # says "segmentation". False (the paper): the image is listed under no_detection. Smear fields
+    # (all_cells) have no central cell to stand in, so there it does nothing.
     segment_missed: bool = False
     # Above this share of a dataset's readable images without a detection, detect warns (--strict: fails):
     # a detector that learnt too little from a small dataset otherwise drops most images silently.

@@ -378,10 +378,12 @@ def _merge(dataset, parts, folder, expected, cfg, stain, autocast_dtype, device,
         outputs.append(VIEWS_FILE)
     else:  # a rerun without views must not leave an earlier run's views beside new features
         (folder / VIEWS_FILE).unlink(missing_ok=True)
-    write_csv(folder / "instances.csv", INSTANCE_COLUMNS, [row for m in metas for row in m["rows"]])
+    # Chunks written before found_by existed (a run resumed across the upgrade) were all the detector's.
+    rows = [row + ["detector"] * (len(INSTANCE_COLUMNS) - len(row)) for m in metas for row in m["rows"]]
+    write_csv(folder / "instances.csv", INSTANCE_COLUMNS, rows)
     unreadable = [u for m in metas for u in m["unreadable"]]
     missed = [u for m in metas for u in m["no_detection"]]
-    segmented = sum(row[-1] == "segmentation" for m in metas for row in m["rows"])
+    segmented = sum(row[-1] == "segmentation" for row in rows)
     counts = {"images": len(dataset.records), "cells": total, "segmented": segmented, "no_detection": len(missed),
               "unreadable": len(unreadable)}
     warning = coverage_warning(dataset.name, counts, cfg.max_missing_fraction, folder)
