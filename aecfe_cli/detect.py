@@ -368,7 +368,9 @@ def _merge(dataset, parts, folder, expected, cfg, stain, autocast_dtype, device,
     metas = [read_json(p) for p in sorted(parts.glob("part_*.json"))]
     roi_parts = sorted(parts.glob("part_*_roi.npy"))
     crop_parts = sorted(parts.glob("part_*_crops.npy"))
-    total = sum(len(m["rows"]) for m in metas)
+    # Chunks written before found_by existed (a run resumed across the upgrade) were all the detector's.
+    rows = [row + ["detector"] * (len(INSTANCE_COLUMNS) - len(row)) for m in metas for row in m["rows"]]
+    total = len(rows)
     _stream_concatenate(roi_parts, folder / "roi_features.npy", (total, *FEATURE_SHAPE), np.float16)
     _stream_concatenate(crop_parts, folder / "crops.npy", (total, 3, cfg.crop_size, cfg.crop_size), np.uint8)
     outputs = ["instances.csv", "roi_features.npy", "crops.npy"]
@@ -378,8 +380,6 @@ def _merge(dataset, parts, folder, expected, cfg, stain, autocast_dtype, device,
         outputs.append(VIEWS_FILE)
     else:  # a rerun without views must not leave an earlier run's views beside new features
         (folder / VIEWS_FILE).unlink(missing_ok=True)
-    # Chunks written before found_by existed (a run resumed across the upgrade) were all the detector's.
-    rows = [row + ["detector"] * (len(INSTANCE_COLUMNS) - len(row)) for m in metas for row in m["rows"]]
     write_csv(folder / "instances.csv", INSTANCE_COLUMNS, rows)
     unreadable = [u for m in metas for u in m["unreadable"]]
     missed = [u for m in metas for u in m["no_detection"]]
