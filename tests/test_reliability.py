@@ -86,33 +86,25 @@ def _copy_with_lab_a_reference(tmp_path, finished_project):
     return root, folder, _digests(folder, DETECT_FILES)
 
 
-def test_killed_detection_resumes_to_the_same_result(tmp_path, finished_project):
+@pytest.mark.parametrize("chunks_from_before_found_by", [False, True])
+def test_killed_detection_resumes_to_the_same_result(tmp_path, finished_project, chunks_from_before_found_by):
+    # With chunks_from_before_found_by, the finished chunks have rows without found_by, as an earlier version
+    # wrote them; the fingerprint is unchanged, so an upgraded aecfe resumes from them, and every cell they
+    # hold is the detector's.
     root, folder, reference = _copy_with_lab_a_reference(tmp_path, finished_project)
     shutil.rmtree(folder)
     process = _start(["detect", "--data", "lab_a"], root)
     _kill_when(process, lambda: len(list((folder / "parts").glob("part_*.json"))) >= 2 if (folder / "parts").is_dir() else False)
     assert not (folder / "manifest.json").exists()
+    if chunks_from_before_found_by:
+        for part in (folder / "parts").glob("part_*.json"):
+            meta = json.loads(part.read_text())
+            part.write_text(json.dumps({**meta, "rows": [row[:-1] for row in meta["rows"]]}))
     resumed = run_cli("detect", "--data", "lab_a", cwd=root)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     assert _digests(folder, DETECT_FILES) == reference
     assert not list(folder.glob(".*.tmp"))
-
-
-def test_detection_killed_before_found_by_existed_resumes_to_the_same_result(tmp_path, finished_project):
-    # Chunks an earlier version finished have rows without found_by; the fingerprint is unchanged, so an
-    # upgraded aecfe resumes from them, and every cell they hold is the detector's.
-    root, folder, reference = _copy_with_lab_a_reference(tmp_path, finished_project)
-    shutil.rmtree(folder)
-    process = _start(["detect", "--data", "lab_a"], root)
-    _kill_when(process, lambda: len(list((folder / "parts").glob("part_*.json"))) >= 2 if (folder / "parts").is_dir() else False)
-    for part in (folder / "parts").glob("part_*.json"):
-        meta = json.loads(part.read_text())
-        part.write_text(json.dumps({**meta, "rows": [row[:-1] for row in meta["rows"]]}))
-    resumed = run_cli("detect", "--data", "lab_a", cwd=root)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stderr
-    assert _digests(folder, DETECT_FILES) == reference
 
 
 def test_killed_training_resumes_to_the_same_weights(tmp_path, finished_project):
