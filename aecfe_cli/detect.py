@@ -337,7 +337,7 @@ def _segment_missed(model, images: list[np.ndarray], results: list, autocast_dty
     results = list(results)
     for i, feature in zip(order, features):
         box, mask = found[i]
-        results[i] = [net.Detection(box, 0.0, mask, feature, found_by="segmentation")]
+        results[i] = [net.Detection(box, 0.0, mask, feature, found_by=net.FOUND_BY_SEGMENTATION)]
     return results
 
 
@@ -368,8 +368,8 @@ def _merge(dataset, parts, folder, expected, cfg, stain, autocast_dtype, device,
     metas = [read_json(p) for p in sorted(parts.glob("part_*.json"))]
     roi_parts = sorted(parts.glob("part_*_roi.npy"))
     crop_parts = sorted(parts.glob("part_*_crops.npy"))
-    # Chunks written before found_by existed (a run resumed across the upgrade) were all the detector's.
-    rows = [row + ["detector"] * (len(INSTANCE_COLUMNS) - len(row)) for m in metas for row in m["rows"]]
+    # Chunks written before found_by existed: a run resumed across the upgrade.
+    rows = [row + [net.FOUND_BY_DETECTOR] * (len(INSTANCE_COLUMNS) - len(row)) for m in metas for row in m["rows"]]
     total = len(rows)
     _stream_concatenate(roi_parts, folder / "roi_features.npy", (total, *FEATURE_SHAPE), np.float16)
     _stream_concatenate(crop_parts, folder / "crops.npy", (total, 3, cfg.crop_size, cfg.crop_size), np.uint8)
@@ -383,7 +383,7 @@ def _merge(dataset, parts, folder, expected, cfg, stain, autocast_dtype, device,
     write_csv(folder / "instances.csv", INSTANCE_COLUMNS, rows)
     unreadable = [u for m in metas for u in m["unreadable"]]
     missed = [u for m in metas for u in m["no_detection"]]
-    segmented = sum(row[-1] == "segmentation" for row in rows)
+    segmented = sum(row[-1] == net.FOUND_BY_SEGMENTATION for row in rows)
     counts = {"images": len(dataset.records), "cells": total, "segmented": segmented, "no_detection": len(missed),
               "unreadable": len(unreadable)}
     warning = coverage_warning(dataset.name, counts, cfg.max_missing_fraction, folder)

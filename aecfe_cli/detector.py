@@ -344,13 +344,19 @@ def _with_batch_counters(state: dict, args: dict) -> dict:
 # Detection
 
 
+# Who found a cell (instances.csv's and predictions.csv's found_by). Detections written before that column
+# existed were all the detector's, so readers of older files take FOUND_BY_DETECTOR.
+FOUND_BY_DETECTOR = "detector"
+FOUND_BY_SEGMENTATION = "segmentation"  # a stand-in for a cell the detector missed (detect.segment_missed)
+
+
 @dataclass
 class Detection:
     box: np.ndarray  # (4,) x0, y0, x1, y1 in original image pixels
     score: float
     mask: np.ndarray  # (H, W) bool at the original image size
     roi_feature: np.ndarray  # (256, 14, 14) float32: mask-branch RoIAlign of FPN P2-P5 on the final box
-    found_by: str = "detector"  # or "segmentation": a stand-in for a missed cell (detect.segment_missed)
+    found_by: str = FOUND_BY_DETECTOR
 
 
 def detect(model, images: Sequence[np.ndarray], device, score_threshold: float = 0.5,

@@ -51,6 +51,7 @@ from .classify import (
     size_check_columns,
 )
 from .config import EvaluateConfig, PredictConfig
+from .detector import FOUND_BY_DETECTOR
 from .errors import UserError
 from .evaluate import check_settings as check_evaluate_settings
 from .feature_sets import (
@@ -356,7 +357,7 @@ def write_predictions(path: Path, fitted: SourceClassifier, cells: FeatureSet, b
                    f"{predictions.confidence[i]:.4f}", f"{predictions.margin[i]:.4f}",
                    *(f"{p:.4f}" for p in predictions.probabilities[i]), bool(predictions.rejected[i]),
                    f"{predictions.distance[i]:.4f}", f"{predictions.reconstruction[i]:.6f}",
-                   bool(predictions.beyond[i]), box.get("found_by", "detector")]  # detections made before the column
+                   bool(predictions.beyond[i]), box.get("found_by", FOUND_BY_DETECTOR)]
 
     write_csv(path, header, rows())
 

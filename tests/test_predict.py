@@ -43,10 +43,12 @@ def _fit(source: FeatureSet, cells: FeatureSet, **settings):
                       seed=0)
 
 
-def _predict(source: FeatureSet, cells: FeatureSet, folder: Path, without_cells=(), error_level=1.0, **settings):
+def _predict(source: FeatureSet, cells: FeatureSet, folder: Path, without_cells=(), error_level=1.0, boxes=None,
+             **settings):
     cfg = PredictConfig(**settings)
-    return run_prediction(_fit(source, cells, **settings), cells, _errors(cells, error_level), _boxes(cells),
-                          list(without_cells), folder, cfg, [source.name], seed=0)
+    return run_prediction(_fit(source, cells, **settings), cells, _errors(cells, error_level),
+                          _boxes(cells) if boxes is None else boxes, list(without_cells), folder, cfg, [source.name],
+                          seed=0)
 
 
 # ------------------------------------------------------------------------------------------- calibration
@@ -187,6 +189,14 @@ def test_run_prediction_writes_the_table_the_counts_the_montages_and_the_summary
     feature = geojson[0]["features"][0]
     assert feature["geometry"]["coordinates"][0][0] == [1.0, 2.0]
     assert feature["properties"]["classification"]["name"] in [*classes, "rejected"]
+
+
+def test_cells_detected_before_found_by_existed_are_listed_as_the_detectors(tmp_path: Path) -> None:
+    source = make_set("src", FINE_FOUR, per_class=40)
+    cells = make_set("new", FINE_FOUR, per_class=5, seed=2)
+    older_boxes = [{key: value for key, value in box.items() if key != "found_by"} for box in _boxes(cells)]
+    _predict(source, cells, tmp_path, boxes=older_boxes)
+    assert {row["found_by"] for row in _rows(tmp_path / "predictions.csv")} == {"detector"}
 
 
 def test_a_rerun_with_fewer_classes_leaves_no_montage_of_the_earlier_one(tmp_path: Path) -> None:
