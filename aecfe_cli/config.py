@@ -170,6 +170,8 @@ class TrainConfig:
             raise UserError(f"image_bottleneck: expected 0 (none) or a channel count, got {self.image_bottleneck}")
         if self.view_weight < 0:
             raise UserError(f"view_weight: expected 0 (off) or a positive weight, got {self.view_weight}")
+        if self.align_weight < 0:  # a negative weight would push the labs' latents apart
+            raise UserError(f"align_weight: expected 0 (off) or a positive weight, got {self.align_weight}")
 
 
 @dataclass

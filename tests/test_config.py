@@ -63,6 +63,7 @@ def test_wrong_type_names_the_key():
     ("train", {"image_size": 48}, "train.image_size '48': choose one of 32, 64, 128"),
     ("train", {"alignment": "normalized"}, "train.alignment 'normalized' (did you mean 'normalised'?)"),
     ("train", {"width": 0.0}, "train.width: expected a positive width"),
+    ("train", {"align_weight": -1.0}, "train.align_weight: expected 0 (off) or a positive weight"),
     ("predict", {"format": "json"}, "predict.format 'json'"),
     ("predict", {"reject_target": 1.5}, "predict.reject_target is 1.5"),
 ])
