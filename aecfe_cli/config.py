@@ -168,10 +168,9 @@ class TrainConfig:
                             f"and {self.latent_dim}")
         if self.image_bottleneck < 0:
             raise UserError(f"image_bottleneck: expected 0 (none) or a channel count, got {self.image_bottleneck}")
-        if self.view_weight < 0:
-            raise UserError(f"view_weight: expected 0 (off) or a positive weight, got {self.view_weight}")
-        if self.align_weight < 0:  # a negative weight would push the labs' latents apart
-            raise UserError(f"align_weight: expected 0 (off) or a positive weight, got {self.align_weight}")
+        for name in ("view_weight", "align_weight"):  # a negative weight would reward what its term penalises
+            if getattr(self, name) < 0:
+                raise UserError(f"{name}: expected 0 (off) or a positive weight, got {getattr(self, name)}")
 
 
 @dataclass
