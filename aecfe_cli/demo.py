@@ -1,7 +1,7 @@
 """The embedded default: the whole pipeline on synthetic labs, so every command runs on a fresh machine.
 
 Two synthetic labs (different stain, background, light, blur, scale) stand in for two hospitals; the
-demo trains one aligned model on both and scores a classifier trained on each lab on the other.
+demo trains one autoencoder on both and scores a classifier trained on each lab on the other.
 """
 
 from __future__ import annotations

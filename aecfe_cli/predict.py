@@ -15,7 +15,7 @@ Shift, two measures per cell, each scaled by the source's own held-out cells:
 * ``shift_distance``: the mean Euclidean distance to the ``neighbours`` nearest source training cells, in
   the latent features (not the morphology columns) standardised on those cells: how far the cell lies from what the classifier was trained on;
 * ``reconstruction_error``: how badly the autoencoder reconstructs the cell's detector feature (mean
-  squared error). The features are aligned across labs by design, so a cell unlike anything the
+  squared error). An encoder maps any input somewhere in its latent, so a cell unlike anything the
   autoencoder learned (another kind of image, a colour no training lab has) can still be encoded next to
   source cells; it is not reconstructed well, which measured on synthetic labs flags such cells where the
   distance alone does not.
@@ -292,7 +292,7 @@ def _probabilities(fitted: SourceClassifier, features: np.ndarray) -> tuple[np.n
 
 
 def latent_columns(cells: FeatureSet) -> np.ndarray:
-    """The columns the shift distance uses: the autoencoder's latent, the space aligned across labs. The
+    """The columns the shift distance uses: the autoencoder's latent, learned from every lab's cells. The
     morphology columns are left out: they are not aligned, and every new lab's stain and optics move them
     a little, which would flag whole labs whose cells the classifier handles (measured on synthetic labs)."""
     morphology = morphology_columns(cells.columns)

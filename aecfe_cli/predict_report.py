@@ -221,5 +221,5 @@ def shift_line(summary: dict) -> str:
     advice = "its cells look unlike the training lab's: check the montages and treat the labels with caution"
     if not summary["in_training"]:
         advice += (f"; training the autoencoder with it (aecfe train --data {summary['source']} "
-                   f"--data {summary['dataset']}) aligns it")
+                   f"--data {summary['dataset']}) teaches the autoencoder its cells")
     return f"{summary['dataset']} lies outside what the classifier saw: {figures}; {advice}"

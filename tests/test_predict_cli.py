@@ -77,9 +77,10 @@ def test_images_that_are_not_blood_cells_lie_far_and_are_flagged(predicted):
     like_training, noise = summaries["lab_b_unlabelled"]["shift"], summaries["noise"]["shift"]
     assert noise["warning"] is True and summaries["noise"]["in_training"] is False
     assert noise["fraction_beyond"] > like_training["fraction_beyond"] + 0.3, (noise, like_training)
-    for measure in ("distance", "reconstruction"):
-        # Scores are medians over the source's held-out median: 1 = like unseen source cells.
-        assert noise[measure]["score"] > like_training[measure]["score"] + 0.3, (measure, noise, like_training)
+    # Scores are medians over the source's held-out median: 1 = like unseen source cells. The encoder maps
+    # noise somewhere among the cells it knows, so its distance need not stand out; the reconstruction error is
+    # the measure that must (the module's design, predict.py).
+    assert noise["reconstruction"]["score"] > like_training["reconstruction"]["score"] + 0.3, (noise, like_training)
     assert "warning: noise lies outside what the classifier saw" in result.stderr
     assert "aecfe train --data lab_a --data noise" in result.stderr
 
