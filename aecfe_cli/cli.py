@@ -239,14 +239,14 @@ def detect(
 @handles_errors
 def train(
     ctx: typer.Context,
-    data: List[str] = typer.Option(..., "--data", help="Dataset(s); several = cross-domain alignment, first = anchor."),
+    data: List[str] = typer.Option(..., "--data", help="Dataset(s); several = one autoencoder for all (first = anchor of the alignment term, if on)."),
     layout: Optional[str] = LayoutOption,
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2),
     lr: Optional[float] = typer.Option(None, "--lr"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="32, 64 or 128 (the paper)."),
     width: Optional[float] = typer.Option(None, "--width", help="Channel multiplier (1.0 = the paper)."),
-    align_weight: Optional[float] = typer.Option(None, "--align-weight", help="Lambda of the alignment term."),
+    align_weight: Optional[float] = typer.Option(None, "--align-weight", help="Lambda of the alignment term (0: off, the default; the paper: 5)."),
     resume: bool = typer.Option(False, "--resume", help="Require continuing from the checkpoint in the workdir."),
     force: bool = ForceOption,
 ):
