@@ -150,7 +150,7 @@ class TrainConfig:
     feature_scaling: str = "sample"
     norm_first: bool = False  # true: GroupNorm before ReLU; the paper's ReLU-then-norm plants a spot in images
     image_loss: str = "ssim"  # ssim (the paper) | ssim_l1 (padded SSIM + L1: borders and colour count)
-    alignment: str = "paper"  # paper | normalised (distance of latents in batch-std units: no shrinking)
+    alignment: str = "paper"  # paper | normalised (latents in batch-std units: no shrinking); needs align_weight > 0
     # Weight of the view-consistency term: the latent of each colour-augmented view (detect.views) must find
     # its own cell's latent among the batch's (InfoNCE over ln(batch): 1 is chance, 0 certainty), so that
     # mapping every cell to one latent cannot satisfy it. 0 (the paper) leaves it out.
