@@ -293,7 +293,7 @@ def _probabilities(fitted: SourceClassifier, features: np.ndarray) -> tuple[np.n
 
 def latent_columns(cells: FeatureSet) -> np.ndarray:
     """The columns the shift distance uses: the autoencoder's latent, learned from every lab's cells. The
-    morphology columns are left out: they are not aligned, and every new lab's stain and optics move them
+    morphology columns are left out: every new lab's stain and optics move them
     a little, which would flag whole labs whose cells the classifier handles (measured on synthetic labs)."""
     morphology = morphology_columns(cells.columns)
     if not morphology.any() or morphology.all():
