@@ -43,6 +43,7 @@ def with_flags(config, options: Options, sections: Optional[dict] = None):
 def open_session(options: Options, sections: Optional[dict] = None, force: bool = False, stages=(), strict=None):
     """Everything a working command needs. The command saves its config into the workdir
     (``Session.save_config``) once its inputs passed its own checks."""
+    from .config import check_key_combinations
     from .evaluate import check_settings as check_evaluate_settings
     from .pipeline import Session, resolve_device
     from .reporting import Reporter
@@ -52,9 +53,10 @@ def open_session(options: Options, sections: Optional[dict] = None, force: bool 
     config, _ = workdir_config(options, reporter, sections)
     if strict is not None:
         config.runtime.strict = strict
-    # Classifier settings that cannot work (a misspelt choice, knn with class weights) fail here, before any
-    # work (every other section's choices were checked as the config was read).
+    # Classifier settings that cannot work (a misspelt choice, knn with class weights) and keys that do nothing
+    # together fail here, before any work (every other section's choices were checked as the config was read).
     check_evaluate_settings(config.evaluate)
+    check_key_combinations(config)
     device = resolve_device(config.runtime.device)
     set_threads(config.runtime.threads)
     workdir = Workdir(options.workdir)

@@ -428,6 +428,15 @@ def load_config(path: Optional[Path], preset: Optional[str] = None) -> Config:
     return config
 
 
+def check_key_combinations(config: Config) -> None:
+    """Settings each valid alone that do nothing together. Checked once flags are on top of the YAML (a file's
+    ``alignment: normalised`` with ``--align-weight 5`` is fine), before any work starts."""
+    train = config.train
+    if train.alignment != "paper" and train.align_weight == 0:  # else the chosen form would silently do nothing
+        raise UserError(f"train.alignment '{train.alignment}' needs the alignment term on: set train.align_weight "
+                        "(--align-weight; the paper: 5), or leave train.alignment out")
+
+
 def apply_overrides(config: Config, section: str, **values: Any) -> None:
     """Set flag values (None = flag not given) on a section, with the same type checks as YAML."""
     target = getattr(config, section)

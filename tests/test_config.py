@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from aecfe_cli.config import Config, apply_overrides, config_from_dict, load_config
+from aecfe_cli.config import Config, apply_overrides, check_key_combinations, config_from_dict, load_config
 from aecfe_cli.errors import UserError
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,3 +144,15 @@ def test_threads_follow_the_setting_then_omp_num_threads_then_every_core(monkeyp
         assert torch.get_num_threads() == (os.cpu_count() or 1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_form_of_the_alignment_term_without_its_weight_fails_before_any_work(tmp_path):
+    # alignment: normalised at the default align_weight of 0 would silently train without the term.
+    (tmp_path / "aecfe.yaml").write_text("train:\n  alignment: normalised\n")
+    result = run_cli("train", "--data", "lab_a", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train.alignment 'normalised' needs the alignment term on" in result.stderr
+    assert not (tmp_path / "aecfe-work").exists()
+    config = load_config(tmp_path / "aecfe.yaml")
+    apply_overrides(config, "train", align_weight=5.0)  # the flag completes what the file began
+    check_key_combinations(config)
