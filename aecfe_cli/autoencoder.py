@@ -38,6 +38,7 @@ FEATURE_SIZE = 14  # side of the RoIAlign feature map the encoder expects
 ANCHOR_DOMAIN = 0  # the first dataset; every other domain is aligned to it
 LOSS_TERMS = ("feature", "image", "align", "views", "total")
 VIEW_TEMPERATURE = 0.2  # of the view-consistency term's cosine similarities (SimCLR's range)
+DIHEDRAL_ELEMENTS = 8  # the square's symmetries: 4 quarter turns, each with and without a mirror
 
 # (out_channels, kernel, stride) of the paper's layers; the last layer of each part is added separately
 # because its channel count is not a hidden one (latent, feature or RGB) and it has no norm after it.
@@ -92,7 +93,8 @@ class AECFE(nn.Module):
     """Feature encoder, feature decoder and image decoder of AE-CFE (about 4 M parameters at width 1)."""
 
     def __init__(self, in_channels: int = 256, latent_dim: int = 50, image_size: int = 128, width: float = 1.0,
-                 feature_scaling: str = "sample", norm_first: bool = False, image_bottleneck: int = 0):
+                 feature_scaling: str = "sample", norm_first: bool = False, image_bottleneck: int = 0,
+                 dihedral: bool = False):
         super().__init__()
         if image_size not in IMAGE_SIZES:
             raise UserError(f"image_size {image_size} is not supported; choose one of {', '.join(map(str, IMAGE_SIZES))}")
@@ -112,6 +114,7 @@ class AECFE(nn.Module):
             "feature_scaling": feature_scaling,
             "norm_first": bool(norm_first),
             "image_bottleneck": int(image_bottleneck),
+            "dihedral": bool(dihedral),
         }
         self.feature_scaling = feature_scaling
         if feature_scaling == "channel":
@@ -176,6 +179,13 @@ class AECFE(nn.Module):
             raise UserError(f"features have shape {tuple(features.shape[1:])} per cell; the autoencoder expects {expected}")
         return self.encoder(features)
 
+    def embed(self, features: Tensor) -> Tensor:
+        """A cell's latent as extraction writes it: :meth:`encode`, or with ``dihedral`` the mean of the
+        latents of the 8 orientations of the square, so that how a cell lies on the slide cannot move it."""
+        if not self.model_args["dihedral"]:
+            return self.encode(features)
+        return torch.stack([self.encode(dihedral(features, element)) for element in range(DIHEDRAL_ELEMENTS)]).mean(0)
+
     def forward(self, features: Tensor, views: Optional[Tensor] = None) -> tuple[Tensor, ...]:
         """``(z, feature_recon, image_recon)``; the image is decoded from the reconstructed feature.
 
@@ -193,6 +203,27 @@ class AECFE(nn.Module):
 
 def _unwrap(model: nn.Module) -> AECFE:
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def dihedral(x: Tensor, element: int) -> Tensor:
+    """Symmetry ``element`` (0-7) of the square on the last two axes: a mirror for 4-7, then ``element % 4``
+    quarter turns. 0 is the identity."""
+    if element >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, element % 4, dims=(-2, -1))
+
+
+def random_orientations(tensors: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
+    """The same randomly drawn symmetry of the square for row i of every tensor in ``tensors`` (features
+    and image target alike, each (N, C, H, W)), one draw per row from ``generator``."""
+    elements = torch.randint(DIHEDRAL_ELEMENTS, (len(tensors[0]),), generator=generator).to(tensors[0].device)
+    turned = [torch.empty_like(t) for t in tensors]
+    for element in range(DIHEDRAL_ELEMENTS):
+        rows = (elements == element).nonzero().squeeze(1)
+        if len(rows):
+            for out, t in zip(turned, tensors):
+                out[rows] = dihedral(t[rows], element)
+    return turned
 
 
 def scale_features(x: Tensor) -> Tensor:
@@ -400,13 +431,15 @@ def train_one_epoch(
     alignment: str = "paper",
     autocast_dtype: Optional[torch.dtype] = None,
     view_weight: float = 0.0,
+    orientations: Optional[torch.Generator] = None,
 ) -> dict[str, float]:
     """Train one pass over ``loader`` (yielding ``(features, crops, domain_ids)``, or with a fourth
     element the (N, V, 256, 14, 14) features of V augmented views per cell for the ``views`` term at
     ``view_weight``); return the sample-weighted mean of every loss term, averaged over all ranks under DDP.
 
     ``autocast_dtype`` (see :func:`aecfe_cli.precision.autocast_dtype`) runs the forward pass in that dtype; the loss is
-    computed in float32 on the widened outputs."""
+    computed in float32 on the widened outputs. With ``orientations`` (a seeded generator) each cell is seen in
+    a random one of the square's 8 symmetries, its feature and image target turned alike."""
     core = _unwrap(model)
     if core.model_args["image_size"] != image_size:
         raise UserError(f"image_size {image_size} does not match the model's {core.model_args['image_size']}")
@@ -415,6 +448,8 @@ def train_one_epoch(
     sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64)  # the loss terms, then the sample count
     for batch_index, (features, crops, domains, *view_batch) in enumerate(loader):
         features, images = prepare_batch(features, crops, image_size, device, core.scale)
+        if orientations is not None:
+            features, images = random_orientations((features, images), orientations)
         domains = domains.to(device, non_blocking=True)
         # Flattened cell-major, so the views of one cell follow each other as view_consistency expects.
         views = core.scale(view_batch[0].to(device, non_blocking=True).float().flatten(0, 1)) if view_batch else None

@@ -155,6 +155,10 @@ class TrainConfig:
     # its own cell's latent among the batch's (InfoNCE over ln(batch): 1 is chance, 0 certainty), so that
     # mapping every cell to one latent cannot satisfy it. 0 (the paper) leaves it out.
     view_weight: float = 0.0
+    # A white cell's class does not depend on how it lies on the slide: true shows each training cell in a
+    # random one of the square's 8 symmetries (quarter turns and mirrors, RoI feature and image target alike)
+    # and extraction averages the latent over all 8. False: the paper, one orientation as detected.
+    dihedral: bool = False
     # Speed, chosen to meet the time budget of the real triangle (docs/accuracy_notes.md, "Fourth step").
     # Channels the image decoder reduces the 256-channel feature to before upsampling (0: none, the paper).
     image_bottleneck: int = 64
@@ -284,7 +288,7 @@ PRESETS: dict[str, dict] = {
                    "stain_norm": "none", "train_precision": "fp32", "precision": "fp32", "crop_shape": "box"},
         "train": {"image_size": 128, "width": 1.0, "epochs": 150, "batch_size": 500, "lr": 0.001,
                   "align_weight": 5.0, "feature_scaling": "sample", "norm_first": False, "image_loss": "ssim",
-                  "alignment": "paper", "image_bottleneck": 0, "precision": "fp32"},
+                  "alignment": "paper", "image_bottleneck": 0, "precision": "fp32", "dihedral": False},
         "extract": {"morphology": False},
         "evaluate": {"classifier": "random_forest", "feature_norm": "none", "max_shift": None, "self_training": 0,
                      "self_training_agreement": "none", "self_training_sizes": "none",

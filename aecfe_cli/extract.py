@@ -87,7 +87,7 @@ def run_extraction(
             rows = list(itertools.islice(instances, len(block)))
             if len(rows) < len(block):
                 raise mismatch
-            vectors = model.encode(model.scale(torch.from_numpy(block).to(device).float())).cpu().numpy()
+            vectors = model.embed(model.scale(torch.from_numpy(block).to(device).float())).cpu().numpy()
             if shapes is not None:
                 vectors = np.concatenate([vectors, shapes, morphology.cell_sizes(rows)], axis=1)
             append_features(vectors)

@@ -123,7 +123,7 @@ def run_training(
     resume_key = fingerprint("train-resume", {**dataclasses.asdict(cfg), "epochs": None}, seed, _inputs(detect_manifests))
     torch.manual_seed(seed)
     model = ae.AECFE(FEATURE_CHANNELS, cfg.latent_dim, cfg.image_size, cfg.width, cfg.feature_scaling,
-                     cfg.norm_first, cfg.image_bottleneck)
+                     cfg.norm_first, cfg.image_bottleneck, cfg.dihedral)
     autocast_dtype = precision.autocast_dtype(cfg.precision, device)
     model.fit_feature_scaling(block for directory in detect_dirs
                               for block in iter_npy_blocks(Path(directory) / "roi_features.npy", 512))
@@ -151,9 +151,15 @@ def run_training(
                 samples_seen += count
                 bar.advance(count, loss=terms["total"], align=terms["align"])
 
+            # Drawn from (seed, epoch, rank) alone, like the batches, so a resumed run turns the same cells.
+            orientations = None
+            if cfg.dihedral:
+                state = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0]
+                orientations = torch.Generator().manual_seed(int(state))
             terms = ae.train_one_epoch(model, loader, optimizer, device, cfg.align_weight, cfg.image_size,
                                        on_batch=on_batch, image_loss=cfg.image_loss, alignment=cfg.alignment,
-                                       autocast_dtype=autocast_dtype, view_weight=cfg.view_weight)
+                                       autocast_dtype=autocast_dtype, view_weight=cfg.view_weight,
+                                       orientations=orientations)
         history.append({"epoch": epoch + 1, **terms})
         if rank == 0:
             ae.save_checkpoint(folder / "model.pt", model, optimizer, epoch + 1,

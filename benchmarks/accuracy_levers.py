@@ -11,6 +11,8 @@ LEVERS: dict[str, dict] = {
     "stain_image": {"detect": {"stain_norm": "image"}},
     "channel_scaling": {"train": {"feature_scaling": "channel"}},
     "norm_first": {"train": {"norm_first": True}},
+    # A cell's class does not depend on its orientation: train on the square's 8 symmetries, average over them.
+    "dihedral": {"train": {"dihedral": True}},
     "ssim_l1": {"train": {"image_loss": "ssim_l1"}},
     # The paper's alignment term, off by default since the forty-fourth look: the cheapest way to lower it is
     # to shrink every latent, and with it the reconstructions stop depending on the cell (forty-third look);

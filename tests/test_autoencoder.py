@@ -19,9 +19,11 @@ from aecfe_cli.autoencoder import (
     alignment_distance,
     build_model,
     count_flops,
+    dihedral,
     feature_r2,
     load_checkpoint,
     prepare_batch,
+    random_orientations,
     save_checkpoint,
     scale_features,
     ssim,
@@ -76,7 +78,8 @@ def test_paper_settings_have_about_four_million_parameters():
     parameters = sum(p.numel() for p in model.parameters())
     assert 3.8e6 < parameters < 4.2e6, parameters
     assert model.model_args == {"in_channels": 256, "latent_dim": 50, "image_size": 128, "width": 1.0,
-                                "feature_scaling": "sample", "norm_first": False, "image_bottleneck": 0}
+                                "feature_scaling": "sample", "norm_first": False, "image_bottleneck": 0,
+                                "dihedral": False}
     # The method notes about 5.5 GFLOP per sample for the image decoder at 128x128.
     assert count_flops(model)["image_decoder"] == pytest.approx(5.5e9, rel=0.02)
 
@@ -312,6 +315,57 @@ def test_train_one_epoch_reports_means_and_progress():
     assert means["total"] == pytest.approx(sum(t["total"] for t, _ in seen) / 3)
     with pytest.raises(UserError, match="image_size"):
         train_one_epoch(model, loader, torch.optim.Adam(model.parameters()), "cpu", 5.0, 64)
+
+
+def test_dihedral_elements_are_the_eight_symmetries_of_the_square():
+    square = torch.arange(16.0).reshape(1, 1, 4, 4)
+    turned = [dihedral(square, element) for element in range(8)]
+    assert torch.equal(turned[0], square)
+    assert len({tuple(t.flatten().tolist()) for t in turned}) == 8
+    # Every element maps the square onto itself: the corners stay corners, the centre stays inside.
+    assert all(sorted(t[0, 0, [0, 0, 3, 3], [0, 3, 0, 3]].tolist()) == [0, 3, 12, 15] for t in turned)
+
+
+def test_random_orientations_turn_each_cells_feature_and_image_alike():
+    """A cell's image target must lie as its feature does, or the image decoder learns a blur of all 8."""
+    features = torch.randn(64, 2, 14, 14)
+    images = torch.nn.functional.interpolate(features, size=(28, 28), mode="nearest")  # the same picture, larger
+    turned_features, turned_images = random_orientations((features, images), torch.Generator().manual_seed(0))
+    assert torch.equal(torch.nn.functional.interpolate(turned_features, size=(28, 28), mode="nearest"), turned_images)
+    unchanged = [bool(torch.equal(a, b)) for a, b in zip(turned_features, features)]
+    assert 0 < sum(unchanged) < 64  # about an eighth keep the identity
+    again = random_orientations((features, images), torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], turned_features)  # one seed, one draw: a resumed epoch turns the same cells
+
+
+def test_dihedral_model_extracts_the_same_latent_however_the_cell_lies(tmp_path):
+    model = AECFE(**{**TINY, "dihedral": True}).eval()
+    features = torch.randn(3, 256, 14, 14)
+    with torch.no_grad():
+        latents = [model.embed(dihedral(features, element)) for element in range(8)]
+        plain = tiny_model().eval()
+        assert not torch.allclose(plain.embed(features), plain.embed(dihedral(features, 1)), atol=1e-4)
+    assert all(torch.allclose(latent, latents[0], atol=1e-5) for latent in latents)
+    save_checkpoint(tmp_path / "model.pt", model, None, 1, {})
+    rebuilt = build_model(load_checkpoint(tmp_path / "model.pt", "cpu")).eval()
+    assert rebuilt.model_args["dihedral"] is True
+    with torch.no_grad():
+        assert torch.equal(rebuilt.embed(features), model.embed(features))
+
+
+def test_train_one_epoch_with_orientations_is_reproducible_from_its_generator():
+    features, crops, domains = random_cells(16)
+
+    def trained(orientations):
+        model = tiny_model()
+        sampler = DomainBalancedBatchSampler(domains.tolist(), batch_size=8, seed=0)
+        loader = DataLoader(TensorDataset(features, crops, domains), batch_sampler=sampler)
+        train_one_epoch(model, loader, torch.optim.Adam(model.parameters()), "cpu", 0.0, 32, orientations=orientations)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    first = trained(torch.Generator().manual_seed(3))
+    assert torch.equal(first, trained(torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, trained(None))
 
 
 def test_view_consistency_is_low_when_views_find_their_cells_and_chance_when_the_latent_collapses():
