@@ -107,6 +107,10 @@ class DetectConfig:
     # training) whose RoI features, taken at the cell's own box, are stored beside the original's
     # (roi_views.npy) for train.view_weight to make the latent invariant to them. 0 stores none.
     views: int = 0
+    # True: each view is also turned by a random one of the square's 8 symmetries (quarter turns, mirrors)
+    # before the detector sees it, so that the view term teaches the latent that a cell's orientation does
+    # not matter with features the detector really gives for a turned cell (a turned RoI map is not one).
+    view_turns: bool = False
     weights: Optional[str] = None  # a Mask R-CNN state dict to use instead of training one
     init_weights: Optional[str] = None  # a torchvision COCO Mask R-CNN or ImageNet ResNet to fine-tune from
     annotations: Optional[str] = None  # VOC folder or COCO JSON to train the detector on

@@ -37,7 +37,7 @@ VIEWS_FILE = "roi_views.npy"  # (N, detect.views, 256, 14, 14): RoI features of 
 DETECTOR_KEYS = ("backbone", "min_size", "max_size", "train_images", "pseudo_mask_cut", "train_epochs", "train_steps",
                  "train_batch_size", "train_lr", "stain_norm", "train_precision", "pretrain_steps", "pretrain_batch_size")
 DETECTION_KEYS = ("score_threshold", "segment_missed", "crop_size", "crop_shape", "all_cells", "chunk_images", "stain_norm",
-                  "precision", "views")
+                  "precision", "views", "view_turns")
 # Images a dataset's stain statistics are measured on: evenly spaced over the dataset, so every process
 # of a sharded run measures the same ones; 64 images hold millions of pixels, plenty for 6 numbers.
 STAIN_SAMPLE_IMAGES = 64
@@ -63,7 +63,7 @@ def detector_fingerprint(cfg: DetectConfig, seed: int) -> str:
 
 def detections_fingerprint(dataset: Dataset, detector_manifest: dict, cfg: DetectConfig) -> str:
     inputs = {"images": dataset.fingerprint(), "detector": output_digest(detector_manifest)}
-    return fingerprint("detect", _section(cfg, DETECTION_KEYS), None, inputs, added_later={"segment_missed": False})
+    return fingerprint("detect", _section(cfg, DETECTION_KEYS), None, inputs, added_later={"segment_missed": False, "view_turns": False})
 
 
 def obtain_detector(
@@ -309,7 +309,8 @@ def _detect_chunk(dataset, k, model, cfg, stain, autocast_dtype, parts, device, 
                 features.append(det.roi_feature.astype(np.float16))
                 crops.append(net.crop_cell(image, det.box, size=cfg.crop_size, shape=cfg.crop_shape))
         if cfg.views:
-            views.extend(_view_features(model, [r.rel for r in batch], images, results, cfg.views, autocast_dtype, device))
+            views.extend(_view_features(model, [r.rel for r in batch], images, results, cfg.views, autocast_dtype, device,
+                                        cfg.view_turns))
         bar.advance(len(records[start:start + cfg.batch_size]))
     write_npy(parts / f"part_{k:05d}_roi.npy", np.stack(features) if features else np.zeros((0, *FEATURE_SHAPE), np.float16))
     if cfg.views:
@@ -342,18 +343,26 @@ def _segment_missed(model, images: list[np.ndarray], results: list, autocast_dty
 
 
 def _view_features(model, rels: list[str], images: list[np.ndarray], results: list, count: int, autocast_dtype,
-                   device) -> list[np.ndarray]:
+                   device, turns: bool = False) -> list[np.ndarray]:
     """(count, 256, 14, 14) float16 per kept detection, in detection order: RoI features of ``count``
-    colour-augmented copies of each image at the boxes found in the original, all copies of the batch in
-    one ``roi_features_at`` call. Seeded by the image's path, so a view is the same whatever the chunking,
-    sharding or resumption of the run."""
+    colour-augmented copies of each image at the boxes found in the original (with ``turns`` each copy and
+    its boxes turned by a random symmetry of the square), all copies of the batch in one ``roi_features_at``
+    call. Seeded by the image's path, so a view is the same whatever the chunking, sharding or resumption of
+    the run."""
     copies, boxes, owners = [], [], []
     for rel, image, kept in zip(rels, images, results):
         if not kept:
             continue
         rng = np.random.default_rng(zlib.crc32(rel.encode("utf-8")))
-        copies.extend(colour.augmented_copy(image, rng) for _ in range(count))
-        boxes.extend([np.stack([d.box for d in kept])] * count)
+        found = np.stack([d.box for d in kept])
+        for _ in range(count):
+            copy = colour.augmented_copy(image, rng)
+            if turns:
+                copy, turned = turn_image(copy, found, int(rng.integers(8)))
+                boxes.append(turned)
+            else:
+                boxes.append(found)
+            copies.append(copy)
         owners.append(len(kept))
     pooled = net.roi_features_at(model, copies, boxes, device, autocast_dtype)
     per_cell, offset = [], 0
@@ -362,6 +371,22 @@ def _view_features(model, rels: list[str], images: list[np.ndarray], results: li
         per_cell.extend(block.transpose(1, 0, 2, 3, 4).astype(np.float16))
         offset += count * cells
     return per_cell
+
+
+def turn_image(image: np.ndarray, boxes: np.ndarray, element: int) -> tuple[np.ndarray, np.ndarray]:
+    """An (H, W, 3) image and its (n, 4) x0, y0, x1, y1 boxes under symmetry ``element`` (0-7) of the square,
+    as ``autoencoder.dihedral`` counts them: a left-right mirror for 4-7, then ``element % 4`` quarter turns
+    anticlockwise (``np.rot90``). A cell's box stays the box of the same cell."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
+    if element >= 4:
+        width = image.shape[1]
+        image = image[:, ::-1]
+        boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
+    for _ in range(element % 4):
+        width = image.shape[1]  # the turned image's height
+        image = np.rot90(image)
+        boxes = np.stack([boxes[:, 1], width - boxes[:, 2], boxes[:, 3], width - boxes[:, 0]], axis=1)
+    return np.ascontiguousarray(image), boxes
 
 
 def _merge(dataset, parts, folder, expected, cfg, stain, autocast_dtype, device, seconds, images_done) -> dict:

@@ -13,6 +13,9 @@ LEVERS: dict[str, dict] = {
     "norm_first": {"train": {"norm_first": True}},
     # A cell's class does not depend on its orientation: train on the square's 8 symmetries, average over them.
     "dihedral": {"train": {"dihedral": True}},
+    # The same principle with features the detector really gives: each cell's view is an image turned by a
+    # random symmetry (and colour-jittered), and its latent must find its cell's (the views term).
+    "turned_views": {"detect": {"views": 1, "view_turns": True}, "train": {"view_weight": 1.0}},
     "ssim_l1": {"train": {"image_loss": "ssim_l1"}},
     # The paper's alignment term, off by default since the forty-fourth look: the cheapest way to lower it is
     # to shrink every latent, and with it the reconstructions stop depending on the cell (forty-third look);

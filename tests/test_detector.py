@@ -620,3 +620,20 @@ def test_box_only_samples_get_masks_derived_inside_their_boxes(tmp_path):
     derived = pseudo_labels.mask_from_box(image, box)
     assert mask_iou(derived, cell) > 0.8
     assert not derived[:, : int(box[0])].any() and not derived[: int(box[1])].any()
+
+
+@pytest.mark.parametrize("element", range(8))
+def test_turned_image_keeps_each_cell_in_its_box_as_the_autoencoder_turns_maps(element):
+    """detect.view_turns: the box of a turned view must frame the same cell, turned as autoencoder.dihedral
+    turns a map, or the view term would pull a cell's latent towards background."""
+    from aecfe_cli.autoencoder import dihedral
+    from aecfe_cli.detect import turn_image
+
+    image = np.random.default_rng(element).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    box = np.array([[7, 4, 19, 25]], np.float32)  # x0, y0, x1, y1: 12 wide, 21 high
+    turned, (turned_box,) = turn_image(image, box, element)
+    x0, y0, x1, y1 = turned_box.astype(int)
+    inside = turned[y0:y1, x0:x1]
+    expected = dihedral(torch.from_numpy(image[4:25, 7:19]).permute(2, 0, 1), element).permute(1, 2, 0).numpy()
+    assert turned.shape[:2] == ((30, 50) if element % 2 == 0 else (50, 30))
+    assert np.array_equal(inside, expected)
