@@ -96,3 +96,13 @@ def test_pseudo_mask_tally_counts_a_cell_that_cutting_off_red_cells_would_keep(t
     for core, expected in ((nucleus, ("not solid", True)), (speck, ("not solid", False))):
         monkeypatch.setattr(pseudo_mask_tally, "segment_cells", lambda image: [_Candidate(leaked, core, False)])
         assert pseudo_mask_tally.outcome(str(path)) == expected
+
+
+def test_turned_roi_features_skips_without_a_workdir_and_correlates_per_cell(tmp_path, capsys):
+    import turned_roi_features
+
+    assert turned_roi_features.main([str(tmp_path / "absent")]) == 0
+    assert capsys.readouterr().out.startswith("skipped:")
+    cells = np.random.default_rng(0).normal(size=(3, 4, 5, 5))
+    assert np.allclose(turned_roi_features.correlation(cells, 2 * cells + 1), 1)
+    assert np.allclose(turned_roi_features.correlation(cells, -cells), -1)

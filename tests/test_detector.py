@@ -482,8 +482,8 @@ def test_settings_added_later_leave_what_was_made_before_them_current():
     from aecfe_cli.extract import extraction_fingerprint
     from aecfe_cli.workdir import fingerprint, output_digest
 
-    def without(section: dict, key: str) -> dict:
-        return {k: v for k, v in section.items() if k != key}
+    def without(section: dict, *keys: str) -> dict:
+        return {k: v for k, v in section.items() if k not in keys}
 
     # Each later setting, at the value earlier outputs were made with, is left out; any other value names it.
     assert detector_fingerprint(DetectConfig(pseudo_mask_cut=True), 0) != detector_fingerprint(DetectConfig(), 0)
@@ -491,10 +491,11 @@ def test_settings_added_later_leave_what_was_made_before_them_current():
         "detector", without(_section(DetectConfig(), DETECTOR_KEYS), "pseudo_mask_cut"), 0, {})
     dataset = Dataset(name="lab", layout="folder", root=Path("."), records=[])
     made_by = {"outputs": {"model.pt": {"sha256": "0"}}}
-    assert (detections_fingerprint(dataset, made_by, DetectConfig(segment_missed=True))
-            != detections_fingerprint(dataset, made_by, DetectConfig()))
+    for later in (DetectConfig(segment_missed=True), DetectConfig(views=1, view_turns=True)):
+        assert (detections_fingerprint(dataset, made_by, later)
+                != detections_fingerprint(dataset, made_by, DetectConfig(views=later.views)))
     assert detections_fingerprint(dataset, made_by, DetectConfig()) == fingerprint(
-        "detect", without(_section(DetectConfig(), DETECTION_KEYS), "segment_missed"), None,
+        "detect", without(_section(DetectConfig(), DETECTION_KEYS), "segment_missed", "view_turns"), None,
         {"images": dataset.fingerprint(), "detector": output_digest(made_by)})
     assert (extraction_fingerprint(made_by, made_by, ExtractConfig(cut_red_cells=True))
             != extraction_fingerprint(made_by, made_by, ExtractConfig()))
