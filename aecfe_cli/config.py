@@ -443,6 +443,9 @@ def check_key_combinations(config: Config) -> None:
     if train.alignment != "paper" and train.align_weight == 0:  # else the chosen form would silently do nothing
         raise UserError(f"train.alignment '{train.alignment}' needs the alignment term on: set train.align_weight "
                         "(--align-weight; the paper: 5), or leave train.alignment out")
+    if config.detect.view_turns and not config.detect.views:  # else there would be no view to turn
+        raise UserError("detect.view_turns turns the augmented views, but detect.views is 0: set detect.views "
+                        "(for example 1, with train.view_weight), or leave detect.view_turns out")
 
 
 def apply_overrides(config: Config, section: str, **values: Any) -> None:

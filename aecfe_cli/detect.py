@@ -63,7 +63,8 @@ def detector_fingerprint(cfg: DetectConfig, seed: int) -> str:
 
 def detections_fingerprint(dataset: Dataset, detector_manifest: dict, cfg: DetectConfig) -> str:
     inputs = {"images": dataset.fingerprint(), "detector": output_digest(detector_manifest)}
-    return fingerprint("detect", _section(cfg, DETECTION_KEYS), None, inputs, added_later={"segment_missed": False, "view_turns": False})
+    return fingerprint("detect", _section(cfg, DETECTION_KEYS), None, inputs,
+                       added_later={"segment_missed": False, "view_turns": False})
 
 
 def obtain_detector(

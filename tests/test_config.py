@@ -146,13 +146,21 @@ def test_threads_follow_the_setting_then_omp_num_threads_then_every_core(monkeyp
         torch.set_num_threads(before)
 
 
-def test_a_form_of_the_alignment_term_without_its_weight_fails_before_any_work(tmp_path):
+@pytest.mark.parametrize("command, yaml, message, section, completion", [
     # alignment: normalised at the default align_weight of 0 would silently train without the term.
-    (tmp_path / "aecfe.yaml").write_text("train:\n  alignment: normalised\n")
-    result = run_cli("train", "--data", "lab_a", cwd=tmp_path)
+    ("train", "train:\n  alignment: normalised\n", "train.alignment 'normalised' needs the alignment term on",
+     "train", {"align_weight": 5.0}),
+    # view_turns at the default views of 0 would turn no view.
+    ("detect", "detect:\n  view_turns: true\n", "detect.view_turns turns the augmented views, but detect.views is 0",
+     "detect", {"views": 1}),
+])
+def test_a_setting_that_does_nothing_without_another_fails_before_any_work(tmp_path, command, yaml, message, section,
+                                                                          completion):
+    (tmp_path / "aecfe.yaml").write_text(yaml)
+    result = run_cli(command, "--data", "lab_a", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "train.alignment 'normalised' needs the alignment term on" in result.stderr
+    assert message in result.stderr
     assert not (tmp_path / "aecfe-work").exists()
     config = load_config(tmp_path / "aecfe.yaml")
-    apply_overrides(config, "train", align_weight=5.0)  # the flag completes what the file began
+    apply_overrides(config, section, **completion)  # the flag completes what the file began
     check_key_combinations(config)
