@@ -378,15 +378,10 @@ def turn_image(image: np.ndarray, boxes: np.ndarray, element: int) -> tuple[np.n
     """An (H, W, 3) image and its (n, 4) x0, y0, x1, y1 boxes under symmetry ``element`` (0-7) of the square,
     as ``autoencoder.dihedral`` counts them: a left-right mirror for 4-7, then ``element % 4`` quarter turns
     anticlockwise (``np.rot90``). A cell's box stays the box of the same cell."""
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
-    if element >= 4:
-        width = image.shape[1]
-        image = image[:, ::-1]
-        boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
-    for _ in range(element % 4):
-        width = image.shape[1]  # the turned image's height
-        image = np.rot90(image)
-        boxes = np.stack([boxes[:, 1], width - boxes[:, 2], boxes[:, 3], width - boxes[:, 0]], axis=1)
+    # A mirror followed by k anticlockwise turns is -k turns followed by the mirror, rotate_flip's order.
+    turns = (-element) % 4 if element >= 4 else element
+    image, _, boxes = training.rotate_flip(image, None, np.asarray(boxes, np.float32).reshape(-1, 4), turns,
+                                           element >= 4)
     return np.ascontiguousarray(image), boxes
 
 

@@ -209,7 +209,7 @@ def _augmented_view(item: _Prepared, canvas: int, white_balance: bool, rng: np.r
 
     turns = int(rng.integers(4))
     flip = bool(rng.integers(2))
-    view, masks, boxes = _rotate_flip(view, masks, boxes, turns, flip, canvas)
+    view, masks, boxes = rotate_flip(view, masks, boxes, turns, flip)
     pixels = stain_jitter(view.astype(np.float32) / 255.0, rng)
     if white_balance:
         pixels = white_balance_pixels(pixels)
@@ -222,15 +222,18 @@ def _augmented_view(item: _Prepared, canvas: int, white_balance: bool, rng: np.r
     return image, target
 
 
-def _rotate_flip(view, masks, boxes, turns: int, flip: bool, canvas: int):
-    """Rotate by ``turns`` x 90 degrees counter-clockwise, then optionally mirror left-right."""
+def rotate_flip(view: np.ndarray, masks: Optional[np.ndarray], boxes: np.ndarray, turns: int, flip: bool):
+    """Rotate an (H, W, ...) image, its (n, H, W) masks (or None) and its (n, 4) x0, y0, x1, y1 boxes by
+    ``turns`` x 90 degrees counter-clockwise, then optionally mirror left-right; each box stays its cell's."""
     for _ in range(turns):
+        width = view.shape[1]  # the turned image's height
         view = np.rot90(view)
-        masks = np.rot90(masks, axes=(1, 2))
-        # (x, y) -> (y, canvas - x) for a counter-clockwise quarter turn of a square image
-        boxes = np.stack([boxes[:, 1], canvas - boxes[:, 2], boxes[:, 3], canvas - boxes[:, 0]], axis=1)
+        masks = None if masks is None else np.rot90(masks, axes=(1, 2))
+        # (x, y) -> (y, width - x) for a counter-clockwise quarter turn
+        boxes = np.stack([boxes[:, 1], width - boxes[:, 2], boxes[:, 3], width - boxes[:, 0]], axis=1)
     if flip:
+        width = view.shape[1]
         view = view[:, ::-1]
-        masks = masks[:, :, ::-1]
-        boxes = np.stack([canvas - boxes[:, 2], boxes[:, 1], canvas - boxes[:, 0], boxes[:, 3]], axis=1)
+        masks = None if masks is None else masks[:, :, ::-1]
+        boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
     return view, masks, boxes.reshape(-1, 4)
